@@ -1,0 +1,4 @@
+"""Device code: Triton kernels and their launchers (installed as ``fusedres.kernels``)."""
+from .conv import INTERPRETED, conv_bn_act, gpu_configs
+
+__all__ = ["INTERPRETED", "conv_bn_act", "gpu_configs"]
