@@ -1,0 +1,25 @@
+"""fusedres: Triton kernels that fuse ResNet convolutions with batch-norm, ReLU and the residual add.
+
+    import fusedres
+    model = fusedres.resnet50().eval()          # or fusedres.convert(torchvision_model)
+    with torch.inference_mode():
+        y = model(x.to(memory_format=torch.channels_last))
+"""
+from . import functional, reference
+from ._dispatch import FusedResFallbackError, FusedResFallbackWarning
+from .blocks import FusedBasicBlock, FusedBottleneck
+from .convert import convert
+from .models import (ResNet, cifar_resnet, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
+                     wide_resnet50_2)
+from .reference import PadChannelsShortcut
+
+# The training forward/backward kernels are not in yet: train-mode blocks run the reference (announced).
+FUSED_TRAINING = False
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedBasicBlock", "FusedBottleneck", "PadChannelsShortcut", "ResNet", "convert", "functional", "reference",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
+    "cifar_resnet", "FusedResFallbackWarning", "FusedResFallbackError", "FUSED_TRAINING",
+]

@@ -1,0 +1,85 @@
+"""Argument checks for the fused ops. Every message names the argument, what was expected and what
+was received, in PyTorch's wording style, so nothing reaches a kernel that would be silently wrong."""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+IntPair = Union[int, Sequence[int]]
+
+
+def pair(op: str, name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
+    """An int or a sequence of two ints, each >= minimum, as a tuple of two."""
+    vals = (value, value) if isinstance(value, int) else tuple(value)
+    if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, but got {value!r}")
+    if min(vals) < minimum:
+        raise ValueError(f"{op}: expected {name} to be >= {minimum}, but got {value!r}")
+    return vals
+
+
+def tensor(op: str, name: str, t, ndim: int, device: Optional[torch.device] = None,
+           dtype: Optional[torch.dtype] = None, dtype_of: str = "input") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: expected {name} to be a Tensor, but got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: expected {name} to be a {ndim}-D tensor, but got a {t.dim()}-D tensor "
+                         f"of size {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise RuntimeError(f"{op}: expected {name} to be on the same device as input ({device}), "
+                           f"but got {name} on {t.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise RuntimeError(f"{op}: expected {name} to have the same dtype as {dtype_of} ({dtype}), "
+                           f"but got {name} of dtype {t.dtype}")
+    return t
+
+
+def floating_input(op: str, x) -> torch.Tensor:
+    tensor(op, "input", x, 4)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: expected input to have a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"but got input of dtype {x.dtype}")
+    return x
+
+
+def per_channel(op: str, name: str, t, channels: int, device: torch.device) -> torch.Tensor:
+    tensor(op, name, t, 1, device)
+    if t.shape[0] != channels:
+        raise ValueError(f"{op}: expected {name} to have {channels} elements (one per output channel), "
+                         f"but got {t.shape[0]}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: expected {name} to have a floating dtype, but got {t.dtype}")
+    return t
+
+
+def conv_weight(op: str, name: str, w, x: torch.Tensor, groups: int, input_name: str = "input") -> None:
+    tensor(op, name, w, 4, x.device, x.dtype)
+    k, cg = w.shape[0], w.shape[1]
+    if k % groups != 0:
+        raise ValueError(f"{op}: expected {name}'s output channels ({k}) to be divisible by groups={groups}, "
+                         f"but got {name} of size {list(w.shape)}")
+    if cg * groups != x.shape[1]:
+        raise RuntimeError(f"{op}: given groups={groups}, {name} of size {list(w.shape)}, expected {input_name}"
+                           f"{list(x.shape)} to have {cg * groups} channels, but got {x.shape[1]} channels instead")
+
+
+def output_size(op: str, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Tuple[int, int]:
+    sizes = []
+    for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation):
+        sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    if min(sizes) <= 0:
+        padded = [size + 2 * p for size, p in zip(x.shape[2:], padding)]
+        kernel = [d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation)]
+        raise RuntimeError(f"{op}: expected input's padded spatial size {padded} to be at least the dilated kernel "
+                           f"size {kernel}, but got input of size {list(x.shape)} (calculated output size "
+                           f"{sizes} is too small)")
+    return sizes[0], sizes[1]
+
+
+def residual(op: str, r, x: torch.Tensor, out_shape: Sequence[int]) -> None:
+    tensor(op, "residual", r, 4, x.device, x.dtype)
+    n, k, p, q = out_shape
+    if r.shape[0] != n or r.shape[2:] != (p, q) or r.shape[1] > k:
+        raise RuntimeError(f"{op}: expected residual of size [{n}, <= {k}, {p}, {q}] (the output's size; fewer "
+                           f"channels are zero-padded), but got residual of size {list(r.shape)}")

@@ -1,0 +1,133 @@
+"""Drop-in fused ResNet blocks.
+
+``FusedBasicBlock`` / ``FusedBottleneck`` subclass the reference blocks, so they have torchvision's
+constructor, child names and state_dict. In eval mode a basic block is 2 launches
+(conv1+bn1+relu, conv2+bn2+shortcut+relu) and a bottleneck 3; a projection shortcut
+(downsample = 1x1 conv + BN) is a second GEMM inside the last launch. Whatever the kernels do not
+cover runs the reference forward, announced once (see ``fusedres._dispatch``).
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _dispatch
+from .functional import bn_scale_shift, conv_bn_act
+from .reference import BasicBlock, Bottleneck, PadChannelsShortcut
+
+
+def _version_key(*tensors) -> Tuple:
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) if t is not None else None for t in tensors)
+
+
+def folded_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Eval BN (+ conv bias) as scale/shift, cached on the BN module until a parameter or buffer changes."""
+    key = _version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.bias) + (bn.eps, dtype)
+    cached = getattr(bn, "_fusedres_folded", None)
+    if cached is None or cached[0] != key:
+        ss = bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
+        cached = (key, ss)
+        bn._fusedres_folded = cached
+    return cached[1]
+
+
+def packed_weight(conv: nn.Conv2d) -> Tensor:
+    """The conv weight in channels_last, so each B-tile row is contiguous; cached until it changes."""
+    w = conv.weight
+    if w.is_contiguous(memory_format=torch.channels_last):
+        return w
+    key = _version_key(w)
+    cached = getattr(conv, "_fusedres_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().contiguous(memory_format=torch.channels_last))
+        conv._fusedres_packed = cached
+    return cached[1]
+
+
+def _projection(downsample: Optional[nn.Module]) -> Optional[Tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """(conv, bn) when downsample is torchvision's 1x1-conv + BN projection that the kernel fuses."""
+    if not isinstance(downsample, nn.Sequential) or len(downsample) != 2:
+        return None
+    conv, bn = downsample[0], downsample[1]
+    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+        return None
+    if (conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1
+            or conv.stride[0] != conv.stride[1] or conv.bias is not None or conv.padding_mode != "zeros"):
+        return None
+    return conv, bn
+
+
+def unfusable_reason(block: nn.Module) -> Optional[str]:
+    """Why this block's structure cannot run on the fused kernels (None when it can)."""
+    convs = [m for name, m in block.named_children() if name.startswith("conv")]
+    bns = [m for name, m in block.named_children() if name.startswith("bn")]
+    if block.downsample is not None and not isinstance(block.downsample, PadChannelsShortcut):
+        if _projection(block.downsample) is None:
+            return (f"its downsample ({type(block.downsample).__name__}) is not a 1x1 conv (no bias, no padding) + "
+                    f"BatchNorm2d projection")
+        bns.append(block.downsample[1])
+    for conv in convs:
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            return f"{type(conv).__name__} with padding_mode={getattr(conv, 'padding_mode', '?')!r} is not fused"
+    for bn in bns:
+        if type(bn) is not nn.BatchNorm2d:
+            return f"norm layer {type(bn).__name__} is not nn.BatchNorm2d"
+        if not bn.track_running_stats or bn.running_mean is None:
+            return "BatchNorm2d without running statistics uses batch statistics in eval mode"
+    return None
+
+
+class _FusedBlockMixin:
+    """Shared dispatch: fused eval forward, or the announced reference forward."""
+
+    def _fallback_reason(self, x: Tensor) -> Optional[str]:
+        if not isinstance(x, Tensor):
+            return None  # let the reference raise its own error
+        reason = _dispatch.unsupported_device_reason(x.device)
+        if reason is None and self.training:
+            reason = ("training mode (batch statistics) runs the PyTorch reference until the fused training "
+                      "path lands")
+        return reason or unfusable_reason(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        reason = self._fallback_reason(x)
+        if reason is not None:
+            _dispatch.fallback(type(self).__name__, reason)
+            return super().forward(x)
+        return self._fused_forward(x)
+
+    def _conv(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, **tail) -> Tensor:
+        scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return conv_bn_act(x, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation,
+                           conv.groups, relu=relu, **tail)
+
+    def _tail(self, x: Tensor) -> Dict:
+        """Keyword arguments of the last conv that add the shortcut branch."""
+        if not self.residual:
+            return {}
+        if self.downsample is None:
+            return {"residual": x}
+        if isinstance(self.downsample, PadChannelsShortcut):
+            s = self.downsample.stride
+            return {"residual": x[:, :, ::s, ::s]}  # a strided view: nothing is copied or padded
+        conv, bn = _projection(self.downsample)
+        scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return {"shortcut_input": x, "shortcut_weight": packed_weight(conv), "shortcut_scale": scale,
+                "shortcut_shift": shift, "shortcut_stride": conv.stride[0]}
+
+
+class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
+    """torchvision's BasicBlock, eval forward in 2 fused launches."""
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        out = self._conv(x, self.conv1, self.bn1)
+        return self._conv(out, self.conv2, self.bn2, **self._tail(x))
+
+
+class FusedBottleneck(_FusedBlockMixin, Bottleneck):
+    """torchvision's Bottleneck, eval forward in 3 fused launches."""
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        out = self._conv(x, self.conv1, self.bn1)
+        out = self._conv(out, self.conv2, self.bn2)
+        return self._conv(out, self.conv3, self.bn3, **self._tail(x))

@@ -1,0 +1,122 @@
+"""The fused ops as functions on tensors.
+
+``conv_bn_act`` is the whole inference-time fusion in one launch::
+
+    relu?( scale * conv(input, weight) + shift
+           + residual                                            (optional; fewer channels = zero-padded)
+           + shortcut_scale * conv1x1(shortcut_input, shortcut_weight, stride=shortcut_stride)
+             + shortcut_shift )                                  (optional projection shortcut)
+
+``bn_scale_shift`` folds an eval-mode ``nn.BatchNorm2d`` (and an optional conv bias) into scale/shift.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _dispatch, _validate as check
+from .reference import bn_scale_shift_reference, conv_bn_act_reference
+
+_OP = "fusedres.functional.conv_bn_act"
+
+
+class _EvalOnlyConvBNAct(torch.autograd.Function):
+    """Gives the fused output a grad_fn whose backward fails loudly, never silently."""
+
+    @staticmethod
+    def forward(ctx, run, *tensors):
+        return run()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "fusedres: backward through an eval-mode (folded-BN) fused conv is not implemented. Call "
+            "model.train() to train with batch statistics, or run inference under torch.no_grad() / "
+            "torch.inference_mode().")
+
+
+def bn_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float, conv_bias: Optional[Tensor] = None, dtype: torch.dtype = torch.float32
+                   ) -> Tuple[Tensor, Tensor]:
+    """Eval-mode BN(conv(x) + conv_bias) as ``scale * conv(x) + shift``, per channel, in ``dtype`` (fp32)."""
+    scale, shift = bn_scale_shift_reference(weight, bias, running_mean, running_var, eps, dtype)
+    if conv_bias is not None:
+        shift = shift + scale * conv_bias.to(dtype)
+    return scale.detach(), shift.detach()
+
+
+def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                stride=1, padding=0, dilation=1, groups: int = 1, *, residual: Optional[Tensor] = None,
+                relu: bool = False, shortcut_input: Optional[Tensor] = None,
+                shortcut_weight: Optional[Tensor] = None, shortcut_scale: Optional[Tensor] = None,
+                shortcut_shift: Optional[Tensor] = None, shortcut_stride: int = 1) -> Tensor:
+    """Fused convolution + per-channel affine (folded BN) + residual/shortcut + ReLU. See module doc.
+
+    ``scale``/``shift`` default to 1 and 0 (a plain conv). They and the shortcut's are computed with in
+    fp32 (fp64 for fp64 input). The output has input's dtype and memory format.
+    """
+    x = check.floating_input(_OP, input)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{_OP}: expected groups to be a positive int, but got {groups!r}")
+    stride = check.pair(_OP, "stride", stride, 1)
+    padding = check.pair(_OP, "padding", padding, 0)
+    dilation = check.pair(_OP, "dilation", dilation, 1)
+    check.conv_weight(_OP, "weight", weight, x, groups)
+    k = weight.shape[0]
+    epi_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = torch.ones(k, device=x.device, dtype=epi_dtype) if scale is None else \
+        check.per_channel(_OP, "scale", scale, k, x.device)
+    shift = torch.zeros(k, device=x.device, dtype=epi_dtype) if shift is None else \
+        check.per_channel(_OP, "shift", shift, k, x.device)
+    p, q = check.output_size(_OP, x, weight, stride, padding, dilation)
+    if residual is not None:
+        check.residual(_OP, residual, x, (x.shape[0], k, p, q))
+
+    shortcut_parts = (shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift)
+    shortcut = None
+    if any(t is not None for t in shortcut_parts):
+        if any(t is None for t in shortcut_parts):
+            raise ValueError(f"{_OP}: expected shortcut_input, shortcut_weight, shortcut_scale and shortcut_shift "
+                             f"to be given together, but got None for "
+                             f"{[n for n, t in zip(('shortcut_input', 'shortcut_weight', 'shortcut_scale', 'shortcut_shift'), shortcut_parts) if t is None]}")
+        sd = check.pair(_OP, "shortcut_stride", shortcut_stride, 1)
+        if sd[0] != sd[1]:
+            raise ValueError(f"{_OP}: expected shortcut_stride to be equal along both axes, but got {shortcut_stride!r}")
+        check.tensor(_OP, "shortcut_input", shortcut_input, 4, x.device, x.dtype)
+        check.conv_weight(_OP, "shortcut_weight", shortcut_weight, shortcut_input, 1, "shortcut_input")
+        if shortcut_weight.shape[0] != k or shortcut_weight.shape[2:] != (1, 1):
+            raise ValueError(f"{_OP}: expected shortcut_weight of size [{k}, {shortcut_input.shape[1]}, 1, 1] "
+                             f"(a 1x1 projection to the output's channels), but got {list(shortcut_weight.shape)}")
+        pd, qd = check.output_size(_OP, shortcut_input, shortcut_weight, sd, (0, 0), (1, 1))
+        if (pd, qd) != (p, q):
+            raise RuntimeError(f"{_OP}: expected shortcut_input to give a {p}x{q} output at stride {sd[0]}, but got "
+                               f"shortcut_input of size {list(shortcut_input.shape)} giving {pd}x{qd}")
+        shortcut = (shortcut_input, shortcut_weight,
+                    check.per_channel(_OP, "shortcut_scale", shortcut_scale, k, x.device),
+                    check.per_channel(_OP, "shortcut_shift", shortcut_shift, k, x.device), sd[0])
+
+    reason = _dispatch.unsupported_device_reason(x.device)
+    if reason is not None:
+        _dispatch.fallback(_OP, reason)
+        ref_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        out = conv_bn_act_reference(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu,
+                                    shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift,
+                                    shortcut_stride, dtype=ref_dtype)
+        return out.to(x.dtype)
+
+    scale, shift = scale.to(epi_dtype), shift.to(epi_dtype)
+    if shortcut is not None:
+        shortcut = (*shortcut[:2], shortcut[2].to(epi_dtype), shortcut[3].to(epi_dtype), shortcut[4])
+
+    from . import kernels
+
+    def run():
+        return kernels.conv_bn_act(x.detach(), weight.detach(), scale.detach(), shift.detach(), stride, padding,
+                                   dilation, groups, None if residual is None else residual.detach(), relu,
+                                   None if shortcut is None else tuple(
+                                       t.detach() if isinstance(t, Tensor) else t for t in shortcut))
+
+    tensors = [t for t in (x, weight, scale, shift, residual, *shortcut_parts) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _EvalOnlyConvBNAct.apply(run, *tensors)
+    return run()
