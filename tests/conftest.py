@@ -1,0 +1,37 @@
+"""Test environment: the kernels run on CUDA when there is a GPU, else in the Triton interpreter.
+
+Both switches must be set before fusedres (and so triton's @jit) is imported. FUSEDRES_STRICT=1
+turns any PyTorch fallback into an error, so a kernel test can never pass on the reference.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FUSEDRES_STRICT", "1")
+
+import pytest  # noqa: E402
+
+import fusedres  # noqa: E402,F401
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Parity tests compare fp32 against IEEE fp32: TF32 off for cuDNN and our kernels, then restored."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """A different seed per test (stable per test id), never zeros or ones."""
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))

@@ -1,0 +1,36 @@
+"""Shared test helpers: the tolerance table of DESIGN.md section 4, and random BN statistics."""
+import torch
+from torch import nn
+
+# ||out - ref|| / ||ref|| against a float64 reference (TF32 off for fp32).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+ON_GPU = torch.cuda.is_available()
+# bf16 tl.dot is broken in the Triton interpreter (DESIGN.md section 5): bf16 is tested on the GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e} for {dtype}"
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN parameters and running statistics, so eval-mode folding is really exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.normal_(0, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.5)
+    return model
