@@ -1,4 +1,5 @@
 """Device code: Triton kernels and their launchers (installed as ``fusedres.kernels``)."""
-from .conv import INTERPRETED, conv_bn_act, gpu_configs
+from ._launch import INTERPRETED
+from .conv import conv_bn_act, gpu_configs
 
 __all__ = ["INTERPRETED", "conv_bn_act", "gpu_configs"]

@@ -1,18 +1,27 @@
-"""The one convolution kernel: implicit GEMM over NHWC with a constexpr-selected epilogue.
+"""The one convolution kernel: implicit GEMM over NHWC with constexpr-selected prologue and epilogue.
 
 GEMM view of a conv: M = N*P*Q output pixels, N-dim = K output channels (per group), reduction =
 R*S*C (per group). The reduction loops (r, s) outside and C-blocks inside, so no div/mod runs in
 the inner loop, and with channels_last activations each A-tile row is a contiguous run of channels.
+
+Prologue (PROLOGUE_BN_RELU, training): the input is the previous conv's raw output y; each loaded
+A tile becomes relu(in_scale[c] * y + in_shift[c]), so the normalized activation never touches
+memory. Zero padding belongs to the activated tensor: out-of-bounds taps are 0 after the transform.
 
 Epilogue, all in fp32 (fp64 for fp64 inputs), then one cast and store:
     y = scale[k] * acc + shift[k]                         folded eval-mode BN (scale=1, shift=0 for none)
     y += scale_d[k] * (xd conv1x1 wd)[k] + shift_d[k]     HAS_SHORTCUT: projection shortcut, a 2nd GEMM
     y += residual[k]   for k < RES_C                      HAS_RESIDUAL: identity / option-A shortcut
     y = relu(y)                                           APPLY_RELU, NaN-propagating like torch.relu
+    STATS: per-tile per-channel mean and M2 of acc into [num_m_tiles, K] fp32 (training BN statistics)
 """
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import (INTERPRETED, clamp_block, device_guard, dot_precision, empty_activation, stats_dtype,
+                      upcast_dot)
+from ._tiles import add_residual_relu_store, pixel_rows, relu_nan, tile_mean_m2
 
 
 @triton.jit
@@ -27,6 +36,10 @@ def _conv_bn_act_kernel(
     wd_ptr,       # shortcut 1x1 weights [K, CD, 1, 1] (HAS_SHORTCUT)
     scale_d_ptr,  # [K] shortcut BN multiplier (HAS_SHORTCUT)
     shift_d_ptr,  # [K] shortcut BN offset (HAS_SHORTCUT)
+    in_scale_ptr,  # [C] prologue BN multiplier of the input (PROLOGUE_BN_RELU)
+    in_shift_ptr,  # [C] prologue BN offset of the input (PROLOGUE_BN_RELU)
+    part_mean_ptr,  # [num_m_tiles, K] fp32 per-tile channel means of acc (STATS)
+    part_m2_ptr,    # [num_m_tiles, K] fp32 per-tile channel sums of squared deviations (STATS)
     M, H, W, P, Q,          # M = N*P*Q output pixels; input H x W; output P x Q
     CG, KG,                 # input and output channels per group
     RES_C, CD,              # residual channels (<= K); shortcut input channels
@@ -40,6 +53,7 @@ def _conv_bn_act_kernel(
     stride_d,               # shortcut conv stride (both axes)
     R: tl.constexpr, S: tl.constexpr,          # filter size
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, APPLY_RELU: tl.constexpr,
+    PROLOGUE_BN_RELU: tl.constexpr, STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 operands (follows cudnn.allow_tf32)
     UPCAST_DOT: tl.constexpr,      # interpreter + bf16: its bf16 tl.dot is wrong, dot in fp32 instead
     ACC_FP64: tl.constexpr,        # fp64 inputs accumulate in fp64 (gradcheck, references)
@@ -54,15 +68,10 @@ def _conv_bn_act_kernel(
     pid_n = pid % num_n
     g = tl.program_id(1)
 
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)          # int64: M*C can pass 2**31
+    offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M)
     offs_kg = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
     offs_k = g * KG + offs_kg                                                # global output channel
-    mask_m = offs_m < M
     mask_k = offs_kg < KG
-    n = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p = pq // Q
-    q = pq % Q
     offs_c = tl.arange(0, BLOCK_K)
 
     x_base = x_ptr + n * sxn + (g * CG).to(tl.int64) * sxc
@@ -78,7 +87,13 @@ def _conv_bn_act_kernel(
             for c0 in range(0, CG, BLOCK_K):
                 cc = c0 + offs_c
                 mask_c = cc < CG
-                a = tl.load(a_ptrs[:, None] + cc[None, :] * sxc, mask=valid[:, None] & mask_c[None, :], other=0.0)
+                a_mask = valid[:, None] & mask_c[None, :]
+                a = tl.load(a_ptrs[:, None] + cc[None, :] * sxc, mask=a_mask, other=0.0)
+                if PROLOGUE_BN_RELU:
+                    s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
+                    t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
+                    a_act = relu_nan(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :])
+                    a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
                 b = tl.load(b_ptrs[None, :] + cc[:, None] * swc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
                 if UPCAST_DOT:
                     a = a.to(tl.float32)
@@ -108,26 +123,20 @@ def _conv_bn_act_kernel(
         shift_d = tl.load(shift_d_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
         y += acc_d * scale_d[None, :] + shift_d[None, :]
 
-    if HAS_RESIDUAL:
-        # Channels >= RES_C read as zero: the option-A shortcut's zero-padded channels, never stored.
-        r_ptrs = res_ptr + (n * srn + p * srh + q * srw)[:, None] + offs_k.to(tl.int64)[None, :] * src
-        r_mask = mask_m[:, None] & (mask_k & (offs_k < RES_C))[None, :]
-        y += tl.load(r_ptrs, mask=r_mask, other=0.0).to(acc_dtype)
+    if STATS:
+        cnt = tl.sum(mask_m.to(acc_dtype), axis=0)
+        t_mean, t_m2 = tile_mean_m2(acc, mask_m, cnt)
+        part = pid_m.to(tl.int64) * (KG * tl.num_programs(1)) + offs_k
+        tl.store(part_mean_ptr + part, t_mean, mask=mask_k)
+        tl.store(part_m2_ptr + part, t_m2, mask=mask_k)
 
-    if APPLY_RELU:
-        y = tl.where(y < 0, 0.0, y)  # not tl.maximum: NaN must propagate as in torch.relu
-
-    o_ptrs = out_ptr + (n * son + p * soh + q * sow)[:, None] + offs_k.to(tl.int64)[None, :] * soc
-    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, srn, src, srh, srw, RES_C,
+                            out_ptr, son, soc, soh, sow, HAS_RESIDUAL, APPLY_RELU)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
-
-# True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then run on
-# CPU tensors through numpy, one program at a time.
-INTERPRETED = type(_conv_bn_act_kernel).__name__ == "InterpretedFunction"
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Few on purpose: every shipped config must
 # pass the parity tests on the GPU (a config-specific miscompile would otherwise hide).
@@ -141,19 +150,16 @@ _GPU_TILES = [
 ]
 
 
-def _clamp_block(block: int, size: int) -> int:
-    """A block no larger than needed for ``size`` elements; tl.dot needs at least 16."""
-    return max(16, min(block, triton.next_power_of_2(max(size, 1))))
+def _fit(kw: dict, kg: int, red: int) -> dict:
+    """Shrink tiles to the problem (C=3 stem, 4-channel ResNeXt groups)."""
+    return dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], kg), BLOCK_K=clamp_block(kw["BLOCK_K"], red))
 
 
 def _prune_configs(configs, named_args, **_):
-    """Shrink tiles to the problem (C=3 stem, 4-channel ResNeXt groups) and drop duplicates."""
     kg, red = named_args["KG"], max(named_args["CG"], named_args["CD"])
     seen, out = set(), []
     for cfg in configs:
-        kw = dict(cfg.kwargs)
-        kw["BLOCK_N"] = _clamp_block(kw["BLOCK_N"], kg)
-        kw["BLOCK_K"] = _clamp_block(kw["BLOCK_K"], red)
+        kw = _fit(cfg.kwargs, kg, red)
         sig = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
         if sig not in seen:
             seen.add(sig)
@@ -169,88 +175,84 @@ def gpu_configs():
 
 _conv_bn_act_autotuned = triton.autotune(
     configs=gpu_configs(),
-    key=["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_RESIDUAL", "HAS_SHORTCUT"],
+    key=["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_RESIDUAL", "HAS_SHORTCUT",
+         "PROLOGUE_BN_RELU"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_conv_bn_act_kernel)
 
 
-def _interpreter_blocks(m: int, kg: int, red: int):
-    """Large tiles: under the interpreter per-op overhead dominates, so fewer programs is faster."""
-    return dict(BLOCK_M=_clamp_block(256, m), BLOCK_N=_clamp_block(128, kg), BLOCK_K=_clamp_block(128, red))
-
-
-def _dot_precision(x: torch.Tensor) -> str:
-    if x.dtype == torch.float64:
-        return "ieee"
-    if x.dtype == torch.float32:
-        # Follow PyTorch's switch for convolutions so fused fp32 matches eager fp32.
-        return "tf32" if (x.is_cuda and torch.backends.cudnn.allow_tf32) else "ieee"
-    return "tf32"  # ignored for 16-bit operands; the backend default
+def _fixed_config(m: int, kg: int, red: int) -> dict:
+    """The config when autotuning is off: the interpreter (big tiles: per-op overhead dominates) and
+    the STATS variant, whose per-tile partials must come from one known BLOCK_M (autotune would rerun it)."""
+    if INTERPRETED:
+        return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, kg), BLOCK_K=clamp_block(128, red))
+    cfg = _fit(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), kg, red)
+    return dict(cfg, num_warps=8 if cfg["BLOCK_N"] >= 128 else 4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-def conv_bn_act(x, weight, scale, shift, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                residual=None, relu=False, shortcut=None, config=None):
-    """Launch the fused conv. Tensors in, a new tensor out; inputs are assumed validated.
+def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                residual=None, relu=False, shortcut=None, prologue=None, stats=False, config=None):
+    """Launch the fused conv. Tensors in, new tensors out; inputs are assumed validated.
 
-    x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] (fp32, or fp64 for fp64 x).
+    x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] fp32 (fp64 for fp64 x), or None
+    for the raw conv output.
     residual: optional [N, RES_C, P, Q] with RES_C <= K, added to the first RES_C channels.
     shortcut: optional (xd [N, CD, HD, WD], wd [K, CD, 1, 1], scale_d [K], shift_d [K], stride_d).
+    prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift).
+    stats: also return per-tile BN partials: (out, part_mean [T, K], part_m2 [T, K], BLOCK_M).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages) to bypass autotuning.
     Returns [N, K, P, Q] in x's dtype and memory format (channels_last in, channels_last out).
     """
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
-    p = _out_size(h, r, stride[0], padding[0], dilation[0])
-    q = _out_size(w, s, stride[1], padding[1], dilation[1])
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=fmt)
-    m = n * p * q
+    p = out_size(h, r, stride[0], padding[0], dilation[0])
+    q = out_size(w, s, stride[1], padding[1], dilation[1])
+    out = empty_activation(x, (n, k, p, q))
+    m, kg = n * p * q, k // groups
+    cd = 0 if shortcut is None else shortcut[0].shape[1]
+    if config is None and (INTERPRETED or stats):
+        config = _fixed_config(m, kg, max(cg, cd))
+    sdt = stats_dtype(x)
+    num_tiles = triton.cdiv(m, config["BLOCK_M"]) if stats else 0
+    part_mean = torch.empty((num_tiles, k), device=x.device, dtype=sdt)
+    part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=sdt)
     if m == 0 or k == 0:
-        return out
-    kg = k // groups
+        return (out, part_mean, part_m2, config["BLOCK_M"]) if stats else out
+    if scale is None:
+        scale, shift = torch.ones(k, device=x.device, dtype=sdt), torch.zeros(k, device=x.device, dtype=sdt)
     if residual is None:
         res, res_c, res_strides = out, 0, (0, 0, 0, 0)  # dummy pointer, never read
     else:
         res, res_c, res_strides = residual, residual.shape[1], residual.stride()
     if shortcut is None:
         xd, wd, sc_d, sh_d, stride_d = x, weight, scale, shift, 1  # dummies, never read
-        cd, xd_strides, wd_strides = 0, (0, 0, 0, 0), (0, 0)
+        xd_strides, wd_strides = (0, 0, 0, 0), (0, 0)
     else:
         xd, wd, sc_d, sh_d, stride_d = shortcut
-        cd, xd_strides, wd_strides = xd.shape[1], xd.stride(), wd.stride()[:2]
-    args = (x, weight, scale, shift, out, res, xd, wd, sc_d, sh_d,
+        xd_strides, wd_strides = xd.stride(), wd.stride()[:2]
+    in_scale, in_shift = (scale, shift) if prologue is None else prologue
+    args = (x, weight, scale, shift, out, res, xd, wd, sc_d, sh_d, in_scale, in_shift, part_mean, part_m2,
             m, h, w, p, q, cg, kg, res_c, cd,
             *x.stride(), *weight.stride(), *out.stride(), *res_strides, *xd_strides, *wd_strides,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], stride_d)
     flags = dict(R=r, S=s, HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None,
-                 APPLY_RELU=bool(relu), DOT_PRECISION=_dot_precision(x),
-                 UPCAST_DOT=INTERPRETED and x.dtype == torch.bfloat16, ACC_FP64=x.dtype == torch.float64)
+                 APPLY_RELU=bool(relu), PROLOGUE_BN_RELU=prologue is not None, STATS=bool(stats),
+                 DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x), ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    if config is None and INTERPRETED:
-        config = _interpreter_blocks(m, kg, max(cg, cd))
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+    with device_guard(x):
         if config is None:
             _conv_bn_act_autotuned[grid](*args, **flags)
         else:
             _conv_bn_act_kernel[grid](*args, **flags, **config)
-    return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return (out, part_mean, part_m2, config["BLOCK_M"]) if stats else out

@@ -1,0 +1,57 @@
+"""Host helpers shared by the launchers: interpreter detection, tile sizes, output layout."""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _probe(x_ptr):
+    tl.store(x_ptr, 0)
+
+
+# True when TRITON_INTERPRET=1 was set before fusedres was imported: the kernels then run on CPU
+# tensors through numpy, one program at a time.
+INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+
+
+def clamp_block(block: int, size: int, minimum: int = 16) -> int:
+    """A power-of-two block no larger than needed for ``size`` elements (tl.dot needs >= 16)."""
+    return max(minimum, min(block, triton.next_power_of_2(max(size, 1))))
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is laid out NHWC (and not also plain-contiguous), else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_activation(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """A new [N, C, H, W] tensor in ``like``'s memory format: channels_last in, channels_last out."""
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=memory_format_of(like))
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on the tensor's device (cuda:1 must work), on its current stream."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-channel statistics and epilogue math: fp32, or fp64 for fp64 activations (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float64:
+        return "ieee"
+    if x.dtype == torch.float32:
+        # Follow PyTorch's switch for convolutions so fused fp32 matches eager fp32.
+        return "tf32" if (x.is_cuda and torch.backends.cudnn.allow_tf32) else "ieee"
+    return "tf32"  # ignored for 16-bit operands; the backend default
+
+
+def upcast_dot(x: torch.Tensor) -> bool:
+    """The interpreter's bf16 tl.dot is wrong (DESIGN.md section 5): dot in fp32 there instead."""
+    return INTERPRETED and x.dtype == torch.bfloat16

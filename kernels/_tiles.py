@@ -1,0 +1,51 @@
+"""Device helpers shared by the conv and pointwise kernels.
+
+Every activation tile is [BLOCK_M pixels, BLOCK_N channels] of a logical [N, C, P, Q] tensor read
+through its strides, so NCHW and channels_last (NHWC) layouts both work without copies.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pixel_rows(pid_m, M, P, Q, BLOCK_M: tl.constexpr):
+    """Rows of an M = N*P*Q pixel tile: int64 offsets (N*P*Q*C may pass 2**31), (n, p, q), mask."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    return offs_m, n, pq // Q, pq % Q, offs_m < M
+
+
+@triton.jit
+def tile_ptrs(base, n, p, q, offs_c, s_n, s_c, s_h, s_w):
+    """[BLOCK_M, BLOCK_N] pointers of pixels (n, p, q) x channels offs_c."""
+    return base + (n * s_n + p * s_h + q * s_w)[:, None] + offs_c.to(tl.int64)[None, :] * s_c
+
+
+@triton.jit
+def relu_nan(y):
+    """ReLU that propagates NaN like torch.relu (tl.maximum would not)."""
+    return tl.where(y < 0, 0.0, y)
+
+
+@triton.jit
+def add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, srn, src, srh, srw, RES_C,
+                            out_ptr, son, soc, soh, sow, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr):
+    """The common tail of every forward epilogue: + residual (first RES_C channels), ReLU, cast, store."""
+    if HAS_RESIDUAL:
+        # Channels >= RES_C read as zero: the option-A shortcut's zero-padded channels, never stored.
+        r_mask = mask_m[:, None] & (mask_k & (offs_k < RES_C))[None, :]
+        y += tl.load(tile_ptrs(res_ptr, n, p, q, offs_k, srn, src, srh, srw), mask=r_mask, other=0.0).to(y.dtype)
+    if APPLY_RELU:
+        y = relu_nan(y)
+    o_ptrs = tile_ptrs(out_ptr, n, p, q, offs_k, son, soc, soh, sow)
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def tile_mean_m2(v, mask_m, cnt):
+    """Per-channel mean and sum of squared deviations of the valid rows of v (for Chan's merge)."""
+    v = tl.where(mask_m[:, None], v, 0.0)
+    mean = tl.sum(v, axis=0) / tl.maximum(cnt, 1.0)
+    d = tl.where(mask_m[:, None], v - mean[None, :], 0.0)
+    return mean, tl.sum(d * d, axis=0)
