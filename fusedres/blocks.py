@@ -3,7 +3,8 @@
 ``FusedBasicBlock`` / ``FusedBottleneck`` subclass the reference blocks, so they have torchvision's
 constructor, child names and state_dict. In eval mode a basic block is 2 launches
 (conv1+bn1+relu, conv2+bn2+shortcut+relu) and a bottleneck 3; a projection shortcut
-(downsample = 1x1 conv + BN) is a second GEMM inside the last launch. Whatever the kernels do not
+(downsample = 1x1 conv + BN) is a second GEMM inside the last launch. In training mode the
+batch-statistics path of ``fusedres.training`` runs, forward and backward on Triton kernels. Whatever the kernels do not
 cover runs the reference forward, announced once (see ``fusedres._dispatch``).
 """
 from typing import Dict, Optional, Tuple
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from . import _dispatch
 from .functional import bn_scale_shift, conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut
+from .training import Shortcut, train_forward
 
 
 def _version_key(*tensors) -> Tuple:
@@ -77,57 +79,79 @@ def unfusable_reason(block: nn.Module) -> Optional[str]:
     return None
 
 
+def _bn_mode(block: nn.Module) -> str:
+    """"train" / "eval" when every BN of the block is in that mode (each BN decides, as in eager), else "mixed"."""
+    modes = {m.training for m in block.modules() if isinstance(m, nn.BatchNorm2d)}
+    return "mixed" if len(modes) > 1 else ("train" if modes == {True} else "eval")
+
+
 class _FusedBlockMixin:
-    """Shared dispatch: fused eval forward, or the announced reference forward."""
+    """Shared by both blocks: a chain of conv->bn units, then the shortcut and the final ReLU.
+
+    Eval: one conv_bn_act launch per unit (BN folded), the shortcut in the last one's epilogue.
+    Train: the batch-statistics chain of ``fusedres.training``, forward and backward in Triton.
+    """
+
+    _units_names: Tuple[str, ...]
+
+    def _units(self):
+        return [(getattr(self, "conv" + i), getattr(self, "bn" + i)) for i in self._units_names]
 
     def _fallback_reason(self, x: Tensor) -> Optional[str]:
         if not isinstance(x, Tensor):
             return None  # let the reference raise its own error
-        reason = _dispatch.unsupported_device_reason(x.device)
-        if reason is None and self.training:
-            reason = ("training mode (batch statistics) runs the PyTorch reference until the fused training "
-                      "path lands")
-        return reason or unfusable_reason(self)
+        reason = _dispatch.unsupported_device_reason(x.device) or unfusable_reason(self)
+        if reason is None and _bn_mode(self) == "mixed":
+            reason = "the block's BatchNorm layers are in mixed train/eval modes"
+        return reason
 
     def forward(self, x: Tensor) -> Tensor:
         reason = self._fallback_reason(x)
         if reason is not None:
             _dispatch.fallback(type(self).__name__, reason)
             return super().forward(x)
-        return self._fused_forward(x)
+        if _bn_mode(self) == "train":
+            return train_forward(type(self).__name__, x, self._units(), self._train_shortcut())
+        *head, (conv, bn) = self._units()
+        out = x
+        for c, b in head:
+            out = self._conv(out, c, b)
+        return self._conv(out, conv, bn, **self._tail(x))
 
     def _conv(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, **tail) -> Tensor:
         scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
         return conv_bn_act(x, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation,
                            conv.groups, relu=relu, **tail)
 
-    def _tail(self, x: Tensor) -> Dict:
-        """Keyword arguments of the last conv that add the shortcut branch."""
+    def _train_shortcut(self) -> Shortcut:
         if not self.residual:
-            return {}
+            return Shortcut("none")
         if self.downsample is None:
-            return {"residual": x}
+            return Shortcut("identity")
         if isinstance(self.downsample, PadChannelsShortcut):
-            s = self.downsample.stride
-            return {"residual": x[:, :, ::s, ::s]}  # a strided view: nothing is copied or padded
+            return Shortcut("A", self.downsample.stride)
         conv, bn = _projection(self.downsample)
-        scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return {"shortcut_input": x, "shortcut_weight": packed_weight(conv), "shortcut_scale": scale,
-                "shortcut_shift": shift, "shortcut_stride": conv.stride[0]}
+        return Shortcut("projection", conv.stride[0], conv, bn)
+
+    def _tail(self, x: Tensor) -> Dict:
+        """Keyword arguments of the last eval conv that add the shortcut branch."""
+        sc = self._train_shortcut()
+        if sc.kind == "none":
+            return {}
+        if sc.kind in ("identity", "A"):
+            return {"residual": x[:, :, ::sc.stride, ::sc.stride]}  # a view: nothing is copied or padded
+        scale, shift = folded_bn(sc.conv, sc.bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return {"shortcut_input": x, "shortcut_weight": packed_weight(sc.conv), "shortcut_scale": scale,
+                "shortcut_shift": shift, "shortcut_stride": sc.stride}
 
 
 class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
-    """torchvision's BasicBlock, eval forward in 2 fused launches."""
+    """torchvision's BasicBlock: eval forward in 2 fused launches; training forward/backward in Triton."""
 
-    def _fused_forward(self, x: Tensor) -> Tensor:
-        out = self._conv(x, self.conv1, self.bn1)
-        return self._conv(out, self.conv2, self.bn2, **self._tail(x))
+    _units_names = ("1", "2")
 
 
 class FusedBottleneck(_FusedBlockMixin, Bottleneck):
-    """torchvision's Bottleneck, eval forward in 3 fused launches."""
+    """torchvision's Bottleneck: eval forward in 3 fused launches; training forward/backward in Triton."""
 
-    def _fused_forward(self, x: Tensor) -> Tensor:
-        out = self._conv(x, self.conv1, self.bn1)
-        out = self._conv(out, self.conv2, self.bn2)
-        return self._conv(out, self.conv3, self.bn3, **self._tail(x))
+    _units_names = ("1", "2", "3")

@@ -1,0 +1,284 @@
+"""Batch-norm kernels of the training path: statistics finalize, the block tail, and BN backward.
+
+All work on [pixels, channels] tiles of logical [N, C, P, Q] tensors through their strides
+(see ``_tiles``); per-channel math is fp32 (fp64 for fp64 activations).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation, stats_dtype
+from ._tiles import add_residual_relu_store, pixel_rows, tile_ptrs
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    part_mean_ptr, part_m2_ptr,   # [T, K] per-tile channel means and M2 (from the conv STATS epilogue)
+    gamma_ptr, beta_ptr,          # [K] affine parameters (HAS_AFFINE)
+    rmean_ptr, rvar_ptr,          # [K] running statistics, updated in place (UPDATE_RUNNING)
+    nbt_ptr,                      # num_batches_tracked, already incremented (CUMULATIVE: momentum=None)
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # [K] outputs
+    T, M, K, TILE_M,              # tiles, pixels per channel, channels, pixels per full tile
+    eps, momentum,
+    HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Merge per-tile (mean, M2) into batch mean / biased variance, stably: within a block of tiles
+    by the parallel formula, across blocks by Chan's pairwise update (never sum(y^2) - sum(y)^2/n)."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mean_a = tl.zeros((BLOCK_K,), dtype=part_mean_ptr.dtype.element_ty)
+    m2_a = tl.zeros((BLOCK_K,), dtype=part_mean_ptr.dtype.element_ty)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < T
+        cnt = tl.minimum(tl.maximum(M - offs_t * TILE_M, 0), TILE_M).to(mean_a.dtype)
+        cnt = tl.where(mask_t, cnt, 0.0)
+        idx = offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]
+        msk = mask_t[:, None] & mask_k[None, :]
+        pm = tl.load(part_mean_ptr + idx, mask=msk, other=0.0)
+        pm2 = tl.load(part_m2_ptr + idx, mask=msk, other=0.0)
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+        dev = tl.where(msk, pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(pm2, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        n_a = tl.minimum(t0 * TILE_M, M).to(mean_a.dtype)
+        n_ab = n_a + n_b
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n_ab)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+    var = m2_a / M
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = invstd
+    shift = -mean_a * invstd
+    if HAS_AFFINE:
+        gamma = tl.load(gamma_ptr + offs_k, mask=mask_k, other=1.0).to(var.dtype)
+        beta = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(var.dtype)
+        scale = gamma * invstd
+        shift = beta - mean_a * scale
+    tl.store(mean_ptr + offs_k, mean_a, mask=mask_k)
+    tl.store(invstd_ptr + offs_k, invstd, mask=mask_k)
+    tl.store(scale_ptr + offs_k, scale, mask=mask_k)
+    tl.store(shift_ptr + offs_k, shift, mask=mask_k)
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            factor = 1.0 / tl.load(nbt_ptr).to(var.dtype)
+        else:
+            factor = momentum
+        rm = tl.load(rmean_ptr + offs_k, mask=mask_k, other=0.0)
+        rv = tl.load(rvar_ptr + offs_k, mask=mask_k, other=0.0)
+        unbiased = var * (M / (M - 1.0))
+        tl.store(rmean_ptr + offs_k, (rm.to(var.dtype) * (1 - factor) + mean_a * factor).to(rm.dtype), mask=mask_k)
+        tl.store(rvar_ptr + offs_k, (rv.to(var.dtype) * (1 - factor) + unbiased * factor).to(rv.dtype), mask=mask_k)
+
+
+@triton.jit
+def _sum_rows_kernel(src_ptr, dst_ptr, T, L, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
+    """dst[l] = sum_t src[t, l], in a fixed order (deterministic, no atomics)."""
+    offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_l = offs_l < L
+    acc = tl.zeros((BLOCK_L,), dtype=src_ptr.dtype.element_ty)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        msk = (offs_t < T)[:, None] & mask_l[None, :]
+        acc += tl.sum(tl.load(src_ptr + offs_t.to(tl.int64)[:, None] * L + offs_l[None, :], mask=msk, other=0.0), 0)
+    tl.store(dst_ptr + offs_l, acc.to(dst_ptr.dtype.element_ty), mask=mask_l)
+
+
+@triton.jit
+def _bn_act_kernel(
+    y_ptr, scale_ptr, shift_ptr,        # raw conv output [N, K, P, Q] and its BN as scale/shift [K]
+    yd_ptr, scale_d_ptr, shift_d_ptr,   # projection shortcut's raw conv output and BN (HAS_BN_SHORTCUT)
+    res_ptr, out_ptr,                   # identity / option-A residual [N, RES_C, P, Q]; output
+    M, P, Q, K, RES_C,
+    syn, syc, syh, syw, sdn, sdc, sdh, sdw, srn, src, srh, srw, son, soc, soh, sow,
+    HAS_BN_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Block tail: out = relu(bn(y) + [bn_d(yd) | residual]) in one pass; also the stem's bn+relu."""
+    offs_m, n, p, q, mask_m = pixel_rows(tl.program_id(0), M, P, Q, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    msk = mask_m[:, None] & mask_k[None, :]
+    scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+    shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(scale.dtype)
+    y = y * scale[None, :] + shift[None, :]
+    if HAS_BN_SHORTCUT:
+        scale_d = tl.load(scale_d_ptr + offs_k, mask=mask_k, other=0.0)
+        shift_d = tl.load(shift_d_ptr + offs_k, mask=mask_k, other=0.0)
+        yd = tl.load(tile_ptrs(yd_ptr, n, p, q, offs_k, sdn, sdc, sdh, sdw), mask=msk, other=0.0).to(scale.dtype)
+        y += yd * scale_d[None, :] + shift_d[None, :]
+    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, srn, src, srh, srw, RES_C,
+                            out_ptr, son, soc, soh, sow, HAS_RESIDUAL, APPLY_RELU)
+
+
+@triton.jit
+def relu_grad(grad, mask_src):
+    """torch.relu's backward: the gradient where the ReLU output is > 0, else 0 (NaN output: 0)."""
+    return tl.where(mask_src > 0, grad, 0.0)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    grad_ptr, mask_ptr,            # upstream gradient; ReLU output whose > 0 gates it (HAS_MASK)
+    y_ptr, mean_ptr, invstd_ptr,   # the BN input and its batch statistics
+    y2_ptr, mean2_ptr, invstd2_ptr,  # a second BN fed by the same gradient (HAS_Y2: projection shortcut)
+    parts_ptr,                     # [T, 2 or 3, K] per-tile partial sums of g, g*xhat (, g*xhat2)
+    M, P, Q, K,
+    sgn, sgc, sgh, sgw, smn, smc, smh, smw, syn, syc, syh, syw, s2n, s2c, s2h, s2w,
+    HAS_MASK: tl.constexpr, HAS_Y2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per-tile partials of the BN backward reductions: sum(g) and sum(g * xhat), g = relu-gated grad."""
+    pid_m = tl.program_id(0)
+    offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    msk = mask_m[:, None] & mask_k[None, :]
+    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
+    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, sgn, sgc, sgh, sgw), mask=msk, other=0.0).to(mean.dtype)
+    if HAS_MASK:
+        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, smn, smc, smh, smw), mask=msk, other=0.0))
+    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(mean.dtype)
+    part = parts_ptr + pid_m.to(tl.int64) * ((3 if HAS_Y2 else 2) * K) + offs_k
+    tl.store(part, tl.sum(g, axis=0), mask=mask_k)
+    tl.store(part + K, tl.sum(tl.where(msk, g * (y - mean[None, :]) * invstd[None, :], 0.0), axis=0),
+             mask=mask_k)
+    if HAS_Y2:
+        mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
+        invstd2 = tl.load(invstd2_ptr + offs_k, mask=mask_k, other=0.0)
+        y2 = tl.load(tile_ptrs(y2_ptr, n, p, q, offs_k, s2n, s2c, s2h, s2w), mask=msk, other=0.0).to(mean.dtype)
+        tl.store(part + 2 * K,
+                 tl.sum(tl.where(msk, g * (y2 - mean2[None, :]) * invstd2[None, :], 0.0), axis=0), mask=mask_k)
+
+
+@triton.jit
+def _bn_bwd_apply_kernel(
+    grad_ptr, mask_ptr, y_ptr, dy_ptr,   # upstream grad, ReLU output gate (HAS_MASK), BN input, result
+    gamma_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_gx_ptr,  # [K]
+    M, P, Q, K,
+    sgn, sgc, sgh, sgw, smn, smc, smh, smw, syn, syc, syh, syw, son, soc, soh, sow,
+    HAS_MASK: tl.constexpr, HAS_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dy = gamma * invstd * (g - sum(g)/M - xhat * sum(g*xhat)/M), the batch-statistics BN backward."""
+    offs_m, n, p, q, mask_m = pixel_rows(tl.program_id(0), M, P, Q, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    msk = mask_m[:, None] & mask_k[None, :]
+    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
+    a = invstd
+    if HAS_AFFINE:
+        a = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) * invstd
+    mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / M
+    mean_gx = tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / M
+    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, sgn, sgc, sgh, sgw), mask=msk, other=0.0).to(mean.dtype)
+    if HAS_MASK:
+        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, smn, smc, smh, smw), mask=msk, other=0.0))
+    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(mean.dtype)
+    xhat = (y - mean[None, :]) * invstd[None, :]
+    dy = a[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
+    tl.store(tile_ptrs(dy_ptr, n, p, q, offs_k, son, soc, soh, sow), dy.to(dy_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _tile(m: int, k: int):
+    if INTERPRETED:
+        return clamp_block(256, m), clamp_block(128, k)
+    return 64, clamp_block(64, k)
+
+
+def _strides(t):
+    return t.stride() if t is not None else (0, 0, 0, 0)
+
+
+def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, running_var, num_batches_tracked,
+                momentum, eps):
+    """Batch mean, invstd and BN scale/shift [K] from conv STATS partials; updates running stats in place.
+
+    gamma/beta None: affine=False. running_mean None: no running statistics (track_running_stats=False).
+    momentum None: cumulative average, factor 1/num_batches_tracked (incremented by the caller).
+    """
+    t, k = part_mean.shape
+    outs = [torch.empty(k, device=part_mean.device, dtype=part_mean.dtype) for _ in range(4)]
+    mean, invstd, scale, shift = outs
+    update = running_mean is not None
+    dummy = outs[0]
+    block_k = clamp_block(64, k, 1)
+    with device_guard(part_mean):
+        _bn_finalize_kernel[(triton.cdiv(k, block_k),)](
+            part_mean, part_m2, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
+            running_mean if update else dummy, running_var if update else dummy,
+            num_batches_tracked if (update and momentum is None) else dummy,
+            mean, invstd, scale, shift, t, m, k, tile_m, eps, 0.0 if momentum is None else momentum,
+            HAS_AFFINE=gamma is not None, UPDATE_RUNNING=update, CUMULATIVE=momentum is None,
+            BLOCK_T=clamp_block(64, t, 1), BLOCK_K=block_k)
+    return mean, invstd, scale, shift
+
+
+def sum_rows(src, out=None):
+    """[T, L] -> [L] column sums in a fixed order; ``out`` (any dtype, L elements, dense) is written flat."""
+    t, length = src.shape
+    out = torch.empty(length, device=src.device, dtype=src.dtype) if out is None else out
+    block_l = clamp_block(1024 if INTERPRETED else 256, length, 1)
+    with device_guard(src):
+        _sum_rows_kernel[(triton.cdiv(length, block_l),)](src, out, t, length, BLOCK_T=clamp_block(32, t, 1),
+                                                           BLOCK_L=block_l)
+    return out
+
+
+def bn_act(y, scale, shift, shortcut=None, residual=None, relu=True):
+    """out = relu(scale*y + shift + [scale_d*yd + shift_d] + [residual]); shortcut = (yd, scale_d, shift_d)."""
+    n, k, p, q = y.shape
+    out = empty_activation(y, y.shape)
+    m = n * p * q
+    if m == 0:
+        return out
+    yd, scale_d, shift_d = shortcut if shortcut is not None else (y, scale, shift)
+    res = residual if residual is not None else y
+    bm, bn = _tile(m, k)
+    with device_guard(y):
+        _bn_act_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
+            y, scale, shift, yd, scale_d, shift_d, res, out, m, p, q, k,
+            0 if residual is None else residual.shape[1],
+            *y.stride(), *yd.stride(), *_strides(residual), *out.stride(),
+            HAS_BN_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=relu,
+            BLOCK_M=bm, BLOCK_N=bn)
+    return out
+
+
+def bn_bwd_reduce(grad, relu_out, y, mean, invstd, y2=None, mean2=None, invstd2=None):
+    """Sums over all pixels of g and g*xhat (and g*xhat2), g = grad gated by relu_out > 0 (if given)."""
+    n, k, p, q = y.shape
+    m = n * p * q
+    bm, bn = _tile(m, k)
+    t = triton.cdiv(m, bm)
+    j = 3 if y2 is not None else 2
+    parts = torch.empty((t, j * k), device=y.device, dtype=mean.dtype)
+    with device_guard(y):
+        _bn_bwd_reduce_kernel[(t, triton.cdiv(k, bn))](
+            grad, relu_out if relu_out is not None else grad, y, mean, invstd,
+            y2 if y2 is not None else y, mean2 if y2 is not None else mean, invstd2 if y2 is not None else invstd,
+            parts, m, p, q, k,
+            *grad.stride(), *_strides(relu_out), *y.stride(), *_strides(y2),
+            HAS_MASK=relu_out is not None, HAS_Y2=y2 is not None, BLOCK_M=bm, BLOCK_N=bn)
+    return sum_rows(parts).view(j, k).unbind(0)
+
+
+def bn_bwd_apply(grad, relu_out, y, gamma, mean, invstd, sum_g, sum_gx):
+    """Gradient w.r.t. the BN input y (batch statistics); grad gated by relu_out > 0 when given."""
+    n, k, p, q = y.shape
+    dy = empty_activation(y, y.shape)
+    m = n * p * q
+    bm, bn = _tile(m, k)
+    with device_guard(y):
+        _bn_bwd_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
+            grad, relu_out if relu_out is not None else grad, y, dy,
+            gamma if gamma is not None else mean, mean, invstd, sum_g, sum_gx, m, p, q, k,
+            *grad.stride(), *_strides(relu_out), *y.stride(), *dy.stride(),
+            HAS_MASK=relu_out is not None, HAS_AFFINE=gamma is not None, BLOCK_M=bm, BLOCK_N=bn)
+    return dy
