@@ -74,14 +74,18 @@ def unfusable_reason(block: nn.Module) -> Optional[str]:
     for bn in bns:
         if type(bn) is not nn.BatchNorm2d:
             return f"norm layer {type(bn).__name__} is not nn.BatchNorm2d"
-        if not bn.track_running_stats or bn.running_mean is None:
-            return "BatchNorm2d without running statistics uses batch statistics in eval mode"
     return None
 
 
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """nn.BatchNorm2d's own rule: batch statistics in training, or when it keeps no running statistics."""
+    return bn.training or bn.running_mean is None
+
+
 def _bn_mode(block: nn.Module) -> str:
-    """"train" / "eval" when every BN of the block is in that mode (each BN decides, as in eager), else "mixed"."""
-    modes = {m.training for m in block.modules() if isinstance(m, nn.BatchNorm2d)}
+    """"train" (batch statistics) / "eval" (running statistics) when every BN of the block agrees, else
+    "mixed" (e.g. a frozen bn.eval() inside a training block): each BN decides, as in eager."""
+    modes = {uses_batch_stats(m) for m in block.modules() if isinstance(m, nn.BatchNorm2d)}
     return "mixed" if len(modes) > 1 else ("train" if modes == {True} else "eval")
 
 
@@ -102,7 +106,7 @@ class _FusedBlockMixin:
             return None  # let the reference raise its own error
         reason = _dispatch.unsupported_device_reason(x.device) or unfusable_reason(self)
         if reason is None and _bn_mode(self) == "mixed":
-            reason = "the block's BatchNorm layers are in mixed train/eval modes"
+            reason = "the block's BatchNorm layers mix batch statistics and running statistics (train/eval modes)"
         return reason
 
     def forward(self, x: Tensor) -> Tensor:

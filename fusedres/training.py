@@ -36,13 +36,15 @@ def _geometry(conv: nn.Conv2d):
     return conv.stride, conv.padding, conv.dilation, conv.groups
 
 
-def _batch_stats(bn: nn.BatchNorm2d, conv_out: Tuple, update_running: bool):
-    """Finalize one BN from the conv's STATS partials: (mean, invstd, scale, shift)."""
+def _batch_stats(bn: nn.BatchNorm2d, conv_out: Tuple):
+    """Finalize one BN from the conv's STATS partials: (mean, invstd, scale, shift).
+
+    Running statistics update as nn.BatchNorm2d's do: in training mode, when it tracks them."""
     y, part_mean, part_m2, tile_m = conv_out
     m = y.shape[0] * y.shape[2] * y.shape[3]
     if m <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
-    update = update_running and bn.track_running_stats and bn.running_mean is not None
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
     if update and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     return bn_k.bn_finalize(part_mean, part_m2, tile_m, m, bn.weight, bn.bias,
@@ -59,7 +61,7 @@ def _grads(bn: nn.BatchNorm2d, sum_g: Tensor, sum_gx: Tensor):
 
 class _TrainChainFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, units, shortcut, update_running, x, *params):
+    def forward(ctx, units, shortcut, x, *params):
         convs = [c for c, _ in units]
         bns = [b for _, b in units]
         weights = params[0::3]
@@ -67,13 +69,13 @@ class _TrainChainFn(torch.autograd.Function):
         for conv, bn, w in zip(convs, bns, weights):
             res = kernels.conv_bn_act(h, w, None, None, *_geometry(conv), prologue=prologue, stats=True)
             ys.append(res[0])
-            stats.append(_batch_stats(bn, res, update_running))
+            stats.append(_batch_stats(bn, res))
             prologue, h = stats[-1][2:], res[0]
         y_last, (_, _, scale, shift) = ys[-1], stats[-1]
         yd, stats_d = None, None
         if shortcut.kind == "projection":
             res = kernels.conv_bn_act(x, params[3 * len(units)], None, None, *_geometry(shortcut.conv), stats=True)
-            yd, stats_d = res[0], _batch_stats(shortcut.bn, res, update_running)
+            yd, stats_d = res[0], _batch_stats(shortcut.bn, res)
             out = bn_k.bn_act(y_last, scale, shift, shortcut=(yd, stats_d[2], stats_d[3]))
         elif shortcut.kind in ("identity", "A"):
             out = bn_k.bn_act(y_last, scale, shift, residual=x[:, :, ::shortcut.stride, ::shortcut.stride])
@@ -107,7 +109,7 @@ class _TrainChainFn(torch.autograd.Function):
             geo = _geometry(conv)
             prev = stats[i - 1] if i > 0 else None
             conv_in = ys[i - 1] if i > 0 else x
-            if ctx.needs_input_grad[4 + 3 * i]:
+            if ctx.needs_input_grad[3 + 3 * i]:
                 grads[3 * i] = conv_bwd.conv_wgrad(dy, conv_in, w, *geo, prologue=None if prev is None else prev[2:])
             if i > 0:
                 g, sum_g_i, sum_gx_i = conv_bwd.conv_dgrad(dy, w, conv_in.shape, *geo,
@@ -115,7 +117,7 @@ class _TrainChainFn(torch.autograd.Function):
                 bn_prev = units[i - 1][1]
                 grads[3 * i - 2:3 * i] = _grads(bn_prev, sum_g_i, sum_gx_i)
                 dy = bn_k.bn_bwd_apply(g, None, conv_in, bn_prev.weight, prev[0], prev[1], sum_g_i, sum_gx_i)
-            elif ctx.needs_input_grad[3]:
+            elif ctx.needs_input_grad[2]:
                 residual = (dout, out, shortcut.stride) if shortcut.kind in ("identity", "A") else None
                 dx = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, residual=residual)
 
@@ -123,16 +125,16 @@ class _TrainChainFn(torch.autograd.Function):
             bn_d, conv_d = shortcut.bn, shortcut.conv
             grads[3 * n_units + 1:3 * n_units + 3] = _grads(bn_d, sum_g, sum_gxd)
             dyd = bn_k.bn_bwd_apply(dout, out, yd, bn_d.weight, *stats_d[:2], sum_g, sum_gxd)
-            if ctx.needs_input_grad[4 + 3 * n_units]:
+            if ctx.needs_input_grad[3 + 3 * n_units]:
                 grads[3 * n_units] = conv_bwd.conv_wgrad(dyd, x, conv_d.weight, *_geometry(conv_d))
-            if ctx.needs_input_grad[3]:
+            if ctx.needs_input_grad[2]:
                 dx = conv_bwd.conv_dgrad(dyd, conv_d.weight, x.shape, *_geometry(conv_d), residual=(dx, None, 1),
                                          out=dx)
-        return (None, None, None, dx if ctx.needs_input_grad[3] else None, *grads)
+        return (None, None, dx if ctx.needs_input_grad[2] else None, *grads)
 
 
-def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]], shortcut: Shortcut,
-                  update_running: bool = True) -> Tensor:
+def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]], shortcut: Shortcut
+                  ) -> Tensor:
     """Run a training-mode conv/BN chain (a block, or the stem with Shortcut("none")) on the fused kernels."""
     check.floating_input(op, x)
     check.conv_weight(op, "weight", units[0][0].weight, x, units[0][0].groups)
@@ -142,7 +144,7 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     params: List[Optional[Tensor]] = []
     for conv, bn in list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == "projection" else []):
         params += [conv.weight, bn.weight, bn.bias]
-    return _TrainChainFn.apply(tuple(units), shortcut, update_running, x, *params)
+    return _TrainChainFn.apply(tuple(units), shortcut, x, *params)
 
 
 def _check_shortcut_shape(op: str, x: Tensor, units, shortcut: Shortcut) -> None:

@@ -80,7 +80,9 @@ def _conv_dgrad_kernel(
         invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         y = tl.load(tile_ptrs(y_ptr, n, h, w, offs_c, syn, syc, syh, syw), mask=msk, other=0.0).to(acc_dtype)
         acc = relu_grad(acc, y * scale[None, :] + shift[None, :])  # same fp32 expression as the forward prologue
-        acc = tl.where(msk, acc, 0.0)
+        # Reduce what is stored (rounded to the activation dtype), so that the BN backward applied to
+        # the stored gradient removes exactly its own mean and xhat components.
+        acc = tl.where(msk, acc.to(dx_ptr.dtype.element_ty).to(acc_dtype), 0.0)
         part = parts_ptr + pid_m.to(tl.int64) * (2 * C) + offs_c
         tl.store(part, tl.sum(acc, axis=0), mask=mask_c)
         tl.store(part + C, tl.sum(acc * (y - mean[None, :]) * invstd[None, :], axis=0), mask=mask_c)

@@ -4,6 +4,7 @@ Both switches must be set before fusedres (and so triton's @jit) is imported. FU
 turns any PyTorch fallback into an error, so a kernel test can never pass on the reference.
 """
 import os
+import zlib
 
 import torch
 
@@ -40,4 +41,4 @@ def no_tf32():
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
     """A different seed per test (stable per test id), never zeros or ones."""
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

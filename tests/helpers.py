@@ -2,6 +2,9 @@
 import torch
 from torch import nn
 
+import fusedres
+from fusedres import reference
+
 # ||out - ref|| / ||ref|| against a float64 reference (TF32 off for fp32).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
@@ -34,3 +37,40 @@ def randomize_bn(model: nn.Module) -> nn.Module:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0, 0.5)
     return model
+
+
+def projection(cin, cout, stride):
+    return nn.Sequential(reference.conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
+# name: (block kind, inplanes, planes, stride, shortcut kind, extra kwargs)
+BLOCKS = {
+    "basic_identity": ("basic", 16, 16, 1, "identity", {}),
+    "basic_proj_s2": ("basic", 16, 32, 2, "projection", {}),
+    "basic_optionA_s2": ("basic", 16, 32, 2, "A", {}),
+    "basic_optionC_s1": ("basic", 16, 16, 1, "projection", {}),
+    "basic_plain_s2": ("basic", 16, 32, 2, "none", {}),
+    "bottleneck_identity": ("bottleneck", 64, 16, 1, "identity", {}),
+    "bottleneck_proj_s1": ("bottleneck", 32, 16, 1, "projection", {}),
+    "bottleneck_proj_s2": ("bottleneck", 64, 32, 2, "projection", {}),
+    "bottleneck_resnext_s2": ("bottleneck", 64, 32, 2, "projection", dict(groups=8, base_width=8)),
+    "bottleneck_wide": ("bottleneck", 64, 16, 1, "identity", dict(base_width=128)),
+    "bottleneck_dilated": ("bottleneck", 64, 16, 1, "identity", dict(dilation=2)),
+}
+
+
+def build_pair(name):
+    kind, cin, planes, stride, sc, extra = BLOCKS[name]
+    fused_cls, ref_cls = (fusedres.FusedBasicBlock, reference.BasicBlock) if kind == "basic" else \
+        (fusedres.FusedBottleneck, reference.Bottleneck)
+    cout = planes * ref_cls.expansion
+
+    def make(cls):
+        ds = {"identity": None, "none": None, "projection": projection(cin, cout, stride),
+              "A": fusedres.PadChannelsShortcut(cin, cout, stride)}[sc]
+        return cls(cin, planes, stride, ds, **extra, residual=sc != "none")
+
+    fused = randomize_bn(make(fused_cls)).eval()
+    ref = make(ref_cls).eval()
+    ref.load_state_dict(fused.state_dict(), strict=True)
+    return fused, ref, cin
