@@ -97,6 +97,8 @@ class _FusedBlockMixin:
     """
 
     _units_names: Tuple[str, ...]
+    # Training: recompute the last conv's output in backward instead of saving it (see ChainSpec).
+    recompute_last_conv: bool
 
     def _units(self):
         return [(getattr(self, "conv" + i), getattr(self, "bn" + i)) for i in self._units_names]
@@ -115,7 +117,8 @@ class _FusedBlockMixin:
             _dispatch.fallback(type(self).__name__, reason)
             return super().forward(x)
         if _bn_mode(self) == "train":
-            return train_forward(type(self).__name__, x, self._units(), self._train_shortcut())
+            return train_forward(type(self).__name__, x, self._units(), self._train_shortcut(),
+                                 self.recompute_last_conv)
         *head, (conv, bn) = self._units()
         out = x
         for c, b in head:
@@ -153,9 +156,11 @@ class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
     """torchvision's BasicBlock: eval forward in 2 fused launches; training forward/backward in Triton."""
 
     _units_names = ("1", "2")
+    recompute_last_conv = False  # a 3x3 conv: half the block's forward FLOPs, too dear to recompute
 
 
 class FusedBottleneck(_FusedBlockMixin, Bottleneck):
     """torchvision's Bottleneck: eval forward in 3 fused launches; training forward/backward in Triton."""
 
     _units_names = ("1", "2", "3")
+    recompute_last_conv = True  # a 1x1 conv, ~8% of the step, saves the widest (4x) activation
