@@ -52,3 +52,19 @@ def test_fused_cifar_model_runs_no_aten_conv_or_bn(device):
     with RecordOps() as rec, torch.no_grad():
         model(torch.randn(1, 3, 16, 16, device=device))
     assert rec.forbidden() == [], f"PyTorch conv/BN ran on the fused path: {rec.forbidden()}"
+
+
+@pytest.mark.parametrize("block_cls,planes,shortcut", [(fusedres.FusedBasicBlock, 16, "projection"),
+                                                       (fusedres.FusedBottleneck, 8, "projection"),
+                                                       (fusedres.FusedBasicBlock, 32, "A")])
+def test_fused_training_forward_backward_run_no_aten_conv_or_bn(block_cls, planes, shortcut, device):
+    cout = planes * block_cls.expansion
+    ds = torch.nn.Sequential(fusedres.reference.conv1x1(16, cout, 2), torch.nn.BatchNorm2d(cout)) \
+        if shortcut == "projection" else fusedres.PadChannelsShortcut(16, cout, 2)
+    block = block_cls(16, planes, 2, ds).train().to(device)
+    x = torch.randn(2, 16, 8, 8, device=device, requires_grad=True)
+    with RecordOps() as rec:
+        block(x).sum().backward()
+    assert rec.ops, "the recorder saw nothing: the check would be vacuous"
+    assert rec.forbidden() == [], f"PyTorch conv/BN ran on the fused training path: {rec.forbidden()}"
+    assert x.grad is not None and all(p.grad is not None for p in block.parameters())
