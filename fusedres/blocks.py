@@ -59,21 +59,32 @@ def _projection(downsample: Optional[nn.Module]) -> Optional[Tuple[nn.Conv2d, nn
     return conv, bn
 
 
+def layer_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
+    """Why one conv -> BN pair cannot run on the fused kernels (None when it can). Shared by blocks and stems."""
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return (f"{type(conv).__name__} with padding={getattr(conv, 'padding', '?')!r}, "
+                f"padding_mode={getattr(conv, 'padding_mode', '?')!r} is not fused")
+    if type(bn) is not nn.BatchNorm2d:
+        return f"norm layer {type(bn).__name__} is not nn.BatchNorm2d"
+    if conv.bias is not None and uses_batch_stats(bn):
+        return "a conv with a bias before a batch-statistics BatchNorm2d is not fused (the training chain has no bias)"
+    return None
+
+
 def unfusable_reason(block: nn.Module) -> Optional[str]:
-    """Why this block's structure cannot run on the fused kernels (None when it can)."""
-    convs = [m for name, m in block.named_children() if name.startswith("conv")]
-    bns = [m for name, m in block.named_children() if name.startswith("bn")]
+    """Why this block's layers cannot run on the fused kernels (None when they can)."""
+    children = dict(block.named_children())
+    pairs = [(children[f"conv{i}"], children.get(f"bn{i}")) for i in "123" if f"conv{i}" in children]
     if block.downsample is not None and not isinstance(block.downsample, PadChannelsShortcut):
-        if _projection(block.downsample) is None:
+        projection = _projection(block.downsample)
+        if projection is None:
             return (f"its downsample ({type(block.downsample).__name__}) is not a 1x1 conv (no bias, no padding) + "
                     f"BatchNorm2d projection")
-        bns.append(block.downsample[1])
-    for conv in convs:
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            return f"{type(conv).__name__} with padding_mode={getattr(conv, 'padding_mode', '?')!r} is not fused"
-    for bn in bns:
-        if type(bn) is not nn.BatchNorm2d:
-            return f"norm layer {type(bn).__name__} is not nn.BatchNorm2d"
+        pairs.append(projection)
+    for conv, bn in pairs:
+        reason = layer_reason(conv, bn)
+        if reason is not None:
+            return reason
     return None
 
 

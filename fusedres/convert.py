@@ -10,8 +10,8 @@ from typing import List, Optional
 
 from torch import nn
 
-from .blocks import FusedBasicBlock, FusedBottleneck, unfusable_reason
-from .models import _FusedStemNet, _stem_structure_reason
+from .blocks import FusedBasicBlock, FusedBottleneck, layer_reason, unfusable_reason
+from .models import _FusedStemNet
 from .reference import BasicBlock, Bottleneck
 
 # The children of torchvision's blocks (``downsample`` too when it is not None).
@@ -70,7 +70,7 @@ def convert(model: nn.Module) -> nn.Module:
         raise TypeError(f"fusedres.convert: expected model to be an nn.Module, but got {type(model).__name__}")
     skipped: List[str] = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, _FusedStemNet) and _stem_structure_reason(module.conv1, module.bn1) is None:
+        if isinstance(module, _FusedStemNet) and layer_reason(module.conv1, module.bn1) is None:
             module.fused = True  # fusedres's own ResNet / CifarResNet built with fused=False: fuse the stem too
         twin = _twin(module)
         if twin is None or isinstance(module, (FusedBasicBlock, FusedBottleneck)):

@@ -12,23 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch
-from .blocks import FusedBasicBlock, FusedBottleneck, folded_bn, packed_weight, uses_batch_stats
+from .blocks import FusedBasicBlock, FusedBottleneck, folded_bn, layer_reason, packed_weight, uses_batch_stats
 from .functional import conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut, conv1x1, conv3x3
 from .training import Shortcut, train_forward
 
 Block = Type[Union[BasicBlock, Bottleneck]]
-
-
-def _stem_structure_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    """Why the stem cannot run on the fused kernels (None when it can)."""
-    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return f"stem conv {type(conv).__name__} (padding_mode={getattr(conv, 'padding_mode', '?')!r}) is not fused"
-    if type(bn) is not nn.BatchNorm2d:
-        return f"stem norm layer {type(bn).__name__} is not nn.BatchNorm2d"
-    if conv.bias is not None and uses_batch_stats(bn):
-        return "a stem conv with a bias is not fused with batch-statistics BN (the training chain drops the bias)"
-    return None
 
 
 class _FusedStemNet(nn.Module):
@@ -41,7 +30,7 @@ class _FusedStemNet(nn.Module):
         if self.fused and isinstance(x, Tensor):
             what = f"{type(self).__name__} stem"
             conv, bn = self.conv1, self.bn1
-            reason = _dispatch.unsupported_device_reason(x.device) or _stem_structure_reason(conv, bn)
+            reason = _dispatch.unsupported_device_reason(x.device) or layer_reason(conv, bn)
             if reason is None:
                 if uses_batch_stats(bn):
                     return train_forward(what, x, [(conv, bn)], Shortcut("none"))

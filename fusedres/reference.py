@@ -69,6 +69,9 @@ class BasicBlock(nn.Module):
         self.stride = stride
         self.residual = residual
 
+    def extra_repr(self) -> str:
+        return "" if self.residual else "residual=False"
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -99,6 +102,9 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
         self.residual = residual
+
+    def extra_repr(self) -> str:
+        return "" if self.residual else "residual=False"
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

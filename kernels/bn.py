@@ -47,7 +47,7 @@ def _bn_finalize_kernel(
         delta = mean_b - mean_a
         mean_a = mean_a + delta * (n_b / n_ab)
         m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
-    var = m2_a / M
+    var = m2_a / (tl.zeros_like(m2_a) + M)
     invstd = 1.0 / tl.sqrt(var + eps)
     scale = invstd
     shift = -mean_a * invstd
@@ -67,7 +67,8 @@ def _bn_finalize_kernel(
             factor = momentum
         rm = tl.load(rmean_ptr + offs_k, mask=mask_k, other=0.0)
         rv = tl.load(rvar_ptr + offs_k, mask=mask_k, other=0.0)
-        unbiased = var * (M / (M - 1.0))
+        m_f = tl.zeros_like(var) + M  # in the stats dtype: fp64 stays exact (momentum itself arrives as fp32)
+        unbiased = var * (m_f / (m_f - 1.0))
         tl.store(rmean_ptr + offs_k, (rm.to(var.dtype) * (1 - factor) + mean_a * factor).to(rm.dtype), mask=mask_k)
         tl.store(rvar_ptr + offs_k, (rv.to(var.dtype) * (1 - factor) + unbiased * factor).to(rv.dtype), mask=mask_k)
 
