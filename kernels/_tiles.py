@@ -17,6 +17,24 @@ def pixel_rows(pid_m, M, P, Q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def pixel_channel_tile(M, P, Q, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_M pixels, BLOCK_N channels] tile of a pointwise kernel on grid (pixel tiles, channel tiles)."""
+    offs_m, n, p, q, mask_m = pixel_rows(tl.program_id(0), M, P, Q, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    return n, p, q, mask_m, offs_k, mask_k, mask_m[:, None] & mask_k[None, :]
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += a @ b; UPCAST_DOT: in fp32 (the interpreter's bf16 tl.dot is wrong, DESIGN.md section 5)."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def tile_ptrs(base, n, p, q, offs_c, s_n, s_c, s_h, s_w):
     """[BLOCK_M, BLOCK_N] pointers of pixels (n, p, q) x channels offs_c."""
     return base + (n * s_n + p * s_h + q * s_w)[:, None] + offs_c.to(tl.int64)[None, :] * s_c

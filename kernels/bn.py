@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation, stats_dtype
-from ._tiles import add_residual_relu_store, pixel_rows, tile_ptrs
+from ._tiles import add_residual_relu_store, pixel_channel_tile, tile_ptrs
 
 
 @triton.jit
@@ -97,10 +97,7 @@ def _bn_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Block tail: out = relu(bn(y) + [bn_d(yd) | residual]) in one pass; also the stem's bn+relu."""
-    offs_m, n, p, q, mask_m = pixel_rows(tl.program_id(0), M, P, Q, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_k = offs_k < K
-    msk = mask_m[:, None] & mask_k[None, :]
+    n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
     shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
     y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(scale.dtype)
@@ -121,6 +118,16 @@ def relu_grad(grad, mask_src):
 
 
 @triton.jit
+def load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, sgn, sgc, sgh, sgw, smn, smc, smh, smw,
+                    HAS_MASK: tl.constexpr):
+    """A gradient tile, gated by the ReLU output mask_ptr > 0 when HAS_MASK."""
+    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, sgn, sgc, sgh, sgw), mask=msk, other=0.0)
+    if HAS_MASK:
+        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, smn, smc, smh, smw), mask=msk, other=0.0))
+    return g
+
+
+@triton.jit
 def _bn_bwd_reduce_kernel(
     grad_ptr, mask_ptr,            # upstream gradient; ReLU output whose > 0 gates it (HAS_MASK)
     y_ptr, mean_ptr, invstd_ptr,   # the BN input and its batch statistics
@@ -132,15 +139,11 @@ def _bn_bwd_reduce_kernel(
 ):
     """Per-tile partials of the BN backward reductions: sum(g) and sum(g * xhat), g = relu-gated grad."""
     pid_m = tl.program_id(0)
-    offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_k = offs_k < K
-    msk = mask_m[:, None] & mask_k[None, :]
+    n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
-    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, sgn, sgc, sgh, sgw), mask=msk, other=0.0).to(mean.dtype)
-    if HAS_MASK:
-        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, smn, smc, smh, smw), mask=msk, other=0.0))
+    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, sgn, sgc, sgh, sgw, smn, smc, smh, smw,
+                        HAS_MASK).to(mean.dtype)
     y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(mean.dtype)
     part = parts_ptr + pid_m.to(tl.int64) * ((3 if HAS_Y2 else 2) * K) + offs_k
     tl.store(part, tl.sum(g, axis=0), mask=mask_k)
@@ -163,10 +166,7 @@ def _bn_bwd_apply_kernel(
     HAS_MASK: tl.constexpr, HAS_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dy = gamma * invstd * (g - sum(g)/M - xhat * sum(g*xhat)/M), the batch-statistics BN backward."""
-    offs_m, n, p, q, mask_m = pixel_rows(tl.program_id(0), M, P, Q, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_k = offs_k < K
-    msk = mask_m[:, None] & mask_k[None, :]
+    n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
     a = invstd
@@ -174,9 +174,8 @@ def _bn_bwd_apply_kernel(
         a = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) * invstd
     mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / M
     mean_gx = tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / M
-    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, sgn, sgc, sgh, sgw), mask=msk, other=0.0).to(mean.dtype)
-    if HAS_MASK:
-        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, smn, smc, smh, smw), mask=msk, other=0.0))
+    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, sgn, sgc, sgh, sgw, smn, smc, smh, smw,
+                        HAS_MASK).to(mean.dtype)
     y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(mean.dtype)
     xhat = (y - mean[None, :]) * invstd[None, :]
     dy = a[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._launch import (INTERPRETED, clamp_block, device_guard, dot_precision, empty_activation, stats_dtype,
                       upcast_dot)
-from ._tiles import add_residual_relu_store, pixel_rows, relu_nan, tile_mean_m2
+from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mean_m2
 
 
 @triton.jit
@@ -95,10 +95,7 @@ def _conv_bn_act_kernel(
                     a_act = relu_nan(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :])
                     a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
                 b = tl.load(b_ptrs[None, :] + cc[:, None] * swc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-                if UPCAST_DOT:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
 
     scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
     shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
@@ -115,10 +112,7 @@ def _conv_bn_act_kernel(
             mask_c = cc < CD
             a = tl.load(ad_ptrs[:, None] + cc[None, :] * sdc, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
             b = tl.load(bd_ptrs[None, :] + cc[:, None] * swdc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc_d = tl.dot(a, b, acc_d, input_precision=DOT_PRECISION)
+            acc_d = mma(a, b, acc_d, DOT_PRECISION, UPCAST_DOT)
         scale_d = tl.load(scale_d_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
         shift_d = tl.load(shift_d_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
         y += acc_d * scale_d[None, :] + shift_d[None, :]

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._launch import (INTERPRETED, clamp_block, device_guard, dot_precision, empty_activation, stats_dtype,
                       upcast_dot)
-from ._tiles import pixel_rows, relu_nan, tile_ptrs
+from ._tiles import mma, pixel_rows, relu_nan, tile_ptrs
 from .bn import relu_grad, sum_rows
 
 
@@ -67,10 +67,7 @@ def _conv_dgrad_kernel(
                 a = tl.load(a_ptrs[:, None] + kk[None, :] * sdc, mask=valid[:, None] & mask_kk[None, :], other=0.0)
                 b = tl.load(b_ptrs[None, :] + (g * KG + kk).to(tl.int64)[:, None] * swk,
                             mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
-                if UPCAST_DOT:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
 
     msk = mask_m[:, None] & mask_c[None, :]
     if BN_RELU_GRAD:
@@ -142,10 +139,7 @@ def _conv_wgrad_kernel(
         if PROLOGUE_BN_RELU:
             xt = tl.where(x_mask, relu_nan(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :]), 0.0)
             xt = xt.to(dy_ptr.dtype.element_ty)
-        if UPCAST_DOT:
-            dyt = dyt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(tl.trans(dyt), xt, acc, input_precision=DOT_PRECISION)
+        acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
     idx = offs_k.to(tl.int64)[:, None] * swk + offs_cg.to(tl.int64)[None, :] * swc + r * swr + s * sws
     tl.store(part_ptr + split.to(tl.int64) * NUMEL + idx, acc, mask=mask_k[:, None] & mask_c[None, :])
 
