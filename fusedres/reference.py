@@ -45,7 +45,19 @@ class PadChannelsShortcut(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
-class BasicBlock(nn.Module):
+class _ShortcutTail(nn.Module):
+    """The end both blocks share: relu(out + shortcut(x)), or relu(out) for the plain twin."""
+
+    def extra_repr(self) -> str:
+        return "" if self.residual else "residual=False"
+
+    def _add_shortcut_relu(self, out: Tensor, x: Tensor) -> Tensor:
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
+
+
+class BasicBlock(_ShortcutTail):
     """torchvision's BasicBlock; ``residual=False`` gives the paper's plain (no-shortcut) twin."""
 
     expansion: int = 1
@@ -69,18 +81,12 @@ class BasicBlock(nn.Module):
         self.stride = stride
         self.residual = residual
 
-    def extra_repr(self) -> str:
-        return "" if self.residual else "residual=False"
-
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
+        return self._add_shortcut_relu(self.bn2(self.conv2(out)), x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ShortcutTail):
     """torchvision's Bottleneck (stride on the 3x3 conv, "ResNet V1.5")."""
 
     expansion: int = 4
@@ -103,16 +109,10 @@ class Bottleneck(nn.Module):
         self.stride = stride
         self.residual = residual
 
-    def extra_repr(self) -> str:
-        return "" if self.residual else "residual=False"
-
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
+        return self._add_shortcut_relu(self.bn3(self.conv3(out)), x)
 
 
 def bn_scale_shift_reference(weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
