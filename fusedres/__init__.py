@@ -5,7 +5,7 @@
     with torch.inference_mode():
         y = model(x.to(memory_format=torch.channels_last))
 """
-from . import functional, reference
+from . import functional, ops, reference
 from ._dispatch import FusedResFallbackError, FusedResFallbackWarning
 from .blocks import FusedBasicBlock, FusedBottleneck
 from .convert import convert
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedBasicBlock", "FusedBottleneck", "PadChannelsShortcut", "ResNet", "convert", "functional", "reference",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
+    "ops", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
     "cifar_resnet", "FusedResFallbackWarning", "FusedResFallbackError", "FUSED_TRAINING",
 ]

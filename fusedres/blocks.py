@@ -24,6 +24,8 @@ def _version_key(*tensors) -> Tuple:
 
 def folded_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """Eval BN (+ conv bias) as scale/shift, cached on the BN module until a parameter or buffer changes."""
+    if torch.compiler.is_compiling():  # traced: no host-side cache (data pointers are not traceable)
+        return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
     key = _version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.bias) + (bn.eps, dtype)
     cached = getattr(bn, "_fusedres_folded", None)
     if cached is None or cached[0] != key:
@@ -38,6 +40,8 @@ def packed_weight(conv: nn.Conv2d) -> Tensor:
     w = conv.weight
     if w.is_contiguous(memory_format=torch.channels_last):
         return w
+    if torch.compiler.is_compiling():
+        return w.contiguous(memory_format=torch.channels_last)
     key = _version_key(w)
     cached = getattr(conv, "_fusedres_packed", None)
     if cached is None or cached[0] != key:
@@ -108,7 +112,7 @@ class _FusedBlockMixin:
     """
 
     _units_names: Tuple[str, ...]
-    # Training: recompute the last conv's output in backward instead of saving it (see ChainSpec).
+    # Training: recompute the last conv's output in backward instead of saving it (see training.train_forward).
     recompute_last_conv: bool
 
     def _units(self):

@@ -15,24 +15,10 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _validate as check
+from . import ops  # noqa: F401  (registers torch.ops.fusedres.*)
 from .reference import bn_scale_shift_reference, conv_bn_act_reference
 
 _OP = "fusedres.functional.conv_bn_act"
-
-
-class _EvalOnlyConvBNAct(torch.autograd.Function):
-    """Gives the fused output a grad_fn whose backward fails loudly, never silently."""
-
-    @staticmethod
-    def forward(ctx, run, *tensors):
-        return run()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            "fusedres: backward through an eval-mode (folded-BN) fused conv is not implemented. Call "
-            "model.train() to train with batch statistics, or run inference under torch.no_grad() / "
-            "torch.inference_mode().")
 
 
 def bn_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -106,17 +92,9 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
 
     scale, shift = scale.to(epi_dtype), shift.to(epi_dtype)
     if shortcut is not None:
-        shortcut = (*shortcut[:2], shortcut[2].to(epi_dtype), shortcut[3].to(epi_dtype), shortcut[4])
-
-    from . import kernels
-
-    def run():
-        return kernels.conv_bn_act(x.detach(), weight.detach(), scale.detach(), shift.detach(), stride, padding,
-                                   dilation, groups, None if residual is None else residual.detach(), relu,
-                                   None if shortcut is None else tuple(
-                                       t.detach() if isinstance(t, Tensor) else t for t in shortcut))
-
-    tensors = [t for t in (x, weight, scale, shift, residual, *shortcut_parts) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _EvalOnlyConvBNAct.apply(run, *tensors)
-    return run()
+        shortcut_scale, shortcut_shift = shortcut[2].to(epi_dtype), shortcut[3].to(epi_dtype)
+    # The custom op fusedres::conv_bn_act (fusedres.ops): traceable by torch.compile / export; its
+    # backward raises (eval-mode BN is folded), so nothing is silently non-differentiable.
+    return torch.ops.fusedres.conv_bn_act(x, weight, scale, shift, list(stride), list(padding), list(dilation),
+                                          groups, residual, relu, shortcut_input, shortcut_weight, shortcut_scale,
+                                          shortcut_shift, shortcut[4] if shortcut is not None else 1)

@@ -33,7 +33,8 @@ class _FusedStemNet(nn.Module):
             reason = _dispatch.unsupported_device_reason(x.device) or layer_reason(conv, bn)
             if reason is None:
                 if uses_batch_stats(bn):
-                    return train_forward(what, x, [(conv, bn)], Shortcut("none"))
+                    # recompute the stem conv's output in backward: 3 input channels make it cheap
+                    return train_forward(what, x, [(conv, bn)], Shortcut("none"), recompute_last=True)
                 scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
                 return conv_bn_act(x, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation,
                                    conv.groups, relu=True)

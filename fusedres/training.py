@@ -6,6 +6,9 @@ through its prologue (the activation is never stored), then a tail
 finalize (batch mean/var, running statistics like nn.BatchNorm2d, scale/shift). Saved for backward:
 the block input, the raw conv outputs, the block output and per-channel statistics.
 
+The kernels run behind the custom ops of ``fusedres.ops`` (fusedres::train_chain and its backward),
+whose bodies are ``chain_forward`` / ``chain_backward`` below; ``train_forward`` is the module side.
+
 Backward, from the tail down: BN reductions of the ReLU-gated gradient -> BN backward -> for each
 conv, wgrad (recomputing its input relu(bn(y)) in the prologue) and dgrad (whose epilogue gates by the
 previous ReLU and emits the previous BN's reductions; the first conv's dgrad adds the shortcut's
@@ -15,7 +18,6 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import _validate as check
 from . import kernels
@@ -32,146 +34,185 @@ class Shortcut(NamedTuple):
     bn: Optional[nn.BatchNorm2d] = None
 
 
-def _geometry(conv: nn.Conv2d):
-    return conv.stride, conv.padding, conv.dilation, conv.groups
+# A chain as the custom ops see it (tensors, lists and numbers only, no modules):
+#   layers: the units' convs in order, then the projection shortcut's conv when there is one;
+#   geometry: 7 ints per layer: stride h/w, padding h/w, dilation h/w, groups;
+#   momentums: per BN, -1.0 for momentum=None (cumulative average over num_batches_tracked);
+#   running means/vars None: batch statistics without an update (eval without running stats,
+#   track_running_stats=False).
+# train_chain returns [out, yd | empty, *saved raw conv outputs, then per BN: mean, invstd, scale,
+# shift, new running_mean | empty, new running_var | empty]; the BN outputs are new tensors, the
+# caller copies them into the module's buffers.
+STATS_PER_BN = 6
+PROJECTION = "projection"
 
 
-def _batch_stats(bn: nn.BatchNorm2d, conv_out: Tuple):
-    """Finalize one BN from the conv's STATS partials: (mean, invstd, scale, shift).
+def geometry_of(conv: nn.Conv2d) -> List[int]:
+    return [*conv.stride, *conv.padding, *conv.dilation, conv.groups]
 
-    Running statistics update as nn.BatchNorm2d's do: in training mode, when it tracks them."""
+
+def _geo(geometry: Sequence[int], i: int):
+    g = geometry[7 * i:7 * i + 7]
+    return (g[0], g[1]), (g[2], g[3]), (g[4], g[5]), g[6]
+
+
+def num_units(num_layers: int, shortcut_kind: str) -> int:
+    return num_layers - (1 if shortcut_kind == PROJECTION else 0)
+
+
+def num_saved(units: int, recompute_last: bool) -> int:
+    return units - 1 if recompute_last else units
+
+
+def _none(x: Tensor) -> Tensor:
+    """The marker for an absent tensor in a list the custom ops return."""
+    return x.new_empty(0)
+
+
+def _finalize(conv_out, gamma, beta, running_mean, running_var, num_batches, momentum: float, eps: float):
     y, part_mean, part_m2, tile_m = conv_out
     m = y.shape[0] * y.shape[2] * y.shape[3]
-    if m <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    if update and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    return bn_k.bn_finalize(part_mean, part_m2, tile_m, m, bn.weight, bn.bias,
-                            bn.running_mean if update else None, bn.running_var if update else None,
-                            bn.num_batches_tracked, bn.momentum, bn.eps)
+    rm = None if running_mean is None else running_mean.clone()
+    rv = None if running_var is None else running_var.clone()
+    stats = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, rm, rv, num_batches,
+                             None if momentum < 0 else momentum, eps)
+    return [*stats, _none(y) if rm is None else rm, _none(y) if rv is None else rv]
 
 
-def _grads(bn: nn.BatchNorm2d, sum_g: Tensor, sum_gx: Tensor):
-    """(d gamma, d beta) = (sum g*xhat, sum g), or None for affine=False."""
-    if bn.weight is None:
-        return None, None
-    return sum_gx.to(bn.weight.dtype), sum_g.to(bn.bias.dtype)
+def chain_forward(x: Tensor, weights: List[Tensor], gammas: List[Optional[Tensor]], betas: List[Optional[Tensor]],
+                  running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]],
+                  num_batches: List[Optional[Tensor]], geometry: List[int], momentums: List[float],
+                  eps: List[float], shortcut_kind: str, shortcut_stride: int, recompute_last: bool) -> List[Tensor]:
+    """The training forward of a chain on the Triton kernels (the body of fusedres::train_chain)."""
+    units = num_units(len(weights), shortcut_kind)
+    bn_args = list(zip(gammas, betas, running_means, running_vars, num_batches, momentums, eps))
+    h, prologue, ys, stats = x, None, [], []
+    for i in range(units):
+        res = kernels.conv_bn_act(h, weights[i], None, None, *_geo(geometry, i), prologue=prologue, stats=True)
+        ys.append(res[0])
+        stats += _finalize(res, *bn_args[i])
+        prologue, h = stats[-4:-2], res[0]
+    scale, shift = stats[-4:-2]
+    yd = _none(x)
+    if shortcut_kind == PROJECTION:
+        res = kernels.conv_bn_act(x, weights[-1], None, None, *_geo(geometry, units), stats=True)
+        yd = res[0]
+        stats += _finalize(res, *bn_args[-1])
+        out = bn_k.bn_act(ys[-1], scale, shift, shortcut=(yd, stats[-4], stats[-3]))
+    elif shortcut_kind in ("identity", "A"):
+        out = bn_k.bn_act(ys[-1], scale, shift, residual=x[:, :, ::shortcut_stride, ::shortcut_stride])
+    else:
+        out = bn_k.bn_act(ys[-1], scale, shift)
+    return [out, yd, *ys[:num_saved(units, recompute_last)], *stats]
 
 
-class ChainSpec(NamedTuple):
-    """units: (conv, bn) pairs in order; recompute_last: do not save the last conv's raw output but
-    recompute it in backward from the saved previous one (one more forward conv of the last unit,
-    for a 1x1 bottleneck conv3 about 8% of a training step's FLOPs, for less activation memory)."""
-    units: Tuple[Tuple[nn.Conv2d, nn.BatchNorm2d], ...]
-    shortcut: Shortcut
-    recompute_last: bool = False
+def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], ys: List[Tensor],
+                   weights: List[Tensor], gammas: List[Optional[Tensor]], stats: List[Tensor], geometry: List[int],
+                   shortcut_kind: str, shortcut_stride: int, recompute_last: bool, needs: List[bool]) -> List[Tensor]:
+    """The training backward of a chain (the body of fusedres::train_chain_backward).
 
+    stats: per BN (mean, invstd, scale, shift); needs: [x, *weights] requires_grad.
+    Returns [dx | empty, then per layer: dw | empty, dgamma | empty, dbeta | empty]."""
+    units = num_units(len(weights), shortcut_kind)
+    bn = [stats[4 * i:4 * i + 4] for i in range(len(weights))]  # mean, invstd, scale, shift
+    ys = list(ys)
+    if len(ys) < units:  # recompute_last: the last unit's raw output again, same kernel and config as forward
+        ys.append(kernels.conv_bn_act(ys[-1] if ys else x, weights[units - 1], None, None,
+                                      *_geo(geometry, units - 1), prologue=bn[units - 2][2:] if ys else None,
+                                      stats=True)[0])
+    grads: List[Tensor] = [_none(x) for _ in range(1 + 3 * len(weights))]  # distinct: outputs may not alias
 
-def _recompute_last(spec: ChainSpec, ys: List[Tensor], stats) -> Tensor:
-    """The last unit's raw conv output again: same kernel, same fixed config, same bits as forward."""
-    conv = spec.units[-1][0]
-    return kernels.conv_bn_act(ys[-1], conv.weight, None, None, *_geometry(conv), prologue=stats[-2][2:],
-                               stats=True)[0]
+    def bn_grads(i, sum_g, sum_gx):
+        if gammas[i] is not None:  # (d gamma, d beta) = (sum g*xhat, sum g)
+            # copies: the sums are views of one reduction buffer, and op outputs may not alias
+            grads[2 + 3 * i] = sum_gx.to(gammas[i].dtype, copy=True)
+            grads[3 + 3 * i] = sum_g.to(gammas[i].dtype, copy=True)
 
+    # Tail: g = dout gated by the block ReLU; the last BN's (and the projection's) backward.
+    last = units - 1
+    if shortcut_kind == PROJECTION:
+        sum_g, sum_gx, sum_gxd = bn_k.bn_bwd_reduce(dout, out, ys[-1], *bn[last][:2], yd, *bn[units][:2])
+        bn_grads(units, sum_g, sum_gxd)
+    else:
+        sum_g, sum_gx = bn_k.bn_bwd_reduce(dout, out, ys[-1], *bn[last][:2])
+    bn_grads(last, sum_g, sum_gx)
+    dy = bn_k.bn_bwd_apply(dout, out, ys[-1], gammas[last], *bn[last][:2], sum_g, sum_gx)
 
-class _TrainChainFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spec, x, *params):
-        units, shortcut = spec.units, spec.shortcut
-        convs = [c for c, _ in units]
-        bns = [b for _, b in units]
-        weights = params[0::3]
-        h, prologue, ys, stats = x, None, [], []
-        for conv, bn, w in zip(convs, bns, weights):
-            res = kernels.conv_bn_act(h, w, None, None, *_geometry(conv), prologue=prologue, stats=True)
-            ys.append(res[0])
-            stats.append(_batch_stats(bn, res))
-            prologue, h = stats[-1][2:], res[0]
-        y_last, (_, _, scale, shift) = ys[-1], stats[-1]
-        yd, stats_d = None, None
-        if shortcut.kind == "projection":
-            res = kernels.conv_bn_act(x, params[3 * len(units)], None, None, *_geometry(shortcut.conv), stats=True)
-            yd, stats_d = res[0], _batch_stats(shortcut.bn, res)
-            out = bn_k.bn_act(y_last, scale, shift, shortcut=(yd, stats_d[2], stats_d[3]))
-        elif shortcut.kind in ("identity", "A"):
-            out = bn_k.bn_act(y_last, scale, shift, residual=x[:, :, ::shortcut.stride, ::shortcut.stride])
-        else:
-            out = bn_k.bn_act(y_last, scale, shift)
-        ctx.spec, ctx.stats, ctx.stats_d = spec, stats, stats_d
-        ctx.save_for_backward(x, out, yd, *(ys[:-1] if spec.recompute_last else ys))
-        return out
+    dx = None
+    for i in range(last, -1, -1):
+        geo = _geo(geometry, i)
+        conv_in = ys[i - 1] if i > 0 else x
+        if needs[1 + i]:
+            grads[1 + 3 * i] = conv_bwd.conv_wgrad(dy, conv_in, weights[i], *geo,
+                                                   prologue=bn[i - 1][2:] if i > 0 else None)
+        if i > 0:
+            prev = bn[i - 1]
+            g, sum_g_i, sum_gx_i = conv_bwd.conv_dgrad(dy, weights[i], conv_in.shape, *geo,
+                                                       bn_relu=(conv_in, prev[2], prev[3], prev[0], prev[1]))
+            bn_grads(i - 1, sum_g_i, sum_gx_i)
+            dy = bn_k.bn_bwd_apply(g, None, conv_in, gammas[i - 1], prev[0], prev[1], sum_g_i, sum_gx_i)
+        elif needs[0]:
+            residual = (dout, out, shortcut_stride) if shortcut_kind in ("identity", "A") else None
+            dx = conv_bwd.conv_dgrad(dy, weights[0], x.shape, *geo, residual=residual)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        x, out, yd, *ys = ctx.saved_tensors
-        spec, stats, stats_d = ctx.spec, ctx.stats, ctx.stats_d
-        units, shortcut, n_units = spec.units, spec.shortcut, len(spec.units)
-        if spec.recompute_last:
-            ys.append(_recompute_last(spec, ys, stats))
-        grads: List[Optional[Tensor]] = [None] * (3 * n_units + (3 if yd is not None else 0))
-
-        # Tail: g = dout gated by the block ReLU; BN_L (and the projection's BN) backward.
-        mean, invstd = stats[-1][:2]
-        if yd is not None:
-            sum_g, sum_gx, sum_gxd = bn_k.bn_bwd_reduce(dout, out, ys[-1], mean, invstd, yd, *stats_d[:2])
-        else:
-            sum_g, sum_gx = bn_k.bn_bwd_reduce(dout, out, ys[-1], mean, invstd)
-        last_bn = units[-1][1]
-        grads[3 * n_units - 2:3 * n_units] = _grads(last_bn, sum_g, sum_gx)
-        dy = bn_k.bn_bwd_apply(dout, out, ys[-1], last_bn.weight, mean, invstd, sum_g, sum_gx)
-
-        for i in range(n_units - 1, -1, -1):
-            conv, w = units[i][0], units[i][0].weight
-            geo = _geometry(conv)
-            prev = stats[i - 1] if i > 0 else None
-            conv_in = ys[i - 1] if i > 0 else x
-            if ctx.needs_input_grad[2 + 3 * i]:
-                grads[3 * i] = conv_bwd.conv_wgrad(dy, conv_in, w, *geo, prologue=None if prev is None else prev[2:])
-            if i > 0:
-                g, sum_g_i, sum_gx_i = conv_bwd.conv_dgrad(dy, w, conv_in.shape, *geo,
-                                                           bn_relu=(conv_in, prev[2], prev[3], prev[0], prev[1]))
-                bn_prev = units[i - 1][1]
-                grads[3 * i - 2:3 * i] = _grads(bn_prev, sum_g_i, sum_gx_i)
-                dy = bn_k.bn_bwd_apply(g, None, conv_in, bn_prev.weight, prev[0], prev[1], sum_g_i, sum_gx_i)
-            elif ctx.needs_input_grad[1]:
-                residual = (dout, out, shortcut.stride) if shortcut.kind in ("identity", "A") else None
-                dx = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, residual=residual)
-
-        if yd is not None:
-            bn_d, conv_d = shortcut.bn, shortcut.conv
-            grads[3 * n_units + 1:3 * n_units + 3] = _grads(bn_d, sum_g, sum_gxd)
-            dyd = bn_k.bn_bwd_apply(dout, out, yd, bn_d.weight, *stats_d[:2], sum_g, sum_gxd)
-            if ctx.needs_input_grad[2 + 3 * n_units]:
-                grads[3 * n_units] = conv_bwd.conv_wgrad(dyd, x, conv_d.weight, *_geometry(conv_d))
-            if ctx.needs_input_grad[1]:
-                dx = conv_bwd.conv_dgrad(dyd, conv_d.weight, x.shape, *_geometry(conv_d), residual=(dx, None, 1),
-                                         out=dx)
-        return (None, dx if ctx.needs_input_grad[1] else None, *grads)
+    if shortcut_kind == PROJECTION:
+        dyd = bn_k.bn_bwd_apply(dout, out, yd, gammas[units], *bn[units][:2], sum_g, sum_gxd)
+        geo = _geo(geometry, units)
+        if needs[1 + units]:
+            grads[1 + 3 * units] = conv_bwd.conv_wgrad(dyd, x, weights[units], *geo)
+        if needs[0]:
+            dx = conv_bwd.conv_dgrad(dyd, weights[units], x.shape, *geo, residual=(dx, None, 1), out=dx)
+    if dx is not None:
+        grads[0] = dx
+    return grads
 
 
 def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]], shortcut: Shortcut,
                   recompute_last: bool = False) -> Tensor:
-    """Run a training-mode conv/BN chain (a block, or the stem with Shortcut("none")) on the fused kernels."""
+    """Run a training-mode conv/BN chain (a block, or the stem with Shortcut("none")) on the fused kernels.
+
+    Recompute_last: do not save the last conv's raw output but recompute it in backward from the saved
+    previous one, or from the input for a one-unit chain (one more forward conv: for a bottleneck's 1x1
+    conv3 about 8% of a training step's FLOPs, for the 7x7 stem about 3%, for less activation memory). Running statistics update as nn.BatchNorm2d's do: in training
+    mode, when the BN tracks them."""
     check.floating_input(op, x)
     check.conv_weight(op, "weight", units[0][0].weight, x, units[0][0].groups)
     for conv, _ in units[1:]:
         check.tensor(op, "weight", conv.weight, 4, x.device, x.dtype)
-    _check_shortcut_shape(op, x, units, shortcut)
-    params: List[Optional[Tensor]] = []
-    for conv, bn in list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == "projection" else []):
-        params += [conv.weight, bn.weight, bn.bias]
-    spec = ChainSpec(tuple(units), shortcut, recompute_last and len(units) > 1)
-    return _TrainChainFn.apply(spec, x, *params)
+    _check_shapes(op, x, units, shortcut)
+    layers = list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == PROJECTION else [])
+    updates = [bn.training and bn.track_running_stats and bn.running_mean is not None for _, bn in layers]
+    for (_, bn), update in zip(layers, updates):
+        if update and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+    outs = torch.ops.fusedres.train_chain(
+        x, [c.weight for c, _ in layers], [bn.weight for _, bn in layers], [bn.bias for _, bn in layers],
+        [bn.running_mean if u else None for (_, bn), u in zip(layers, updates)],
+        [bn.running_var if u else None for (_, bn), u in zip(layers, updates)],
+        [bn.num_batches_tracked if u and bn.momentum is None else None for (_, bn), u in zip(layers, updates)],
+        [g for c, _ in layers for g in geometry_of(c)],
+        [-1.0 if bn.momentum is None else float(bn.momentum) for _, bn in layers], [float(bn.eps) for _, bn in layers],
+        shortcut.kind, shortcut.stride, recompute_last)
+    first = len(outs) - STATS_PER_BN * len(layers)
+    with torch.no_grad():
+        for i, ((_, bn), update) in enumerate(zip(layers, updates)):
+            if update:
+                new = outs[first + STATS_PER_BN * i:first + STATS_PER_BN * (i + 1)]
+                bn.running_mean.copy_(new[4])
+                bn.running_var.copy_(new[5])
+    return outs[0]
 
 
-def _check_shortcut_shape(op: str, x: Tensor, units, shortcut: Shortcut) -> None:
-    """The residual must fit the block output, as eager's ``out += identity`` requires."""
+def _check_shapes(op: str, x: Tensor, units, shortcut: Shortcut) -> None:
+    """More than one value per BN channel (as nn.BatchNorm2d demands in training), and a residual that
+    fits the block output (as eager's ``out += identity`` requires)."""
     h, w = x.shape[2:]
     for conv, _ in units:
         h = kernels.conv.out_size(h, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
         w = kernels.conv.out_size(w, conv.kernel_size[1], conv.stride[1], conv.padding[1], conv.dilation[1])
+        if x.shape[0] * h * w <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size([x.shape[0], conv.out_channels, h, w])}")
     out_shape = (x.shape[0], units[-1][0].out_channels, h, w)
     if shortcut.kind in ("identity", "A"):
         check.residual(op, x[:, :, ::shortcut.stride, ::shortcut.stride], x, out_shape)

@@ -1,0 +1,146 @@
+"""The fused ops as PyTorch citizens: torch.library custom ops (opcheck), torch.compile with fullgraph,
+torch.export, and (on a GPU) Inductor and CUDA graphs."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusedres
+from fusedres import reference
+from fusedres.training import geometry_of
+from helpers import ON_GPU, assert_close, randomize_bn
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_ops_are_registered():
+    for name in ("conv_bn_act", "train_chain", "train_chain_backward"):
+        assert hasattr(torch.ops.fusedres, name), name
+
+
+@pytest.mark.parametrize("case", ["plain", "residual_relu", "projection", "option_a"])
+def test_opcheck_conv_bn_act(case, device):
+    x = torch.randn(2, 8, 7, 7, device=device)
+    w = torch.randn(16, 8, 3, 3, device=device)
+    scale, shift = torch.rand(16, device=device) + 0.5, torch.randn(16, device=device)
+    residual, sc = None, [None, None, None, None, 1]
+    if case == "residual_relu":
+        residual = torch.randn(2, 16, 7, 7, device=device)
+    if case == "option_a":
+        residual = torch.randn(2, 4, 14, 14, device=device)[:, :, ::2, ::2]
+    if case == "projection":
+        sc = [torch.randn(2, 4, 13, 13, device=device), torch.randn(16, 4, 1, 1, device=device),
+              torch.rand(16, device=device), torch.randn(16, device=device), 2]
+    args = (x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1, residual, case != "plain", *sc)
+    torch.library.opcheck(torch.ops.fusedres.conv_bn_act.default, args, test_utils=OPCHECK_TESTS)
+
+
+def _chain_args(kind, device, recompute=False):
+    """train_chain arguments for a basic block (conv1/bn1, conv2/bn2 [, projection]) with fresh BNs."""
+    block = fusedres.FusedBasicBlock(8, 16, 2, nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+                                     if kind == "projection" else fusedres.PadChannelsShortcut(8, 16, 2)).to(device)
+    layers = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if kind == "projection":
+        layers.append((block.downsample[0], block.downsample[1]))
+    x = torch.randn(3, 8, 8, 8, device=device, requires_grad=True)
+    return (x, [c.weight for c, _ in layers], [b.weight for _, b in layers], [b.bias for _, b in layers],
+            [b.running_mean.clone() for _, b in layers], [b.running_var.clone() for _, b in layers],
+            [None for _ in layers], [g for c, _ in layers for g in geometry_of(c)],
+            [0.1 for _ in layers], [1e-5 for _ in layers], kind, 2, recompute)
+
+
+@pytest.mark.parametrize("kind,recompute", [("projection", False), ("A", True)])
+def test_opcheck_train_chain(kind, recompute, device):
+    torch.library.opcheck(torch.ops.fusedres.train_chain.default, _chain_args(kind, device, recompute),
+                          test_utils=OPCHECK_TESTS)
+
+
+def test_opcheck_train_chain_backward(device):
+    args = _chain_args("projection", device)
+    with torch.no_grad():
+        outs = torch.ops.fusedres.train_chain(*args)
+    x, weights, gammas = args[0].detach(), [w.detach() for w in args[1]], [g.detach() for g in args[2]]
+    stats = [t for i in range(3) for t in outs[4 + 6 * i:4 + 6 * i + 4]]
+    bwd_args = (torch.randn_like(outs[0]), x, outs[0], outs[1], list(outs[2:4]), weights, gammas, stats,
+                args[7], "projection", 2, False, [True, True, True, True])
+    torch.library.opcheck(torch.ops.fusedres.train_chain_backward.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def _twins(train: bool, device):
+    """A fused model and an uncompiled copy of it."""
+    torch.manual_seed(0)
+    fused = randomize_bn(fusedres.cifar_resnet(8, "B")).to(device).train(train)
+    return fused, copy.deepcopy(fused)
+
+
+def _backend(device):
+    return "aot_eager" if device == "cpu" else "inductor"  # Inductor cannot compile for the interpreter
+
+
+def test_compile_fullgraph_eval_matches_uncompiled(device):
+    fused, uncompiled = _twins(False, device)
+    compiled = torch.compile(fused, fullgraph=True, backend=_backend(device))
+    x = torch.randn(2, 3, 16, 16, device=device)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), uncompiled(x))
+
+
+def test_compile_fullgraph_train_matches_uncompiled(device):
+    """Same outputs, gradients and running statistics as the uncompiled fused model, over two steps."""
+    fused, uncompiled = _twins(True, device)
+    compiled = torch.compile(fused, fullgraph=True, backend=_backend(device))
+    for step in range(2):
+        x = torch.randn(4, 3, 16, 16, device=device)
+        outs = []
+        for model in (compiled, uncompiled):
+            model.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            outs.append(out.detach())
+        assert_close(outs[0], outs[1].double(), torch.float32, what=f"step {step} output")
+    for (name, p), q in zip(fused.named_parameters(), uncompiled.parameters()):
+        assert_close(p.grad, q.grad.double(), torch.float32, what=f"grad {name}")
+    for (name, b), c in zip(fused.named_buffers(), uncompiled.buffers()):
+        if b.dtype.is_floating_point:
+            assert_close(b, c.double(), torch.float32, what=name)
+        else:
+            assert torch.equal(b, c), name
+
+
+def test_export_eval_model(device):
+    fused, _ = _twins(False, device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    exported = torch.export.export(fused, (x,))
+    assert any("fusedres.conv_bn_act" in str(n.target) for n in exported.graph.nodes), "the fused op must be in the graph"
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), fused(x))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay(device):
+    fused, _ = _twins(False, device)
+    x = torch.randn(8, 3, 32, 32, device=device)
+    with torch.no_grad():
+        want = fused(x)  # warm-up: autotuning happens here, never during capture
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(graph):
+            static_out = fused(static_x)
+        new_x = torch.randn_like(x)
+        static_x.copy_(new_x)
+        graph.replay()
+        assert_close(static_out, fused(new_x).double(), torch.float32)
+        assert want.shape == static_out.shape
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Inductor with reduce-overhead (CUDA graphs) needs a GPU")
+def test_compile_reduce_overhead(device):
+    fused, uncompiled = _twins(False, device)
+    compiled = torch.compile(fused, mode="reduce-overhead")
+    x = torch.randn(8, 3, 32, 32, device=device)
+    with torch.no_grad():
+        for _ in range(3):
+            out = compiled(x)
+        assert_close(out, uncompiled(x).double(), torch.float32)
