@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _validate as check
+from ._autocast import cast_for_autocast
 from . import ops  # noqa: F401  (registers torch.ops.fusedres.*)
 from .reference import bn_scale_shift_reference, conv_bn_act_reference
 
@@ -38,10 +39,13 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
                 shortcut_shift: Optional[Tensor] = None, shortcut_stride: int = 1) -> Tensor:
     """Fused convolution + per-channel affine (folded BN) + residual/shortcut + ReLU. See module doc.
 
-    ``scale``/``shift`` default to 1 and 0 (a plain conv). They and the shortcut's are computed with in
-    fp32 (fp64 for fp64 input). The output has input's dtype and memory format.
+    ``scale``/``shift`` default to 1 and 0 (a plain conv). They and the shortcut's are applied in fp32
+    (fp64 for fp64 input). The output has input's dtype (the autocast dtype under torch.autocast) and
+    memory format.
     """
     x = check.floating_input(_OP, input)
+    x, weight, residual, shortcut_input, shortcut_weight = cast_for_autocast(x, weight, residual, shortcut_input,
+                                                                             shortcut_weight)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{_OP}: expected groups to be a positive int, but got {groups!r}")
     stride = check.pair(_OP, "stride", stride, 1)

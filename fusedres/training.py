@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import _validate as check
 from . import kernels
+from ._autocast import cast_for_autocast
 from .kernels import bn as bn_k
 from .kernels import conv_bwd
 
@@ -176,17 +177,18 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     conv3 about 8% of a training step's FLOPs, for the 7x7 stem about 3%, for less activation memory). Running statistics update as nn.BatchNorm2d's do: in training
     mode, when the BN tracks them."""
     check.floating_input(op, x)
-    check.conv_weight(op, "weight", units[0][0].weight, x, units[0][0].groups)
-    for conv, _ in units[1:]:
-        check.tensor(op, "weight", conv.weight, 4, x.device, x.dtype)
-    _check_shapes(op, x, units, shortcut)
     layers = list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == PROJECTION else [])
+    x, *weights = cast_for_autocast(x, *[conv.weight for conv, _ in layers])
+    check.conv_weight(op, "weight", weights[0], x, units[0][0].groups)
+    for w in weights[1:]:
+        check.tensor(op, "weight", w, 4, x.device, x.dtype)
+    _check_shapes(op, x, units, shortcut)
     updates = [bn.training and bn.track_running_stats and bn.running_mean is not None for _, bn in layers]
     for (_, bn), update in zip(layers, updates):
         if update and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
     outs = torch.ops.fusedres.train_chain(
-        x, [c.weight for c, _ in layers], [bn.weight for _, bn in layers], [bn.bias for _, bn in layers],
+        x, weights, [bn.weight for _, bn in layers], [bn.bias for _, bn in layers],
         [bn.running_mean if u else None for (_, bn), u in zip(layers, updates)],
         [bn.running_var if u else None for (_, bn), u in zip(layers, updates)],
         [bn.num_batches_tracked if u and bn.momentum is None else None for (_, bn), u in zip(layers, updates)],

@@ -176,8 +176,9 @@ _conv_bn_act_autotuned = triton.autotune(
 
 
 def _fixed_config(m: int, kg: int, red: int) -> dict:
-    """The config when autotuning is off: the interpreter (big tiles: per-op overhead dominates) and
-    the STATS variant, whose per-tile partials must come from one known BLOCK_M (autotune would rerun it)."""
+    """The config when autotuning is off: the interpreter (big tiles: per-op overhead dominates), the
+    STATS variant, whose per-tile partials must come from one known BLOCK_M (autotune would rerun it),
+    and deterministic mode."""
     if INTERPRETED:
         return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, kg), BLOCK_K=clamp_block(128, red))
     cfg = _fit(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), kg, red)
@@ -212,7 +213,9 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     out = empty_activation(x, (n, k, p, q))
     m, kg = n * p * q, k // groups
     cd = 0 if shortcut is None else shortcut[0].shape[1]
-    if config is None and (INTERPRETED or stats):
+    # Autotuning may pick another tile (so another summation order) in another process: under
+    # torch.use_deterministic_algorithms(True) a fixed config keeps results bitwise reproducible.
+    if config is None and (INTERPRETED or stats or torch.are_deterministic_algorithms_enabled()):
         config = _fixed_config(m, kg, max(cg, cd))
     sdt = stats_dtype(x)
     num_tiles = triton.cdiv(m, config["BLOCK_M"]) if stats else 0

@@ -9,7 +9,7 @@ from torch import nn
 import fusedres
 from fusedres import reference
 from fusedres.training import geometry_of
-from helpers import ON_GPU, assert_close, randomize_bn
+from helpers import ON_GPU, TOL, assert_close, randomize_bn, rel_err
 
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -144,3 +144,64 @@ def test_compile_reduce_overhead(device):
         for _ in range(3):
             out = compiled(x)
         assert_close(out, uncompiled(x).double(), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_autocast_computes_in_the_autocast_dtype(mode, device):
+    """Under torch.autocast the fused blocks compute in its dtype as eager convolutions do; BN statistics
+    and the master weights stay fp32, and the error stays within twice eager's under the same autocast."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16  # bf16 is broken in the CPU interpreter
+    block = randomize_bn(fusedres.FusedBottleneck(32, 8, 2, nn.Sequential(reference.conv1x1(32, 32, 2),
+                                                                        nn.BatchNorm2d(32)))).to(device)
+    eager = reference.Bottleneck(32, 8, 2, nn.Sequential(reference.conv1x1(32, 32, 2), nn.BatchNorm2d(32)))
+    eager.load_state_dict(block.state_dict())
+    ref = copy.deepcopy(eager).double()
+    eager.to(device)
+    ref.to(device)
+    for m in (block, eager, ref):
+        m.train(mode == "train")
+    x = torch.randn(4, 32, 8, 8, device=device)
+    with torch.autocast(device, dtype=dtype):
+        out, out_eager = block(x), eager(x)
+    want = ref(x.double())
+    assert out.dtype == out_eager.dtype == dtype
+    assert block.bn1.running_mean.dtype == torch.float32
+    err, err_eager = rel_err(out, want), rel_err(out_eager, want)
+    assert err <= 2 * err_eager + TOL[torch.float32], f"fused {err:.2e}, eager {err_eager:.2e}"
+    if mode == "train":
+        out.float().square().mean().backward()
+        assert block.conv1.weight.grad.dtype == torch.float32
+        for name in ("running_mean", "running_var"):
+            assert_close(getattr(block.bn2, name), getattr(ref.bn2, name), torch.float16, what=name)
+
+
+def test_deterministic_mode_is_bitwise_repeatable(device):
+    fused, _ = _twins(True, device)
+    x = torch.randn(4, 3, 16, 16, device=device)
+    runs = []
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            model = copy.deepcopy(fused)
+            out = model(x)
+            out.square().mean().backward()
+            runs.append([out] + [p.grad for p in model.parameters()] + list(model.buffers()))
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu():
+    """Kernels launch on the tensor's device, not the current one."""
+    fused, _ = _twins(False, "cuda:1")
+    ref = fusedres.cifar_resnet(8, "B", fused=False).eval()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 16, 16, device="cuda:1")
+    with torch.no_grad():
+        out = fused(x)
+        want = ref.to("cuda:1").double()(x.double())
+    assert out.device == x.device
+    assert_close(out, want, torch.float32)
