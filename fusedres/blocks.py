@@ -7,15 +7,42 @@ constructor, child names and state_dict. In eval mode a basic block is 2 launche
 batch-statistics path of ``fusedres.training`` runs, forward and backward on Triton kernels. Whatever the kernels do not
 cover runs the reference forward, announced once (see ``fusedres._dispatch``).
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import _dispatch
+from . import _dispatch, _sync
 from .functional import bn_scale_shift, conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut
 from .training import Shortcut, train_forward
+
+
+# The norm layers the kernels implement. nn.SyncBatchNorm synchronizes its batch statistics over its
+# process group when torch.distributed is initialized with more than one rank (see sync_group).
+FUSED_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def sync_group(bns, process_group=None) -> Union[int, str]:
+    """The fusedres._sync group number a chain's batch statistics are synchronized over (NO_GROUP: none),
+    or why the chain cannot be fused. As nn.SyncBatchNorm: only with torch.distributed initialized and
+    more than one rank; a block's ``process_group`` option synchronizes plain BatchNorm2d layers too."""
+    syncs = {type(bn) is nn.SyncBatchNorm for bn in bns}
+    if process_group is None and syncs == {True}:
+        groups = {id(bn.process_group) for bn in bns}
+        if len(groups) > 1:
+            return "its SyncBatchNorm layers use different process groups"
+        process_group = bns[0].process_group
+        if not _sync.world_is_up():
+            return _sync.NO_GROUP
+    elif process_group is None:
+        return _sync.NO_GROUP if syncs == {False} else "it mixes SyncBatchNorm and BatchNorm2d layers"
+    if not _sync.world_is_up():
+        return "process_group is set but torch.distributed is not initialized"
+    import torch.distributed as dist
+    if dist.get_world_size(process_group) == 1:
+        return _sync.NO_GROUP
+    return _sync.group_id(process_group)
 
 
 def _version_key(*tensors) -> Tuple:
@@ -55,7 +82,7 @@ def _projection(downsample: Optional[nn.Module]) -> Optional[Tuple[nn.Conv2d, nn
     if not isinstance(downsample, nn.Sequential) or len(downsample) != 2:
         return None
     conv, bn = downsample[0], downsample[1]
-    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+    if type(conv) is not nn.Conv2d or type(bn) not in FUSED_NORMS:
         return None
     if (conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1
             or conv.stride[0] != conv.stride[1] or conv.bias is not None or conv.padding_mode != "zeros"):
@@ -68,8 +95,8 @@ def layer_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return (f"{type(conv).__name__} with padding={getattr(conv, 'padding', '?')!r}, "
                 f"padding_mode={getattr(conv, 'padding_mode', '?')!r} is not fused")
-    if type(bn) is not nn.BatchNorm2d:
-        return f"norm layer {type(bn).__name__} is not nn.BatchNorm2d"
+    if type(bn) not in FUSED_NORMS:
+        return f"norm layer {type(bn).__name__} is not nn.BatchNorm2d or nn.SyncBatchNorm"
     if conv.bias is not None and uses_batch_stats(bn):
         return "a conv with a bias before a batch-statistics BatchNorm2d is not fused (the training chain has no bias)"
     return None
@@ -100,7 +127,7 @@ def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
 def _bn_mode(block: nn.Module) -> str:
     """"train" (batch statistics) / "eval" (running statistics) when every BN of the block agrees, else
     "mixed" (e.g. a frozen bn.eval() inside a training block): each BN decides, as in eager."""
-    modes = {uses_batch_stats(m) for m in block.modules() if isinstance(m, nn.BatchNorm2d)}
+    modes = {uses_batch_stats(m) for m in block.modules() if type(m) in FUSED_NORMS}
     return "mixed" if len(modes) > 1 else ("train" if modes == {True} else "eval")
 
 
@@ -132,8 +159,13 @@ class _FusedBlockMixin:
             _dispatch.fallback(type(self).__name__, reason)
             return super().forward(x)
         if _bn_mode(self) == "train":
-            return train_forward(type(self).__name__, x, self._units(), self._train_shortcut(),
-                                 self.recompute_last_conv)
+            shortcut = self._train_shortcut()
+            bns = [bn for _, bn in self._units()] + ([shortcut.bn] if shortcut.bn is not None else [])
+            group = sync_group(bns, getattr(self, "process_group", None))
+            if isinstance(group, str):
+                _dispatch.fallback(type(self).__name__, group)
+                return super().forward(x)
+            return train_forward(type(self).__name__, x, self._units(), shortcut, self.recompute_last_conv, group)
         *head, (conv, bn) = self._units()
         out = x
         for c, b in head:
@@ -168,14 +200,26 @@ class _FusedBlockMixin:
 
 
 class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
-    """torchvision's BasicBlock: eval forward in 2 fused launches; training forward/backward in Triton."""
+    """torchvision's BasicBlock: eval forward in 2 fused launches; training forward/backward in Triton.
+
+    Keyword ``process_group``: synchronize the training batch statistics over it (nn.SyncBatchNorm's
+    semantics) even with plain BatchNorm2d layers."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
 
     _units_names = ("1", "2")
     recompute_last_conv = False  # a 3x3 conv: half the block's forward FLOPs, too dear to recompute
 
 
 class FusedBottleneck(_FusedBlockMixin, Bottleneck):
-    """torchvision's Bottleneck: eval forward in 3 fused launches; training forward/backward in Triton."""
+    """torchvision's Bottleneck: eval forward in 3 fused launches; training forward/backward in Triton.
+    Keyword ``process_group``: as for FusedBasicBlock."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
 
     _units_names = ("1", "2", "3")
     recompute_last_conv = True  # a 1x1 conv, ~8% of the step, saves the widest (4x) activation

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch
-from .blocks import FusedBasicBlock, FusedBottleneck, folded_bn, layer_reason, packed_weight, uses_batch_stats
+from .blocks import (FusedBasicBlock, FusedBottleneck, folded_bn, layer_reason, packed_weight, sync_group,
+                     uses_batch_stats)
 from .functional import conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut, conv1x1, conv3x3
 from .training import Shortcut, train_forward
@@ -31,10 +32,13 @@ class _FusedStemNet(nn.Module):
             what = f"{type(self).__name__} stem"
             conv, bn = self.conv1, self.bn1
             reason = _dispatch.unsupported_device_reason(x.device) or layer_reason(conv, bn)
+            if reason is None and uses_batch_stats(bn):
+                group = sync_group([bn])
+                if isinstance(group, str):
+                    reason = group
+                else:  # recompute the stem conv's output in backward: 3 input channels make it cheap
+                    return train_forward(what, x, [(conv, bn)], Shortcut("none"), recompute_last=True, group=group)
             if reason is None:
-                if uses_batch_stats(bn):
-                    # recompute the stem conv's output in backward: 3 input channels make it cheap
-                    return train_forward(what, x, [(conv, bn)], Shortcut("none"), recompute_last=True)
                 scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
                 return conv_bn_act(x, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation,
                                    conv.groups, relu=True)

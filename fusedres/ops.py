@@ -71,14 +71,14 @@ conv_bn_act.register_autograd(_conv_bn_act_backward)
 def train_chain(x: Tensor, weights: List[Tensor], gammas: List[Optional[Tensor]], betas: List[Optional[Tensor]],
                 running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]],
                 num_batches: List[Optional[Tensor]], geometry: List[int], momentums: List[float], eps: List[float],
-                shortcut_kind: str, shortcut_stride: int, recompute_last: bool) -> List[Tensor]:
+                shortcut_kind: str, shortcut_stride: int, recompute_last: bool, group: int) -> List[Tensor]:
     return chain_forward(x, weights, gammas, betas, running_means, running_vars, num_batches, geometry, momentums,
-                         eps, shortcut_kind, shortcut_stride, recompute_last)
+                         eps, shortcut_kind, shortcut_stride, recompute_last, group)
 
 
 @train_chain.register_fake
 def _train_chain_fake(x, weights, gammas, betas, running_means, running_vars, num_batches, geometry, momentums,
-                      eps, shortcut_kind, shortcut_stride, recompute_last):
+                      eps, shortcut_kind, shortcut_stride, recompute_last, group):
     units = num_units(len(weights), shortcut_kind)
     shapes, shape = [], x.shape
     for i in range(units):
@@ -98,12 +98,12 @@ def _train_chain_fake(x, weights, gammas, betas, running_means, running_vars, nu
 
 def _train_chain_setup(ctx, inputs, output):
     (x, weights, gammas, betas, running_means, running_vars, num_batches, geometry, _, _, kind, sc_stride,
-     recompute) = inputs
+     recompute, group) = inputs
     units = num_units(len(weights), kind)
     saved = num_saved(units, recompute)
     stats = output[2 + saved:]
     bn = [t for i in range(len(weights)) for t in stats[STATS_PER_BN * i:STATS_PER_BN * i + 4]]
-    ctx.config = (list(geometry), kind, sc_stride, recompute)
+    ctx.config = (list(geometry), kind, sc_stride, recompute, group)
     ctx.counts = (len(weights), saved)
     ctx.needs = [x.requires_grad] + [w.requires_grad for w in weights]
     ctx.has_gamma = [g is not None for g in gammas]
@@ -133,10 +133,10 @@ def _train_chain_backward(ctx, grads):
 
     if dout is None:
         return (None, none, like(0, none), like(1, none), like(2, none), like(3, none), like(4, none),
-                None, None, None, None, None, None)
-    geometry, kind, sc_stride, recompute = ctx.config
+                None, None, None, None, None, None, None)
+    geometry, kind, sc_stride, recompute, group = ctx.config
     g = torch.ops.fusedres.train_chain_backward(dout, x, out, yd, list(ys), list(weights), gammas, list(bn),
-                                                geometry, kind, sc_stride, recompute, ctx.needs)
+                                                geometry, kind, sc_stride, recompute, ctx.needs, group)
 
     def real(t):
         return None if t.numel() == 0 and t.dim() == 1 else t
@@ -146,7 +146,7 @@ def _train_chain_backward(ctx, grads):
     dbetas = [real(t) if has else None for t, has in zip(g[3::3], ctx.has_gamma)]
     dx = real(g[0]) if ctx.needs[0] else None
     return (dx, dws, like(0, dgammas), like(1, dbetas), like(2, none), like(3, none), like(4, none),
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 train_chain.register_autograd(_train_chain_backward, setup_context=_train_chain_setup)
@@ -156,14 +156,14 @@ train_chain.register_autograd(_train_chain_backward, setup_context=_train_chain_
 def train_chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], ys: List[Tensor],
                          weights: List[Tensor], gammas: List[Optional[Tensor]], stats: List[Tensor],
                          geometry: List[int], shortcut_kind: str, shortcut_stride: int, recompute_last: bool,
-                         needs: List[bool]) -> List[Tensor]:
+                         needs: List[bool], group: int) -> List[Tensor]:
     return chain_backward(dout, x, out, yd, ys, weights, gammas, stats, geometry, shortcut_kind, shortcut_stride,
-                          recompute_last, needs)
+                          recompute_last, needs, group)
 
 
 @train_chain_backward.register_fake
 def _train_chain_backward_fake(dout, x, out, yd, ys, weights, gammas, stats, geometry, shortcut_kind,
-                               shortcut_stride, recompute_last, needs):
+                               shortcut_stride, recompute_last, needs, group):
     grads = [_empty_like_activation(dout, x.shape) if needs[0] else x.new_empty(0)]
     for i, (w, gamma) in enumerate(zip(weights, gammas)):
         grads.append(torch.empty_like(w) if needs[1 + i] else x.new_empty(0))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import _validate as check
 from . import kernels
+from . import _sync
 from ._autocast import cast_for_autocast
 from .kernels import bn as bn_k
 from .kernels import conv_bwd
@@ -70,35 +71,51 @@ def _none(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
-def _finalize(conv_out, gamma, beta, running_mean, running_var, num_batches, momentum: float, eps: float):
+def _finalize(conv_out, gamma, beta, running_mean, running_var, num_batches, momentum: float, eps: float,
+              gid: int):
     y, part_mean, part_m2, tile_m = conv_out
     m = y.shape[0] * y.shape[2] * y.shape[3]
     rm = None if running_mean is None else running_mean.clone()
     rv = None if running_var is None else running_var.clone()
-    stats = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, rm, rv, num_batches,
-                             None if momentum < 0 else momentum, eps)
+    if gid == _sync.NO_GROUP:
+        stats = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, rm, rv, num_batches,
+                                 None if momentum < 0 else momentum, eps)
+    else:  # this rank's statistics, merged with the other ranks' (per-channel vectors only)
+        mean, _, _, _, var = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, None, None, None, None, None, 0.0, eps,
+                                              return_var=True)
+        mean, var, total = _sync.merge_stats(mean, var, m, gid)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if gamma is None else gamma.to(var.dtype) * invstd
+        shift = -mean * scale if beta is None else beta.to(var.dtype) - mean * scale
+        if rm is not None:
+            factor = 1.0 / num_batches.to(var.dtype) if momentum < 0 else momentum
+            rm.copy_(rm.to(var.dtype) * (1 - factor) + mean * factor)
+            rv.copy_(rv.to(var.dtype) * (1 - factor) + var * (total / (total - 1)) * factor)
+        stats = (mean, invstd, scale, shift)
     return [*stats, _none(y) if rm is None else rm, _none(y) if rv is None else rv]
 
 
 def chain_forward(x: Tensor, weights: List[Tensor], gammas: List[Optional[Tensor]], betas: List[Optional[Tensor]],
                   running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]],
                   num_batches: List[Optional[Tensor]], geometry: List[int], momentums: List[float],
-                  eps: List[float], shortcut_kind: str, shortcut_stride: int, recompute_last: bool) -> List[Tensor]:
-    """The training forward of a chain on the Triton kernels (the body of fusedres::train_chain)."""
+                  eps: List[float], shortcut_kind: str, shortcut_stride: int, recompute_last: bool,
+                  group: int) -> List[Tensor]:
+    """The training forward of a chain on the Triton kernels (the body of fusedres::train_chain).
+    group: a fusedres._sync group number, or NO_GROUP (-1) for this process's batch alone."""
     units = num_units(len(weights), shortcut_kind)
     bn_args = list(zip(gammas, betas, running_means, running_vars, num_batches, momentums, eps))
     h, prologue, ys, stats = x, None, [], []
     for i in range(units):
         res = kernels.conv_bn_act(h, weights[i], None, None, *_geo(geometry, i), prologue=prologue, stats=True)
         ys.append(res[0])
-        stats += _finalize(res, *bn_args[i])
+        stats += _finalize(res, *bn_args[i], group)
         prologue, h = stats[-4:-2], res[0]
     scale, shift = stats[-4:-2]
     yd = _none(x)
     if shortcut_kind == PROJECTION:
         res = kernels.conv_bn_act(x, weights[-1], None, None, *_geo(geometry, units), stats=True)
         yd = res[0]
-        stats += _finalize(res, *bn_args[-1])
+        stats += _finalize(res, *bn_args[-1], group)
         out = bn_k.bn_act(ys[-1], scale, shift, shortcut=(yd, stats[-4], stats[-3]))
     elif shortcut_kind in ("identity", "A"):
         out = bn_k.bn_act(ys[-1], scale, shift, residual=x[:, :, ::shortcut_stride, ::shortcut_stride])
@@ -109,7 +126,8 @@ def chain_forward(x: Tensor, weights: List[Tensor], gammas: List[Optional[Tensor
 
 def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], ys: List[Tensor],
                    weights: List[Tensor], gammas: List[Optional[Tensor]], stats: List[Tensor], geometry: List[int],
-                   shortcut_kind: str, shortcut_stride: int, recompute_last: bool, needs: List[bool]) -> List[Tensor]:
+                   shortcut_kind: str, shortcut_stride: int, recompute_last: bool, needs: List[bool],
+                   group: int) -> List[Tensor]:
     """The training backward of a chain (the body of fusedres::train_chain_backward).
 
     stats: per BN (mean, invstd, scale, shift); needs: [x, *weights] requires_grad.
@@ -122,6 +140,15 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
                                       *_geo(geometry, units - 1), prologue=bn[units - 2][2:] if ys else None,
                                       stats=True)[0])
     grads: List[Tensor] = [_none(x) for _ in range(1 + 3 * len(weights))]  # distinct: outputs may not alias
+
+    def global_sums(y, *sums):
+        """Synchronized BN: sums over every rank's pixels (the parameter gradients stay local, as in
+        nn.SyncBatchNorm; DDP averages them), and how many pixels that is."""
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        if group == _sync.NO_GROUP:
+            return (*sums, count)
+        *sums, count = _sync.sum_across([*sums, sums[0].new_full((1,), float(count))], group)
+        return (*sums, float(count.item()))
 
     def bn_grads(i, sum_g, sum_gx):
         if gammas[i] is not None:  # (d gamma, d beta) = (sum g*xhat, sum g)
@@ -137,7 +164,11 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
     else:
         sum_g, sum_gx = bn_k.bn_bwd_reduce(dout, out, ys[-1], *bn[last][:2])
     bn_grads(last, sum_g, sum_gx)
-    dy = bn_k.bn_bwd_apply(dout, out, ys[-1], gammas[last], *bn[last][:2], sum_g, sum_gx)
+    if shortcut_kind == PROJECTION:
+        sum_g, sum_gx, sum_gxd, count = global_sums(ys[-1], sum_g, sum_gx, sum_gxd)
+    else:
+        sum_g, sum_gx, count = global_sums(ys[-1], sum_g, sum_gx)
+    dy = bn_k.bn_bwd_apply(dout, out, ys[-1], gammas[last], *bn[last][:2], sum_g, sum_gx, count)
 
     dx = None
     for i in range(last, -1, -1):
@@ -151,13 +182,14 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
             g, sum_g_i, sum_gx_i = conv_bwd.conv_dgrad(dy, weights[i], conv_in.shape, *geo,
                                                        bn_relu=(conv_in, prev[2], prev[3], prev[0], prev[1]))
             bn_grads(i - 1, sum_g_i, sum_gx_i)
-            dy = bn_k.bn_bwd_apply(g, None, conv_in, gammas[i - 1], prev[0], prev[1], sum_g_i, sum_gx_i)
+            dy = bn_k.bn_bwd_apply(g, None, conv_in, gammas[i - 1], prev[0], prev[1],
+                                   *global_sums(conv_in, sum_g_i, sum_gx_i))
         elif needs[0]:
             residual = (dout, out, shortcut_stride) if shortcut_kind in ("identity", "A") else None
             dx = conv_bwd.conv_dgrad(dy, weights[0], x.shape, *geo, residual=residual)
 
     if shortcut_kind == PROJECTION:
-        dyd = bn_k.bn_bwd_apply(dout, out, yd, gammas[units], *bn[units][:2], sum_g, sum_gxd)
+        dyd = bn_k.bn_bwd_apply(dout, out, yd, gammas[units], *bn[units][:2], sum_g, sum_gxd, count)
         geo = _geo(geometry, units)
         if needs[1 + units]:
             grads[1 + 3 * units] = conv_bwd.conv_wgrad(dyd, x, weights[units], *geo)
@@ -169,13 +201,14 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
 
 
 def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]], shortcut: Shortcut,
-                  recompute_last: bool = False) -> Tensor:
+                  recompute_last: bool = False, group: int = _sync.NO_GROUP) -> Tensor:
     """Run a training-mode conv/BN chain (a block, or the stem with Shortcut("none")) on the fused kernels.
 
     Recompute_last: do not save the last conv's raw output but recompute it in backward from the saved
     previous one, or from the input for a one-unit chain (one more forward conv: for a bottleneck's 1x1
     conv3 about 8% of a training step's FLOPs, for the 7x7 stem about 3%, for less activation memory). Running statistics update as nn.BatchNorm2d's do: in training
-    mode, when the BN tracks them."""
+    mode, when the BN tracks them. group: a fusedres._sync group number to synchronize the batch
+    statistics over (nn.SyncBatchNorm's semantics), or NO_GROUP."""
     check.floating_input(op, x)
     layers = list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == PROJECTION else [])
     x, *weights = cast_for_autocast(x, *[conv.weight for conv, _ in layers])
@@ -194,7 +227,7 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
         [bn.num_batches_tracked if u and bn.momentum is None else None for (_, bn), u in zip(layers, updates)],
         [g for c, _ in layers for g in geometry_of(c)],
         [-1.0 if bn.momentum is None else float(bn.momentum) for _, bn in layers], [float(bn.eps) for _, bn in layers],
-        shortcut.kind, shortcut.stride, recompute_last)
+        shortcut.kind, shortcut.stride, recompute_last, group)
     first = len(outs) - STATS_PER_BN * len(layers)
     with torch.no_grad():
         for i, ((_, bn), update) in enumerate(zip(layers, updates)):

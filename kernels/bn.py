@@ -17,7 +17,7 @@ def _bn_finalize_kernel(
     gamma_ptr, beta_ptr,          # [K] affine parameters (HAS_AFFINE)
     rmean_ptr, rvar_ptr,          # [K] running statistics, updated in place (UPDATE_RUNNING)
     nbt_ptr,                      # num_batches_tracked, already incremented (CUMULATIVE: momentum=None)
-    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # [K] outputs
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr, var_ptr,  # [K] outputs (var: biased batch variance)
     T, M, K, TILE_M,              # tiles, pixels per channel, channels, pixels per full tile
     eps, momentum,
     HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
@@ -58,6 +58,7 @@ def _bn_finalize_kernel(
         shift = beta - mean_a * scale
     tl.store(mean_ptr + offs_k, mean_a, mask=mask_k)
     tl.store(invstd_ptr + offs_k, invstd, mask=mask_k)
+    tl.store(var_ptr + offs_k, var, mask=mask_k)
     tl.store(scale_ptr + offs_k, scale, mask=mask_k)
     tl.store(shift_ptr + offs_k, shift, mask=mask_k)
     if UPDATE_RUNNING:
@@ -162,18 +163,19 @@ def _bn_bwd_apply_kernel(
     grad_ptr, mask_ptr, y_ptr, dy_ptr,   # upstream grad, ReLU output gate (HAS_MASK), BN input, result
     gamma_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_gx_ptr,  # [K]
     M, P, Q, K,
+    COUNT,                               # pixels the sums are over (more than M under synchronized BN)
     sgn, sgc, sgh, sgw, smn, smc, smh, smw, syn, syc, syh, syw, son, soc, soh, sow,
     HAS_MASK: tl.constexpr, HAS_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dy = gamma * invstd * (g - sum(g)/M - xhat * sum(g*xhat)/M), the batch-statistics BN backward."""
+    """dy = gamma * invstd * (g - sum(g)/COUNT - xhat * sum(g*xhat)/COUNT), the batch-statistics BN backward."""
     n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
     a = invstd
     if HAS_AFFINE:
         a = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) * invstd
-    mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / M
-    mean_gx = tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / M
+    mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / COUNT
+    mean_gx = tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / COUNT
     g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, sgn, sgc, sgh, sgw, smn, smc, smh, smw,
                         HAS_MASK).to(mean.dtype)
     y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(mean.dtype)
@@ -197,15 +199,15 @@ def _strides(t):
 
 
 def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, running_var, num_batches_tracked,
-                momentum, eps):
+                momentum, eps, return_var=False):
     """Batch mean, invstd and BN scale/shift [K] from conv STATS partials; updates running stats in place.
 
     gamma/beta None: affine=False. running_mean None: no running statistics (track_running_stats=False).
     momentum None: cumulative average, factor 1/num_batches_tracked (incremented by the caller).
     """
     t, k = part_mean.shape
-    outs = [torch.empty(k, device=part_mean.device, dtype=part_mean.dtype) for _ in range(4)]
-    mean, invstd, scale, shift = outs
+    outs = [torch.empty(k, device=part_mean.device, dtype=part_mean.dtype) for _ in range(5)]
+    mean, invstd, scale, shift, var = outs
     update = running_mean is not None
     dummy = outs[0]
     block_k = clamp_block(64, k, 1)
@@ -214,10 +216,10 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, runnin
             part_mean, part_m2, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
             running_mean if update else dummy, running_var if update else dummy,
             num_batches_tracked if (update and momentum is None) else dummy,
-            mean, invstd, scale, shift, t, m, k, tile_m, eps, 0.0 if momentum is None else momentum,
+            mean, invstd, scale, shift, var, t, m, k, tile_m, eps, 0.0 if momentum is None else momentum,
             HAS_AFFINE=gamma is not None, UPDATE_RUNNING=update, CUMULATIVE=momentum is None,
             BLOCK_T=clamp_block(64, t, 1), BLOCK_K=block_k)
-    return mean, invstd, scale, shift
+    return (mean, invstd, scale, shift, var) if return_var else (mean, invstd, scale, shift)
 
 
 def sum_rows(src, out=None):
@@ -269,8 +271,9 @@ def bn_bwd_reduce(grad, relu_out, y, mean, invstd, y2=None, mean2=None, invstd2=
     return sum_rows(parts).view(j, k).unbind(0)
 
 
-def bn_bwd_apply(grad, relu_out, y, gamma, mean, invstd, sum_g, sum_gx):
-    """Gradient w.r.t. the BN input y (batch statistics); grad gated by relu_out > 0 when given."""
+def bn_bwd_apply(grad, relu_out, y, gamma, mean, invstd, sum_g, sum_gx, count=None):
+    """Gradient w.r.t. the BN input y (batch statistics); grad gated by relu_out > 0 when given.
+    count: the pixels the sums run over (all ranks' under synchronized BN; default: y's own)."""
     n, k, p, q = y.shape
     dy = empty_activation(y, y.shape)
     m = n * p * q
@@ -279,6 +282,7 @@ def bn_bwd_apply(grad, relu_out, y, gamma, mean, invstd, sum_g, sum_gx):
         _bn_bwd_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
             grad, relu_out if relu_out is not None else grad, y, dy,
             gamma if gamma is not None else mean, mean, invstd, sum_g, sum_gx, m, p, q, k,
+            float(m if count is None else count),
             *grad.stride(), *_strides(relu_out), *y.stride(), *dy.stride(),
             HAS_MASK=relu_out is not None, HAS_AFFINE=gamma is not None, BLOCK_M=bm, BLOCK_N=bn)
     return dy

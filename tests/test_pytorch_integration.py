@@ -47,7 +47,7 @@ def _chain_args(kind, device, recompute=False):
     return (x, [c.weight for c, _ in layers], [b.weight for _, b in layers], [b.bias for _, b in layers],
             [b.running_mean.clone() for _, b in layers], [b.running_var.clone() for _, b in layers],
             [None for _ in layers], [g for c, _ in layers for g in geometry_of(c)],
-            [0.1 for _ in layers], [1e-5 for _ in layers], kind, 2, recompute)
+            [0.1 for _ in layers], [1e-5 for _ in layers], kind, 2, recompute, -1)
 
 
 @pytest.mark.parametrize("kind,recompute", [("projection", False), ("A", True)])
@@ -63,7 +63,7 @@ def test_opcheck_train_chain_backward(device):
     x, weights, gammas = args[0].detach(), [w.detach() for w in args[1]], [g.detach() for g in args[2]]
     stats = [t for i in range(3) for t in outs[4 + 6 * i:4 + 6 * i + 4]]
     bwd_args = (torch.randn_like(outs[0]), x, outs[0], outs[1], list(outs[2:4]), weights, gammas, stats,
-                args[7], "projection", 2, False, [True, True, True, True])
+                args[7], "projection", 2, False, [True, True, True, True], -1)
     torch.library.opcheck(torch.ops.fusedres.train_chain_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
