@@ -66,12 +66,14 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
     shortcut = None
     if any(t is not None for t in shortcut_parts):
         if any(t is None for t in shortcut_parts):
+            names = ("shortcut_input", "shortcut_weight", "shortcut_scale", "shortcut_shift")
             raise ValueError(f"{_OP}: expected shortcut_input, shortcut_weight, shortcut_scale and shortcut_shift "
                              f"to be given together, but got None for "
-                             f"{[n for n, t in zip(('shortcut_input', 'shortcut_weight', 'shortcut_scale', 'shortcut_shift'), shortcut_parts) if t is None]}")
+                             f"{[n for n, t in zip(names, shortcut_parts) if t is None]}")
         sd = check.pair(_OP, "shortcut_stride", shortcut_stride, 1)
         if sd[0] != sd[1]:
-            raise ValueError(f"{_OP}: expected shortcut_stride to be equal along both axes, but got {shortcut_stride!r}")
+            raise ValueError(f"{_OP}: expected shortcut_stride to be equal along both axes, "
+                             f"but got {shortcut_stride!r}")
         check.tensor(_OP, "shortcut_input", shortcut_input, 4, x.device, x.dtype)
         check.conv_weight(_OP, "shortcut_weight", shortcut_weight, shortcut_input, 1, "shortcut_input")
         if shortcut_weight.shape[0] != k or shortcut_weight.shape[2:] != (1, 1):

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import kernels
 from .kernels._launch import memory_format_of, stats_dtype
-from .training import (PROJECTION, STATS_PER_BN, _geo, chain_backward, chain_forward, num_saved, num_units)
+from .training import (PROJECTION, STATS_PER_BN, chain_backward, chain_forward, num_saved, num_units,
+                       unpack_geometry)
 
 
 def _empty_like_activation(like: Tensor, shape) -> Tensor:
@@ -82,7 +83,7 @@ def _train_chain_fake(x, weights, gammas, betas, running_means, running_vars, nu
     units = num_units(len(weights), shortcut_kind)
     shapes, shape = [], x.shape
     for i in range(units):
-        shape = _conv_out_shape(shape, weights[i].shape, *_geo(geometry, i)[:3])
+        shape = _conv_out_shape(shape, weights[i].shape, *unpack_geometry(geometry, i)[:3])
         shapes.append(shape)
     ys = [_empty_like_activation(x, s) for s in shapes]
     yd = _empty_like_activation(x, shapes[-1]) if shortcut_kind == PROJECTION else x.new_empty(0)

@@ -53,7 +53,7 @@ def geometry_of(conv: nn.Conv2d) -> List[int]:
     return [*conv.stride, *conv.padding, *conv.dilation, conv.groups]
 
 
-def _geo(geometry: Sequence[int], i: int):
+def unpack_geometry(geometry: Sequence[int], i: int):
     g = geometry[7 * i:7 * i + 7]
     return (g[0], g[1]), (g[2], g[3]), (g[4], g[5]), g[6]
 
@@ -106,14 +106,15 @@ def chain_forward(x: Tensor, weights: List[Tensor], gammas: List[Optional[Tensor
     bn_args = list(zip(gammas, betas, running_means, running_vars, num_batches, momentums, eps))
     h, prologue, ys, stats = x, None, [], []
     for i in range(units):
-        res = kernels.conv_bn_act(h, weights[i], None, None, *_geo(geometry, i), prologue=prologue, stats=True)
+        res = kernels.conv_bn_act(h, weights[i], None, None, *unpack_geometry(geometry, i), prologue=prologue,
+                                  stats=True)
         ys.append(res[0])
         stats += _finalize(res, *bn_args[i], group)
         prologue, h = stats[-4:-2], res[0]
     scale, shift = stats[-4:-2]
     yd = _none(x)
     if shortcut_kind == PROJECTION:
-        res = kernels.conv_bn_act(x, weights[-1], None, None, *_geo(geometry, units), stats=True)
+        res = kernels.conv_bn_act(x, weights[-1], None, None, *unpack_geometry(geometry, units), stats=True)
         yd = res[0]
         stats += _finalize(res, *bn_args[-1], group)
         out = bn_k.bn_act(ys[-1], scale, shift, shortcut=(yd, stats[-4], stats[-3]))
@@ -137,8 +138,8 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
     ys = list(ys)
     if len(ys) < units:  # recompute_last: the last unit's raw output again, same kernel and config as forward
         ys.append(kernels.conv_bn_act(ys[-1] if ys else x, weights[units - 1], None, None,
-                                      *_geo(geometry, units - 1), prologue=bn[units - 2][2:] if ys else None,
-                                      stats=True)[0])
+                                      *unpack_geometry(geometry, units - 1),
+                                      prologue=bn[units - 2][2:] if ys else None, stats=True)[0])
     grads: List[Tensor] = [_none(x) for _ in range(1 + 3 * len(weights))]  # distinct: outputs may not alias
 
     def global_sums(y, *sums):
@@ -172,7 +173,7 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
 
     dx = None
     for i in range(last, -1, -1):
-        geo = _geo(geometry, i)
+        geo = unpack_geometry(geometry, i)
         conv_in = ys[i - 1] if i > 0 else x
         if needs[1 + i]:
             grads[1 + 3 * i] = conv_bwd.conv_wgrad(dy, conv_in, weights[i], *geo,
@@ -190,7 +191,7 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
 
     if shortcut_kind == PROJECTION:
         dyd = bn_k.bn_bwd_apply(dout, out, yd, gammas[units], *bn[units][:2], sum_g, sum_gxd, count)
-        geo = _geo(geometry, units)
+        geo = unpack_geometry(geometry, units)
         if needs[1 + units]:
             grads[1 + 3 * units] = conv_bwd.conv_wgrad(dyd, x, weights[units], *geo)
         if needs[0]:
@@ -206,9 +207,10 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
 
     Recompute_last: do not save the last conv's raw output but recompute it in backward from the saved
     previous one, or from the input for a one-unit chain (one more forward conv: for a bottleneck's 1x1
-    conv3 about 8% of a training step's FLOPs, for the 7x7 stem about 3%, for less activation memory). Running statistics update as nn.BatchNorm2d's do: in training
-    mode, when the BN tracks them. group: a fusedres._sync group number to synchronize the batch
-    statistics over (nn.SyncBatchNorm's semantics), or NO_GROUP."""
+    conv3 about 8% of a training step's FLOPs, for the 7x7 stem about 3%, for less activation memory).
+    Running statistics update as nn.BatchNorm2d's do: in training mode, when the BN tracks them.
+    group: a fusedres._sync group number to synchronize the batch statistics over (nn.SyncBatchNorm's
+    semantics), or NO_GROUP."""
     check.floating_input(op, x)
     layers = list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == PROJECTION else [])
     x, *weights = cast_for_autocast(x, *[conv.weight for conv, _ in layers])
