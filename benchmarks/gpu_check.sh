@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One command for a fresh CUDA machine that has torch and triton but no network (about 8 minutes):
+# One command for a fresh CUDA machine that has torch and triton but no network (about 9 minutes):
 #
 #   bash benchmarks/gpu_check.sh          # results under $OUT, or ./gpu-results when OUT is unset
 #
 # 1. pip install -e . (no deps, no build isolation: nothing is downloaded)
 # 2. the whole test suite on CUDA (bf16 included); the benchmarks run even if it fails
+# 2b. the property tests (tests/test_properties.py) with hypothesis' "long" profile: fresh random
+#    examples each run, GPU_CHECK_PROPS_EXAMPLES per test (step 2 leaves them out: every new shape
+#    autotunes the inference conv, ~1 s each on a GPU)
 # 3. the benchmarks in quick mode (FUSEDRES_BENCH_QUICK=1) -> bench.json (pytest-benchmark) + bench.jsonl
 # 4. the main job, python -m fusedres (ResNet-50 bf16 vs eager / torch.compile) -> resnet50-cuda-bf16.{json,png}
 # 5. compute-sanitizer memcheck on a tiny fused model, when compute-sanitizer is on the PATH
 # 6. report.md: markdown tables from 3 and 4 (benchmarks/report.py), printed last
 # Every step runs under `timeout`, so one hang cannot eat the budget; gpu_check.log holds all output,
 # the environment (nvidia-smi, versions, commit) first. Six files in all (the device tool brings back 8).
-# Step limits (seconds) can be changed: GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S, GPU_CHECK_MAIN_S, ...
+# Step limits (seconds) can be changed: GPU_CHECK_TESTS_S, GPU_CHECK_PROPS_S, GPU_CHECK_BENCH_S, GPU_CHECK_MAIN_S, ...
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
@@ -46,7 +49,11 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, output to the conso
 
 step install "${GPU_CHECK_INSTALL_S:-90}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 
-step tests "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest tests -x -q -p no:cacheprovider
+step tests "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest tests -x -q -p no:cacheprovider --ignore=tests/test_properties.py
+
+step props "${GPU_CHECK_PROPS_S:-60}" env FUSEDRES_HYPOTHESIS_PROFILE=long \
+    FUSEDRES_HYPOTHESIS_MAX_EXAMPLES="${GPU_CHECK_PROPS_EXAMPLES:-30}" "$PY" -m pytest tests/test_properties.py -q \
+    -p no:cacheprovider --hypothesis-show-statistics
 
 rm -f "$OUT/bench.json" "$OUT/bench.jsonl"
 step bench "${GPU_CHECK_BENCH_S:-120}" env FUSEDRES_BENCH_QUICK=1 FUSEDRES_BENCH_BUDGET_S="${GPU_CHECK_BENCH_BUDGET_S:-80}" \

@@ -42,3 +42,17 @@ def no_tf32():
 def fresh_seed(request):
     """A different seed per test (stable per test id), never zeros or ones."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Hypothesis profiles for the property tests (tests/test_properties.py). "ci", the default: a fixed
+# set of examples (derandomized), sized so the property file takes about 1.5 minutes in the
+# interpreter on 2 cores; "long": many more, freshly random examples (FUSEDRES_HYPOTHESIS_PROFILE=long).
+# FUSEDRES_HYPOTHESIS_MAX_EXAMPLES overrides the count (the GPU check sizes its run with it).
+# too_slow is suppressed: one interpreted example takes 0.1-2 s.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_examples = os.environ.get("FUSEDRES_HYPOTHESIS_MAX_EXAMPLES")
+_common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", derandomize=True, database=None, max_examples=int(_examples or 100), **_common)
+settings.register_profile("long", max_examples=int(_examples or 400), **_common)
+settings.load_profile(os.environ.get("FUSEDRES_HYPOTHESIS_PROFILE", "ci"))

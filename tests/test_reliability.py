@@ -1,0 +1,663 @@
+"""Reliability (issue #6): regressions found by the property tests, special values in blocks,
+int64 offsets, determinism, caches and memory, and the bad inputs test_bad_input.py lacks.
+
+Tests marked ``xfail(strict=True)`` pin a bug in code this file does not own; each reason names
+the cause. When the bug is fixed the test XPASSes, which fails the run: then drop the marker.
+See tests/RELIABILITY.md for the numbers and the list.
+"""
+import copy
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+import fusedres
+from fusedres import functional as Fz
+from fusedres import kernels, reference
+from fusedres.kernels._tiles import pixel_rows
+from fusedres.reference import conv_bn_act_reference
+from helpers import ON_GPU, TOL, assert_close, build_pair
+from test_properties import IllPosed, build_blocks, make_tensor, relu_margin, run_block_case, train_errors
+
+F32 = torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Regressions: failures the property tests found (tests/test_properties.py), replayed exactly
+# ----------------------------------------------------------------------------------------------
+
+# The first failure of test_block_train_matches_float64 (ci profile), as hypothesis shrank it: a
+# basic block with one channel on a 1x2 image, so every BN sees 2 values per channel. With two
+# values the normalized output is +-1 whatever the input, so the weight gradients are O(eps/var)
+# and come out of cancellation: fused 3.1e-5 on conv1.weight, eager fp32 8e-4. Not a kernel bug;
+# the property now rejects such draws (IllPosed), and the shapes are judged by the test below.
+HYPOTHESIS_TRAIN_M2 = dict(kind="basic", cin=1, planes=1, stride=1, groups=1, base_width=64, dilation=1,
+                           shortcut="projection", n=1, h=1, w=2, dtype=F32, layout=("contiguous",), momentum=0.1,
+                           seed=0)
+
+
+# Found by the long profile, before IllPosed looked at every tensor: a bottleneck with one input
+# channel (conv1 and the projection are 1x1 convs of a single channel, whose weight gradients are
+# analytically ~0), on a 1x2 image. Eager fp32 misses TOL on conv1.weight (1.3e-2), the input gradient
+# and the projection; the fused block on those and, by 2e-5, on bn1/bn2/conv2/conv3, where eager
+# happened to round luckier. The cancellation feeds the whole backward chain.
+HYPOTHESIS_TRAIN_BOTTLENECK_1CH = dict(HYPOTHESIS_TRAIN_M2, kind="bottleneck", base_width=128, seed=1)
+
+
+# Found by the long profile when the judge was a single eager run: a grouped bottleneck on a 4x1
+# image at stride 2 (2 values per channel after conv2), where bn2 channel 7 has a batch variance of
+# 3e-7 (below eps) and bn3 channel 12 of 1e-5, so the normalization cancels. Output error: fused
+# 2.7e-5, eager 8.5e-7, but the float64 reference with fp32-sized noise after every layer moves by
+# 1e-5 (median of 40 runs, max 4.3e-5): eager was lucky. The nudged-eager ensemble now sees it.
+HYPOTHESIS_TRAIN_LOW_VARIANCE = dict(kind="bottleneck", cin=2, planes=5, stride=2, groups=2, base_width=64,
+                                     dilation=1, shortcut="A", n=1, h=4, w=1, dtype=F32, layout=("channels_last",),
+                                     momentum=0.1, seed=5994)
+
+
+# Found by the long profile when the margin was TOL/2: a plain basic block 16 -> 1 channel, whose
+# bn1.weight gradient (one number) cancels 1400-fold (sum |g*xhat| 22.4, result 1.6e-2). fused
+# 1.43e-5, eager's worst of 6 runs 2.4e-6; over 24 seeds fused misses TOL 5 times, eager once, with
+# equal medians (1.1e-6 vs 9.1e-7). The cause is the interpreter: the fused BN mean is a sequential
+# fp32 sum (numpy reduces a tile row by row), 7 ulps off, where eager sums pairwise (see FLOOR_MARGIN).
+HYPOTHESIS_TRAIN_ONE_CHANNEL_BN = dict(kind="basic", cin=16, planes=1, stride=1, groups=1, base_width=64,
+                                       dilation=1, shortcut="none", n=2, h=8, w=9, dtype=F32, momentum=0.1,
+                                       layout=("view", (0, 3, 2, 1), (1, 1, 1, 1), (1, 0, 0, 1)), seed=1)
+
+
+@pytest.mark.parametrize("case", [HYPOTHESIS_TRAIN_M2, HYPOTHESIS_TRAIN_BOTTLENECK_1CH, HYPOTHESIS_TRAIN_LOW_VARIANCE,
+                                  HYPOTHESIS_TRAIN_ONE_CHANNEL_BN],
+                         ids=["basic_1ch_1x2", "bottleneck_1ch_1x2", "bottleneck_var_below_eps", "basic_1ch_bn1"])
+def test_regression_train_ill_posed_draw(case, device):
+    with pytest.raises(IllPosed):
+        run_block_case(case, train=True)
+
+
+@pytest.mark.parametrize("family", [dict(HYPOTHESIS_TRAIN_M2, w=3), HYPOTHESIS_TRAIN_LOW_VARIANCE,
+                                    HYPOTHESIS_TRAIN_ONE_CHANNEL_BN],
+                         ids=["basic_1ch_3_values", "bottleneck_2_values", "basic_1ch_bn1"])
+def test_ill_posed_training_shapes_within_twice_eager(family, device):
+    """DESIGN.md section 4's other judge where float64-at-TOL is ill-posed (the examples above, with
+    fresh seeds; a third of the draws miss TOL in eager too): over 10 draws, the median error of each
+    tensor is at most 2x the median of eager fp32's + atol (measured over 64 draws of the 3-value
+    case, fused and eager have the same error distribution: conv1.weight median 1.0e-6 vs 1.9e-6,
+    max 2.2e-3 vs 2.1e-3; downsample.0.weight median 5.8e-4 vs 4.2e-4)."""
+    errors = {}
+    for seed in range(10):
+        case = dict(family, seed=seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fused, ref = build_blocks(case)
+            x = make_tensor((case["n"], case["cin"], case["h"], case["w"]), F32, case["layout"])
+            margin, shape = relu_margin(ref, x)
+            grad_out = torch.randn(shape, dtype=torch.float64).to(x.device)
+        if margin < 5e-6:
+            continue
+        fused.train()
+        ref.train()
+        errs, _ = train_errors(fused, ref, x, grad_out)
+        for key in errs["fused"]:
+            errors.setdefault(key, ([], []))
+            errors[key][0].append(errs["fused"][key])
+            errors[key][1].append(errs["eager0"][key])
+    assert errors, "every draw was redrawn for a ReLU kink"
+    for key, (fused_errs, eager_errs) in errors.items():
+        f, e = torch.tensor(fused_errs).median().item(), torch.tensor(eager_errs).median().item()
+        assert f <= 2 * e + TOL[F32], f"{key}: median error fused {f:.2e} > 2 x eager {e:.2e} + {TOL[F32]:.0e}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fusedres/functional.py passes scale/shift (and shortcut_scale/shift) to the kernel after only "
+    ".to(epi_dtype), which keeps a strided view; kernels/conv.py reads them as scale_ptr + offs_k "
+    "(stride 1), so a view like torch.rand(12)[::2] gives wrong channels (relative error ~0.5)"))
+def test_strided_scale_shift_view(device):
+    x = torch.randn(2, 4, 5, 5, device=device)
+    w = torch.randn(6, 4, 3, 3, device=device)
+    scale, shift = (torch.rand(12, device=device) + 0.5)[::2], torch.randn(12, device=device)[::2]
+    out = Fz.conv_bn_act(x, w, scale, shift, padding=1, relu=True)
+    assert_close(out, conv_bn_act_reference(x, w, scale, shift, padding=1, relu=True), F32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Special values in blocks (the functional op's basic case is in test_conv_kernel.py)
+# ----------------------------------------------------------------------------------------------
+
+SPECIAL_BLOCKS = ["basic_identity", "basic_proj_s2", "basic_optionA_s2", "bottleneck_proj_s2"]
+# Where the value goes: the input, a conv weight, an eval BN's running statistics or affine parameters.
+SPECIAL_PLACES = ["input", "conv1.weight", "conv2.weight", "downsample.0.weight", "bn1.running_mean",
+                  "bn1.running_var", "bn2.running_var", "bn1.weight", "bn2.bias"]
+
+
+def assert_same_special_values(out, ref, what):
+    """NaN, +Inf and -Inf at the same places as the float64 reference; the finite rest within TOL."""
+    for name, fn in (("NaN", torch.isnan), ("+Inf", lambda t: t == float("inf")),
+                     ("-Inf", lambda t: t == float("-inf"))):
+        got, want = fn(out), fn(ref)
+        assert torch.equal(got, want), f"{what}: {name} at {got.sum()} places, PyTorch {want.sum()}"
+    finite = ref.isfinite()
+    if finite.any():
+        assert_close(out[finite], ref[finite], F32, what=f"{what} (finite part)")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("place", SPECIAL_PLACES)
+@pytest.mark.parametrize("name", SPECIAL_BLOCKS)
+def test_block_eval_special_values(name, place, device):
+    """NaN / +-Inf in an eval block's input, weights or BN statistics (and a negative running_var)
+    give PyTorch's float64 result: the same NaN/Inf masks, the finite part within TOL.
+
+    The reference is float64 PyTorch on the CPU, whose im2col multiplies the zero padding: 0 * Inf =
+    NaN at the borders, the mathematical definition, which the kernels follow. Eager fp32 on CPU
+    (oneDNN) skips padded taps instead, so a non-finite weight gives fewer NaNs there."""
+    fused, ref, cin = build_pair(name)
+    if place != "input" and place not in fused.state_dict():
+        pytest.skip(f"{name} has no {place}")
+    values = [float("nan"), float("inf"), float("-inf")] + ([-1.0] if "running_var" in place else [])
+    fused, ref = fused.to(device), ref.to(torch.float64)
+    base = torch.randn(2, cin, 8, 8, device=device)
+    tensors = dict(fused.named_parameters(), **dict(fused.named_buffers()))
+    for value in values:
+        x = base.clone()
+        with torch.no_grad():
+            if place == "input":
+                x[0, cin - 1, 3, 4] = value
+            else:
+                saved = tensors[place].clone()
+                tensors[place].view(-1)[1] = value   # in place: the folded-BN cache sees the change
+            ref.load_state_dict(fused.state_dict())
+            assert_same_special_values(fused(x).cpu(), ref(x.double().cpu()), f"{name}: {place} = {value}")
+            if place != "input":
+                tensors[place].copy_(saved)
+
+
+def test_block_eval_negative_zero(device):
+    """-0.0 in the input, conv weights and BN shift: the same values and the same zero signs as PyTorch."""
+    for name in ("basic_identity", "basic_optionA_s2", "bottleneck_proj_s2", "basic_plain_s2"):
+        fused, ref, cin = build_pair(name)
+        x = torch.randn(2, cin, 6, 6, device=device)
+        x[x.abs() < 0.5] = -0.0
+        last_bn = fused.bn3 if hasattr(fused, "bn3") else fused.bn2
+        with torch.no_grad():
+            last_bn.bias[::2] = -0.0
+            last_bn.running_mean[::2] = 0.0
+            fused.conv1.weight[:2] = -0.0
+        ref.load_state_dict(fused.state_dict())
+        fused, ref = fused.to(device), ref.to(torch.float64)
+        with torch.no_grad():
+            out, want = fused(x).cpu(), ref(x.double().cpu())
+        zeros = (want == 0) & (out == 0)
+        assert zeros.sum() > want.numel() // 4, f"{name}: the test should produce many zeros"
+        assert torch.equal(out.signbit()[zeros], want.signbit()[zeros]), f"{name}: signs of zeros differ"
+        assert_close(out, want, F32, name)
+
+
+# Found by the long profile (test_block_eval_matches_float64): bottleneck cin=2, planes=1, projection,
+# input [1, 2, 1, 2] channels_last -> output NCHW.
+@pytest.mark.xfail(strict=True, reason=(
+    "a bottleneck of width 1 has a one-channel intermediate [N, 1, H, W], which is both contiguous and "
+    "channels_last; kernels/_launch.py memory_format_of() then says contiguous and the next launch "
+    "(empty_activation(like=intermediate)) allocates NCHW, so a channels_last input gives an NCHW output "
+    "(eval and train); fix: decide the format once from the block input and pass it down to every launch"))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_memory_format_survives_one_channel_intermediate(mode, device):
+    block = fusedres.FusedBottleneck(2, 1, downsample=nn.Sequential(reference.conv1x1(2, 4), nn.BatchNorm2d(4)))
+    block.to(device).train(mode == "train")
+    x = torch.randn(2, 2, 3, 3, device=device).to(memory_format=torch.channels_last)
+    with torch.set_grad_enabled(mode == "train"):
+        out = block(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def train_results(model, x, grad_out):
+    xl = x.detach().clone().requires_grad_()
+    out = model(xl)
+    out.backward(grad_out.to(out.dtype))
+    return {"output": out, "input grad": xl.grad, **{f"grad {n}": p.grad for n, p in model.named_parameters()},
+            **{n: b for n, b in model.named_buffers() if b.dtype.is_floating_point}}
+
+
+def nan_training_step(device):
+    """A training step of a projection block with one NaN in the input: (fused, eager fp32) results."""
+    fused, ref, cin = build_pair("basic_proj_s2")
+    eager = copy.deepcopy(ref).to(device)
+    fused.to(device).train()
+    eager.train()
+    x = torch.randn(2, cin, 6, 6, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    grad_out = torch.randn(2, 32, 3, 3, device=device)
+    return train_results(fused, x, grad_out), train_results(eager, x, grad_out)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_training_input_forward_and_running_stats_like_eager(device):
+    """One NaN pixel: eager's batch statistics of every channel it reaches are NaN, so are the output and
+    the running statistics; the NaN-free projection branch (stride 2 skips the pixel) stays finite."""
+    fused, eager = nan_training_step(device)
+    for key in ("output", "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var",
+                "downsample.1.running_mean", "downsample.1.running_var"):
+        assert torch.equal(fused[key].isnan(), eager[key].isnan()), f"{key}: NaN mask differs from eager"
+        finite = eager[key].isfinite()
+        if finite.any():
+            assert_close(fused[key][finite], eager[key][finite].double(), F32, key)
+    assert fused["output"].isnan().all() and fused["bn1.running_mean"].isnan().all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.xfail(strict=True, reason=(
+    "kernels/bn.py relu_grad is tl.where(out > 0, grad, 0): a NaN ReLU output blocks the gradient, "
+    "but torch's threshold_backward is where(out <= 0, 0, grad) and passes it; so with a NaN input "
+    "bn2.bias/downsample grads are 0 where eager gives sum(grad) (finite) and bn1.bias 0 where eager "
+    "gives NaN"))
+def test_nan_training_input_gradients_like_eager(device):
+    fused, eager = nan_training_step(device)
+    for key in fused:
+        if key.startswith("grad") or key == "input grad":
+            assert torch.equal(fused[key].isnan(), eager[key].isnan()), f"{key}: NaN mask differs from eager"
+            finite = eager[key].isfinite()
+            if finite.any():
+                assert_close(fused[key][finite], eager[key][finite].double(), F32, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# int64 offsets
+# ----------------------------------------------------------------------------------------------
+# How this is proven on a CPU: a view whose elements sit past 2**31 elements into its storage.
+# torch.empty of such a storage (4-8 GB of fp16) only reserves address space: the OS maps a page
+# when it is first written, and we write only the few viewed elements (measured: 0.3 GB resident,
+# 0.1 s per conv). The interpreter passes CPU tensors by address and does its index arithmetic in
+# numpy with the kernel's own dtypes (int32 wraps), so an offset computed in int32 overflows here
+# as it would on the GPU. A wrapped offset points ~4 GB before the storage and segfaults (or reads
+# garbage), so every case runs in a subprocess. On a GPU the same cases allocate the storage for
+# real (up to ~8 GB); a dense > 2**31-element activation is checked there too (test_int64_dense_gpu).
+
+INT64_SCRIPT = textwrap.dedent(r"""
+    import os, sys
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["FUSEDRES_STRICT"] = "1"
+    import fusedres
+    from fusedres import functional as Fz
+    from fusedres.kernels import conv_bwd
+    from fusedres.reference import conv_bn_act_reference
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = False
+
+    def huge(shape, strides, dtype=torch.float32):
+        # A view of an untouched storage, reaching past 2**31 elements; only its elements are written.
+        numel = 1 + sum((s - 1) * st for s, st in zip(shape, strides))
+        assert numel > 2 ** 31, numel
+        v = torch.empty(numel, dtype=dtype, device=dev).as_strided(shape, strides)
+        v.copy_(torch.randn(shape))
+        return v
+
+    def check(out, ref, what):
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, f"{what}: relative error {err:.2e}"
+        print("ok", what, f"{err:.1e}")
+
+    def conv(x, k=6, residual=None, shortcut=None, pad=1):
+        w = torch.randn(k, x.shape[1], 3, 3, device=dev) / 6
+        s, b = torch.rand(k, device=dev) + 0.5, torch.randn(k, device=dev)
+        sc = {} if shortcut is None else dict(shortcut_input=shortcut, shortcut_weight=torch.randn(
+            k, shortcut.shape[1], 1, 1, device=dev), shortcut_scale=s, shortcut_shift=b)
+        out = Fz.conv_bn_act(x, w, s, b, 1, pad, residual=residual, relu=True, **sc)
+        return out, conv_bn_act_reference(x, w, s, b, 1, pad, residual=residual, relu=True, **sc)
+
+    G = 2 ** 30
+    case = sys.argv[1]
+    if case == "pixel_strides":        # n * s_n, h * s_h, w * s_w past 2**31 (int64 rows: pixel_rows)
+        check(*conv(huge((3, 4, 2, 3), (G + 1, 1, 12, 4))), "input batch stride")
+        check(*conv(huge((1, 4, 3, 2), (4 * 3 * 2, 1, G + 3, 4))), "input row stride")
+        check(*conv(huge((1, 4, 2, 3), (4 * 3 * 2, 1, 12, G + 5))), "input column stride")
+        x = torch.randn(2, 4, 3, 3, device=dev)
+        check(*conv(x, residual=huge((2, 6, 3, 3), (54, G // 2 + 1, 3, 1))), "residual channel stride")
+        x3 = torch.randn(3, 4, 3, 3, device=dev)
+        check(*conv(x3, residual=huge((3, 6, 3, 3), (G + 7, 9, 3, 1))), "residual batch stride")
+        check(*conv(x3, shortcut=huge((3, 5, 3, 3), (G + 9, 1, 15, 5))), "shortcut batch stride")
+    elif case == "input_channel_stride":      # cc * s_c in the conv's A-tile load
+        check(*conv(huge((2, 5, 2, 2), (4, G // 2 + 1, 2, 1))), "input channel stride")
+    elif case == "shortcut_channel_stride":   # cc * s_dc in the projection GEMM's load
+        check(*conv(torch.randn(2, 4, 3, 3, device=dev), shortcut=huge((2, 5, 3, 3), (9, G // 2 + 1, 3, 1))),
+              "shortcut channel stride")
+    elif case == "training":    # a training step whose input sits past 2**31: forward, dgrad, wgrad, tail
+        block = fusedres.FusedBasicBlock(4, 4).to(dev).train()
+        ref = fusedres.reference.BasicBlock(4, 4).to(dev, torch.float64).train()
+        ref.load_state_dict(block.state_dict())
+        x = huge((3, 4, 3, 3), (G + 1, 1, 12, 4))
+        g = torch.randn(3, 4, 3, 3, device=dev)
+        xf, xr = x.detach().requires_grad_(), x.detach().double().requires_grad_()
+        out, want = block(xf), ref(xr)
+        out.backward(g)
+        want.backward(g.double())
+        check(out, want, "training output")
+        check(xf.grad, xr.grad, "training input grad")
+        check(block.conv1.weight.grad, ref.conv1.weight.grad, "training conv1 weight grad")
+        dy = huge((2, 5, 3, 3), (45, G // 2 + 1, 3, 1))
+        xw = torch.randn(2, 4, 3, 3, device=dev)
+        w = torch.randn(5, 4, 3, 3, device=dev)
+        dw = conv_bwd.conv_wgrad(dy, xw, w, (1, 1), (1, 1), (1, 1), 1)
+        check(dw, torch.nn.grad.conv2d_weight(xw.double(), w.shape, dy.double(), padding=1), "wgrad dy channel stride")
+    elif case == "dgrad_channel_stride":      # kk * s_dc in dgrad's A-tile load
+        dy = huge((2, 5, 3, 3), (45, G // 2 + 1, 3, 1))
+        w = torch.randn(5, 4, 3, 3, device=dev)
+        dx = conv_bwd.conv_dgrad(dy, w, (2, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+        check(dx, torch.nn.grad.conv2d_input((2, 4, 3, 3), w.double(), dy.double(), padding=1), "dgrad dy channel stride")
+    elif case in ("dense_nhwc", "dense_nchw"):   # GPU only: a real activation of > 2**31 elements
+        fmt = torch.channels_last if case == "dense_nhwc" else torch.contiguous_format
+        x = torch.empty(1, 16, 12000, 12000, device=dev, dtype=torch.float16, memory_format=fmt)
+        x.normal_()
+        w = (torch.randn(4, 16, 1, 1, device=dev) / 4).half()
+        s, b = torch.rand(4, device=dev) + 0.5, torch.randn(4, device=dev)
+        out = Fz.conv_bn_act(x, w, s, b, relu=True)
+        ref = conv_bn_act_reference(x[:, :, -3:], w, s, b, relu=True)
+        err = ((out[:, :, -3:].double() - ref).norm() / ref.norm()).item()
+        assert err < 2e-3, f"{case}: relative error of the last rows {err:.2e}"
+        print("ok", case, f"{err:.1e}")
+    print("DONE")
+""")
+
+
+def run_int64_case(case):
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", INT64_SCRIPT, case], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "DONE" in proc.stdout, (
+        f"{case}: exit {proc.returncode} (-11 is a segfault: an offset wrapped in int32)\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def _needs_memory(gib):
+    if ON_GPU:
+        free = torch.cuda.mem_get_info()[0] / 2 ** 30
+        return pytest.mark.skipif(free < gib, reason=f"needs {gib} GiB of free GPU memory, {free:.0f} free")
+    return pytest.mark.skipif(False, reason="")
+
+
+INT32_CHANNEL_BUG = ("channel offsets are int32 products: kernels/conv.py `cc[None, :] * sxc` (A tile) and "
+                     "`cc[None, :] * sdc` (projection), kernels/conv_bwd.py `kk[None, :] * sdc` (dgrad) multiply an "
+                     "int32 channel index by an int32 stride, which wraps once channel*stride >= 2**31 (NCHW with "
+                     "C*H*W >= 2**31 per image, or a CNHW view); fix: offs_c = tl.arange(0, BLOCK_K).to(tl.int64)")
+
+
+@_needs_memory(10)
+@pytest.mark.parametrize("case", [
+    "pixel_strides", "training",
+    pytest.param("input_channel_stride", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
+    pytest.param("shortcut_channel_stride", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
+    pytest.param("dgrad_channel_stride", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
+])
+def test_int64_offsets(case):
+    run_int64_case(case)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a dense activation of > 2**31 elements (4.6 GB fp16) is for the GPU: "
+                                       "the interpreter would run its 2.6 million programs one by one")
+@_needs_memory(14)
+@pytest.mark.parametrize("case", [
+    "dense_nhwc",
+    pytest.param("dense_nchw", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
+])
+def test_int64_dense_gpu(case):
+    run_int64_case(case)
+
+
+@triton.jit
+def _pixel_rows_probe(out_ptr, pid_m, M, P, Q, BLOCK_M: tl.constexpr):
+    """Stores pixel_rows' (offset, n, p, q, mask) of pixel tile pid_m as int64 rows of out."""
+    offs_m, n, p, q, mask = pixel_rows(pid_m, M, P, Q, BLOCK_M)
+    i = tl.arange(0, BLOCK_M) * 5
+    tl.store(out_ptr + i, offs_m)
+    tl.store(out_ptr + i + 1, n)
+    tl.store(out_ptr + i + 2, p)
+    tl.store(out_ptr + i + 3, q)
+    tl.store(out_ptr + i + 4, mask.to(tl.int64))
+
+
+@pytest.mark.parametrize("pid_m", [
+    2 ** 31 // 16 - 1,
+    pytest.param(2 ** 27 + 5, marks=pytest.mark.xfail(strict=True, reason=(
+        "kernels/_tiles.py pixel_rows computes pid_m * BLOCK_M in int32 before .to(tl.int64): pixel "
+        "indices wrap once M = N*P*Q >= 2**31 pixels (latent: ~2**37 elements at 64 channels); fix: "
+        "pid_m.to(tl.int64) * BLOCK_M"))),
+])
+def test_pixel_rows_int64(pid_m):
+    """kernels._tiles.pixel_rows for a pixel tile far into M: offsets and (n, p, q) as int64 math gives."""
+    if not kernels.INTERPRETED and not ON_GPU:
+        pytest.skip("needs the interpreter or a GPU")
+    p, q, m = 1000, 999, 2 ** 40
+    out = torch.zeros(16, 5, dtype=torch.int64, device="cuda" if ON_GPU else "cpu")
+    _pixel_rows_probe[(1,)](out, pid_m, m, p, q, BLOCK_M=16)
+    offs = torch.arange(16, dtype=torch.int64) + pid_m * 16
+    want = torch.stack([offs, offs // (p * q), offs % (p * q) // q, offs % q, torch.ones(16, dtype=torch.int64)], 1)
+    assert torch.equal(out.cpu(), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism: the same call twice gives the same bits
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def deterministic():
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(saved)
+
+
+@pytest.mark.parametrize("name", ["basic_proj_s2", "basic_optionA_s2", "bottleneck_proj_s1"])
+def test_repeated_runs_are_bitwise_identical(name, deterministic, device):
+    """Eval forward and a training step (output, input/parameter gradients, running statistics), three
+    times each from the same state, under torch.use_deterministic_algorithms(True): bitwise equal. The
+    wgrad split sums in a fixed order, the BN statistics merge per tile; no atomics. (On a GPU the
+    inference conv is autotuned, but not in deterministic mode: a fixed config then keeps results
+    bitwise equal across processes too.)"""
+    fused, _, cin = build_pair(name)
+    fused.to(device)
+    x = torch.randn(3, cin, 9, 7, device=device).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        evals = [fused.eval()(x) for _ in range(3)]
+    assert all(torch.equal(evals[0], e) for e in evals[1:]), "eval forward differs run to run"
+    state = copy.deepcopy(fused.state_dict())
+    grad_out = None
+    runs = []
+    for _ in range(3):
+        fused.load_state_dict(state)
+        fused.zero_grad(set_to_none=True)
+        xl = x.clone().requires_grad_()
+        out = fused.train()(xl)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        out.backward(grad_out)
+        runs.append([out, xl.grad] + [p.grad for p in fused.parameters()] + list(fused.buffers()))
+    for i, r in enumerate(runs[1:], 1):
+        for j, (a, b) in enumerate(zip(runs[0], r)):
+            assert torch.equal(a, b), f"training run {i}: tensor {j} differs from run 0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches and memory
+# ----------------------------------------------------------------------------------------------
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter))
+
+
+def test_repeated_calls_do_not_grow_caches(device):
+    """Folded-BN and packed-weight caches hold one entry per module, reused while nothing changes;
+    the autotune cache (GPU only) gains nothing on repeated shapes; no tensors pile up."""
+    fused, _, cin = build_pair("bottleneck_proj_s2")
+    fused.to(device).eval()
+    x = torch.randn(2, cin, 8, 8, device=device)
+    autotune_cache = kernels.conv._conv_bn_act_autotuned.cache
+    with torch.no_grad():
+        fused(x)
+        caches = {n: (getattr(m, "_fusedres_folded", None), getattr(m, "_fusedres_packed", None))
+                  for n, m in fused.named_modules()}
+        tuned = len(autotune_cache)
+        tensors = live_tensors()
+        for _ in range(10):
+            fused(x)
+        assert live_tensors() <= tensors, "tensors pile up per call"
+    for n, m in fused.named_modules():
+        folded, packed = caches[n]
+        assert getattr(m, "_fusedres_folded", None) is folded, f"{n}: folded BN recomputed without a change"
+        assert getattr(m, "_fusedres_packed", None) is packed, f"{n}: packed weight recomputed without a change"
+    assert sum(isinstance(m, nn.BatchNorm2d) and m._fusedres_folded is not None for m in fused.modules()) == 4
+    assert len(autotune_cache) == tuned, "the autotune cache grew on a repeated shape"
+    if not ON_GPU:
+        assert tuned == 0, "the interpreter runs fixed configs: nothing should be autotuned"
+
+
+def test_caches_follow_in_place_updates(device):
+    """An optimizer step / load_state_dict changes parameters in place (their version counter moves):
+    the next eval forward uses the new values, and the cache is replaced, not grown."""
+    fused, ref, cin = build_pair("basic_proj_s2")
+    fused.to(device)
+    ref.to(device, torch.float64)
+    x = torch.randn(2, cin, 8, 8, device=device)
+    with torch.no_grad():
+        fused(x)
+        for p in fused.parameters():
+            p.mul_(1.5)
+        fused.bn1.running_var.add_(0.5)
+        ref.load_state_dict(fused.state_dict())
+        assert_close(fused(x), ref(x.double()), F32, "after in-place updates")
+        sd = {k: v * 0.5 if v.dtype.is_floating_point else v for k, v in fused.state_dict().items()}
+        fused.load_state_dict(sd)
+        ref.load_state_dict(sd)
+        assert_close(fused(x), ref(x.double()), F32, "after load_state_dict")
+    assert isinstance(fused.bn1._fusedres_folded, tuple)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fusedres/blocks.py folded_bn/packed_weight key their caches on (data_ptr, _version); writing "
+    "through .data (m.weight.data.normal_(), EMA updates, old init code) keeps both, because .data has "
+    "its own version counter, so eval blocks keep using the stale folded BN / packed weight (rel. error "
+    "0.29 / 0.94); fix: fold in the kernel epilogue (pass mean/var/gamma/beta) and read NCHW weights "
+    "directly, or key on something .data writes change"))
+def test_caches_follow_writes_through_data(device):
+    fused, ref, cin = build_pair("basic_identity")
+    fused.to(device)
+    ref.to(device, torch.float64)
+    x = torch.randn(2, cin, 6, 6, device=device)
+    with torch.no_grad():
+        fused(x)
+        fused.bn1.weight.data.mul_(3)
+        fused.conv2.weight.data.normal_()
+        ref.load_state_dict(fused.state_dict())
+        assert_close(fused(x), ref(x.double()), F32, "after writes through .data")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch.cuda.memory_allocated exists on CUDA only; on CPU the cache "
+                                       "test above checks that repeated calls keep no extra state")
+def test_training_memory_is_flat_over_100_iterations():
+    model = fusedres.cifar_resnet(20).cuda().half().to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(16, 3, 32, 32, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (16,), device="cuda")
+    allocated = []
+    for step in range(100):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x).float(), target).backward()
+        opt.step()
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert max(allocated[10:]) == min(allocated[10:]), \
+        f"memory_allocated moves after warm-up: {min(allocated[10:])}..{max(allocated[10:])} bytes"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input beyond the table in test_bad_input.py
+# ----------------------------------------------------------------------------------------------
+
+def float64_block_results(device):
+    fused, ref, cin = build_pair("bottleneck_proj_s2")
+    fused, ref = fused.to(device, torch.float64), ref.to(device, torch.float64)
+    x = torch.randn(2, cin, 7, 7, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fused(x), ref(x), torch.float64, "eval")
+    fused.train()
+    ref.train()
+    grad_out = torch.randn(2, 128, 4, 4, device=device, dtype=torch.float64)
+    return train_results(fused, x, grad_out), train_results(ref, x, grad_out)
+
+
+def test_float64_is_supported_by_blocks(device):
+    """float64 is a supported dtype (gradcheck uses it): eval output, training output and gradients
+    match float64 eager to 1e-12."""
+    got, want = float64_block_results(device)
+    for key in want:
+        if "running" not in key:
+            assert_close(got[key], want[key], torch.float64, key)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kernels/bn.py _bn_finalize_kernel gets momentum as a Python float, which Triton passes as an fp32 "
+    "scalar (0.1 -> 0.10000000149): fp64 running statistics are off by ~3e-8 relative (eager: exact); "
+    "fix: pass momentum (or the factor) as a 1-element tensor in the statistics dtype"))
+def test_float64_running_statistics_are_exact(device):
+    got, want = float64_block_results(device)
+    for key in want:
+        if "running" in key:
+            assert_close(got[key], want[key], torch.float64, key)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an identity shortcut whose input has fewer channels than the block output (a missing downsample) is "
+    "silently zero-padded like option A, where eager's `out += identity` raises: fusedres/training.py "
+    "_check_shapes and the eval path (blocks.py _tail -> conv_bn_act) use check.residual, which allows fewer "
+    "channels for every kind; fix: for kind 'identity' require residual channels == output channels"))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_identity_shortcut_channel_mismatch_raises_like_eager(mode, device):
+    block = fusedres.FusedBottleneck(8, 4).to(device)   # no downsample: 16 output channels, 8 input
+    block.train(mode == "train")
+    x = torch.randn(2, 8, 6, 6, device=device)
+    with pytest.raises(RuntimeError, match="16"):
+        reference.Bottleneck(8, 4).to(device).train(mode == "train")(x)
+    with pytest.raises(RuntimeError):
+        block(x)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a train-mode block on an input smaller than its kernel raises ValueError 'Expected more than 1 value "
+    "per channel' from fusedres/training.py _check_shapes (P = 0 after the conv), where the eval path and "
+    "eager raise a RuntimeError about the kernel size; fix: check.output_size per unit in _check_shapes"))
+def test_train_block_on_too_small_input_names_the_kernel_size(device):
+    block = fusedres.FusedBasicBlock(8, 8).to(device).train()
+    with pytest.raises(RuntimeError, match="kernel size"):
+        block(torch.randn(2, 8, 0, 4, device=device))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "nn.BatchNorm2d trains on an empty batch (empty output, zero grads, running stats kept, "
+    "num_batches_tracked += 1) and only refuses exactly 1 value per channel; fusedres/training.py "
+    "_check_shapes raises for N*P*Q <= 1; fix: raise for == 1 only, return early for 0"))
+def test_empty_batch_in_training_like_eager(device):
+    block = fusedres.FusedBasicBlock(8, 8).to(device).train()
+    x = torch.randn(0, 8, 4, 4, device=device, requires_grad=True)
+    out = block(x)
+    out.sum().backward()
+    assert out.shape == (0, 8, 4, 4) and int(block.bn1.num_batches_tracked) == 1
+
+
+def test_state_dict_unexpected_and_foreign_keys():
+    """Loading names what is wrong: an unexpected key, and a bottleneck's state into a basic block."""
+    block = fusedres.FusedBasicBlock(16, 16)
+    sd = block.state_dict()
+    sd["conv3.weight"] = torch.randn(16, 16, 1, 1)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "conv3.weight"'):
+        block.load_state_dict(sd, strict=True)
+    foreign = fusedres.FusedBottleneck(16, 4).state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for conv1.weight: copying a param with shape "
+                                           r"torch.Size\(\[4, 16, 1, 1\]\) from checkpoint, the shape in current "
+                                           r"model is torch.Size\(\[16, 16, 3, 3\]\)"):
+        block.load_state_dict(foreign, strict=True)
