@@ -83,3 +83,12 @@ def residual(op: str, r, x: torch.Tensor, out_shape: Sequence[int]) -> None:
     if r.shape[0] != n or r.shape[2:] != (p, q) or r.shape[1] > k:
         raise RuntimeError(f"{op}: expected residual of size [{n}, <= {k}, {p}, {q}] (the output's size; fewer "
                            f"channels are zero-padded), but got residual of size {list(r.shape)}")
+
+
+def identity_channels(op: str, x: torch.Tensor, out_channels: int) -> None:
+    """An identity shortcut adds the block input itself: it must have the output's channels (eager's
+    ``out += identity`` raises otherwise; only the option-A shortcut zero-pads)."""
+    if x.shape[1] != out_channels:
+        raise RuntimeError(f"{op}: expected input to have {out_channels} channels for the identity shortcut (the "
+                           f"block's output channels; a block that changes channels needs a downsample), but got "
+                           f"input with {x.shape[1]} channels")

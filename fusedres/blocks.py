@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch, _sync
+from . import _validate as check
 from .functional import bn_scale_shift, conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut
 from .training import Shortcut, train_forward
@@ -192,6 +193,8 @@ class _FusedBlockMixin:
         sc = self._train_shortcut()
         if sc.kind == "none":
             return {}
+        if sc.kind == "identity":
+            check.identity_channels(type(self).__name__, x, self._units()[-1][0].out_channels)
         if sc.kind in ("identity", "A"):
             return {"residual": x[:, :, ::sc.stride, ::sc.stride]}  # a view: nothing is copied or padded
         scale, shift = folded_bn(sc.conv, sc.bn, torch.float64 if x.dtype == torch.float64 else torch.float32)

@@ -96,9 +96,11 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
                                     shortcut_stride, dtype=ref_dtype)
         return out.to(x.dtype)
 
-    scale, shift = scale.to(epi_dtype), shift.to(epi_dtype)
+    # The kernel reads per-channel vectors at stride 1: make views (e.g. t[::2]) dense (K elements).
+    scale, shift = scale.to(epi_dtype).contiguous(), shift.to(epi_dtype).contiguous()
     if shortcut is not None:
-        shortcut_scale, shortcut_shift = shortcut[2].to(epi_dtype), shortcut[3].to(epi_dtype)
+        shortcut_scale = shortcut[2].to(epi_dtype).contiguous()
+        shortcut_shift = shortcut[3].to(epi_dtype).contiguous()
     # The custom op fusedres::conv_bn_act (fusedres.ops): traceable by torch.compile / export; its
     # backward raises (eval-mode BN is folded), so nothing is silently non-differentiable.
     return torch.ops.fusedres.conv_bn_act(x, weight, scale, shift, list(stride), list(padding), list(dilation),

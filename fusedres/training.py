@@ -245,12 +245,17 @@ def _check_shapes(op: str, x: Tensor, units, shortcut: Shortcut) -> None:
     fits the block output (as eager's ``out += identity`` requires)."""
     h, w = x.shape[2:]
     for conv, _ in units:
+        # the kernel-size error first, as the eval path and eager give it
+        check.output_size(op, torch.empty((x.shape[0], conv.in_channels, h, w), device="meta"), conv.weight,
+                          conv.stride, conv.padding, conv.dilation)
         h = kernels.conv.out_size(h, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
         w = kernels.conv.out_size(w, conv.kernel_size[1], conv.stride[1], conv.padding[1], conv.dilation[1])
         if x.shape[0] * h * w <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{torch.Size([x.shape[0], conv.out_channels, h, w])}")
     out_shape = (x.shape[0], units[-1][0].out_channels, h, w)
+    if shortcut.kind == "identity":
+        check.identity_channels(op, x, out_shape[1])
     if shortcut.kind in ("identity", "A"):
         check.residual(op, x[:, :, ::shortcut.stride, ::shortcut.stride], x, out_shape)
     elif shortcut.kind == "projection":

@@ -114,8 +114,9 @@ def _bn_act_kernel(
 
 @triton.jit
 def relu_grad(grad, mask_src):
-    """torch.relu's backward: the gradient where the ReLU output is > 0, else 0 (NaN output: 0)."""
-    return tl.where(mask_src > 0, grad, 0.0)
+    """torch.relu's backward (threshold_backward): 0 where the ReLU output is <= 0, else the gradient
+    (a NaN output passes the gradient, as in PyTorch)."""
+    return tl.where(mask_src <= 0, 0.0, grad)
 
 
 @triton.jit

@@ -72,7 +72,7 @@ def _conv_bn_act_kernel(
     offs_kg = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
     offs_k = g * KG + offs_kg                                                # global output channel
     mask_k = offs_kg < KG
-    offs_c = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_K).to(tl.int64)  # channel * channel-stride can pass 2**31 (NCHW)
 
     x_base = x_ptr + n * sxn + (g * CG).to(tl.int64) * sxc
     w_base = w_ptr + offs_k.to(tl.int64) * swk

@@ -48,7 +48,7 @@ def _conv_dgrad_kernel(
     offs_cg = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = g * CG + offs_cg
     mask_c = offs_cg < CG
-    offs_kk = tl.arange(0, BLOCK_K)
+    offs_kk = tl.arange(0, BLOCK_K).to(tl.int64)  # channel * channel-stride can pass 2**31 (NCHW)
     dy_base = dy_ptr + n * sdn + (g * KG).to(tl.int64) * sdc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     for r in range(R):

@@ -112,10 +112,6 @@ def test_ill_posed_training_shapes_within_twice_eager(family, device):
         assert f <= 2 * e + TOL[F32], f"{key}: median error fused {f:.2e} > 2 x eager {e:.2e} + {TOL[F32]:.0e}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fusedres/functional.py passes scale/shift (and shortcut_scale/shift) to the kernel after only "
-    ".to(epi_dtype), which keeps a strided view; kernels/conv.py reads them as scale_ptr + offs_k "
-    "(stride 1), so a view like torch.rand(12)[::2] gives wrong channels (relative error ~0.5)"))
 def test_strided_scale_shift_view(device):
     x = torch.randn(2, 4, 5, 5, device=device)
     w = torch.randn(6, 4, 3, 3, device=device)
@@ -199,11 +195,6 @@ def test_block_eval_negative_zero(device):
 
 # Found by the long profile (test_block_eval_matches_float64): bottleneck cin=2, planes=1, projection,
 # input [1, 2, 1, 2] channels_last -> output NCHW.
-@pytest.mark.xfail(strict=True, reason=(
-    "a bottleneck of width 1 has a one-channel intermediate [N, 1, H, W], which is both contiguous and "
-    "channels_last; kernels/_launch.py memory_format_of() then says contiguous and the next launch "
-    "(empty_activation(like=intermediate)) allocates NCHW, so a channels_last input gives an NCHW output "
-    "(eval and train); fix: decide the format once from the block input and pass it down to every launch"))
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_memory_format_survives_one_channel_intermediate(mode, device):
     block = fusedres.FusedBottleneck(2, 1, downsample=nn.Sequential(reference.conv1x1(2, 4), nn.BatchNorm2d(4)))
@@ -249,11 +240,6 @@ def test_nan_training_input_forward_and_running_stats_like_eager(device):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "kernels/bn.py relu_grad is tl.where(out > 0, grad, 0): a NaN ReLU output blocks the gradient, "
-    "but torch's threshold_backward is where(out <= 0, 0, grad) and passes it; so with a NaN input "
-    "bn2.bias/downsample grads are 0 where eager gives sum(grad) (finite) and bn1.bias 0 where eager "
-    "gives NaN"))
 def test_nan_training_input_gradients_like_eager(device):
     fused, eager = nan_training_step(device)
     for key in fused:
@@ -382,18 +368,14 @@ def _needs_memory(gib):
     return pytest.mark.skipif(False, reason="")
 
 
-INT32_CHANNEL_BUG = ("channel offsets are int32 products: kernels/conv.py `cc[None, :] * sxc` (A tile) and "
-                     "`cc[None, :] * sdc` (projection), kernels/conv_bwd.py `kk[None, :] * sdc` (dgrad) multiply an "
-                     "int32 channel index by an int32 stride, which wraps once channel*stride >= 2**31 (NCHW with "
-                     "C*H*W >= 2**31 per image, or a CNHW view); fix: offs_c = tl.arange(0, BLOCK_K).to(tl.int64)")
 
 
 @_needs_memory(10)
 @pytest.mark.parametrize("case", [
     "pixel_strides", "training",
-    pytest.param("input_channel_stride", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
-    pytest.param("shortcut_channel_stride", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
-    pytest.param("dgrad_channel_stride", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
+    "input_channel_stride",
+    "shortcut_channel_stride",
+    "dgrad_channel_stride",
 ])
 def test_int64_offsets(case):
     run_int64_case(case)
@@ -404,7 +386,7 @@ def test_int64_offsets(case):
 @_needs_memory(14)
 @pytest.mark.parametrize("case", [
     "dense_nhwc",
-    pytest.param("dense_nchw", marks=pytest.mark.xfail(strict=True, reason=INT32_CHANNEL_BUG)),
+    "dense_nchw",
 ])
 def test_int64_dense_gpu(case):
     run_int64_case(case)
@@ -611,11 +593,6 @@ def test_float64_running_statistics_are_exact(device):
             assert_close(got[key], want[key], torch.float64, key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an identity shortcut whose input has fewer channels than the block output (a missing downsample) is "
-    "silently zero-padded like option A, where eager's `out += identity` raises: fusedres/training.py "
-    "_check_shapes and the eval path (blocks.py _tail -> conv_bn_act) use check.residual, which allows fewer "
-    "channels for every kind; fix: for kind 'identity' require residual channels == output channels"))
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_identity_shortcut_channel_mismatch_raises_like_eager(mode, device):
     block = fusedres.FusedBottleneck(8, 4).to(device)   # no downsample: 16 output channels, 8 input
@@ -627,10 +604,6 @@ def test_identity_shortcut_channel_mismatch_raises_like_eager(mode, device):
         block(x)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a train-mode block on an input smaller than its kernel raises ValueError 'Expected more than 1 value "
-    "per channel' from fusedres/training.py _check_shapes (P = 0 after the conv), where the eval path and "
-    "eager raise a RuntimeError about the kernel size; fix: check.output_size per unit in _check_shapes"))
 def test_train_block_on_too_small_input_names_the_kernel_size(device):
     block = fusedres.FusedBasicBlock(8, 8).to(device).train()
     with pytest.raises(RuntimeError, match="kernel size"):
