@@ -46,36 +46,17 @@ def sync_group(bns, process_group=None) -> Union[int, str]:
     return _sync.group_id(process_group)
 
 
-def _version_key(*tensors) -> Tuple:
-    return tuple((t.data_ptr(), t._version, t.device, t.dtype) if t is not None else None for t in tensors)
-
-
 def folded_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Eval BN (+ conv bias) as scale/shift, cached on the BN module until a parameter or buffer changes."""
-    if torch.compiler.is_compiling():  # traced: no host-side cache (data pointers are not traceable)
-        return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
-    key = _version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.bias) + (bn.eps, dtype)
-    cached = getattr(bn, "_fusedres_folded", None)
-    if cached is None or cached[0] != key:
-        ss = bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
-        cached = (key, ss)
-        bn._fusedres_folded = cached
-    return cached[1]
+    """Eval BN (+ conv bias) as scale/shift, from the current values on every call: a handful of
+    K-element ops. (A cache keyed on tensor versions went stale after writes through ``.data``.)"""
+    return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
 
 
 def packed_weight(conv: nn.Conv2d) -> Tensor:
-    """The conv weight in channels_last, so each B-tile row is contiguous; cached until it changes."""
+    """The conv weight in channels_last, so each B-tile row is contiguous: free when the model was
+    converted with ``model.to(memory_format=torch.channels_last)``, a copy per call otherwise."""
     w = conv.weight
-    if w.is_contiguous(memory_format=torch.channels_last):
-        return w
-    if torch.compiler.is_compiling():
-        return w.contiguous(memory_format=torch.channels_last)
-    key = _version_key(w)
-    cached = getattr(conv, "_fusedres_packed", None)
-    if cached is None or cached[0] != key:
-        cached = (key, w.detach().contiguous(memory_format=torch.channels_last))
-        conv._fusedres_packed = cached
-    return cached[1]
+    return w if w.is_contiguous(memory_format=torch.channels_last) else w.contiguous(memory_format=torch.channels_last)
 
 
 def _projection(downsample: Optional[nn.Module]) -> Optional[Tuple[nn.Conv2d, nn.BatchNorm2d]]:
