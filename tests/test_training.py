@@ -145,7 +145,7 @@ def test_single_value_per_channel_raises_like_pytorch(device):
 
 def test_residual_that_does_not_fit_raises(device):
     block = fusedres.FusedBasicBlock(8, 16, 2).to(device).train()  # no downsample: identity cannot fit
-    with pytest.raises(RuntimeError, match="identity shortcut.*16 channels.*8 channels"):
+    with pytest.raises(RuntimeError, match="16 channels for the identity shortcut.*with 8 channels"):
         block(torch.randn(2, 8, 6, 6, device=device))
 
 
