@@ -151,9 +151,8 @@ def test_every_shipped_config(cfg_index, device):
         for dtype in DTYPES:
             x, w, scale, shift, conv, res = make_case(CONV_SHAPES[name], dtype, device, torch.channels_last, True)
             stride, pad, dil = (_pair(conv[k]) for k in ("stride", "padding", "dilation"))
-            kc = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            kc["BLOCK_N"] = max(16, min(kc["BLOCK_N"], 1 << (w.shape[0] // conv["groups"] - 1).bit_length()))
-            kc["BLOCK_K"] = max(16, min(kc["BLOCK_K"], 1 << (w.shape[1] - 1).bit_length()))
+            kc = dict(kernels.conv._fit(cfg.kwargs, w.shape[0] // conv["groups"], w.shape[1]),
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # the autotuner's own shrinking
             out = kernels.conv_bn_act(x, w, scale, shift, stride, pad, dil, conv["groups"], res, True, config=kc)
             ref = conv_bn_act_reference(x, w, scale, shift, **conv, residual=res, relu=True)
             assert_close(out, ref, dtype, what=f"{name} {dtype} config {cfg}")

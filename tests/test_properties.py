@@ -107,8 +107,8 @@ def conv_cases(draw):
         x_layout=draw(LAYOUTS), w_layout=draw(LAYOUTS),
         res_c=res_c, res_layout=draw(LAYOUTS) if res_c else None, shortcut=shortcut,
         # None: the op's default (a plain conv); fp64 per-channel vectors are converted by the op.
-        # Per-channel vectors are contiguous: a strided scale/shift view is a known bug, pinned by
-        # test_reliability.test_strided_scale_shift_view (xfail) until the op makes them contiguous.
+        # Per-channel vectors are contiguous here; strided scale/shift views are covered by
+        # test_reliability.test_strided_scale_shift_view.
         affine=draw(st.sampled_from([None, torch.float32, torch.float64])),
         seed=draw(st.integers(0, 2 ** 31 - 1)),
     )
@@ -349,11 +349,7 @@ def run_block_case(case, train):
             raise IllPosed(f"fused misses TOL on {bad}; fp32 floor (worst of {EAGER_RUNS} eager runs) {floor:.1e}")
         assert not bad, (f"relative errors > {tol:.0e}: fused {bad}; all {EAGER_RUNS} eager fp32 runs stay under "
                          f"{floor:.1e} (worst per tensor {errors['eager']})")
-    # A bottleneck of width 1 has a one-channel intermediate, which is contiguous and channels_last at
-    # once, and the next launch picks NCHW: a known bug, pinned by
-    # test_reliability.test_memory_format_survives_one_channel_intermediate (xfail) until it is fixed.
-    width_one = case["kind"] == "bottleneck" and int(case["planes"] * case["base_width"] / 64) * case["groups"] == 1
-    if fmt is not None and out.numel() > 0 and not width_one:
+    if fmt is not None and out.numel() > 0:
         assert out.is_contiguous(memory_format=fmt), f"block output lost the input's memory format {fmt}"
 
 
