@@ -15,7 +15,8 @@ from ._tiles import add_residual_relu_store, pixel_channel_tile, tile_ptrs
 def _bn_finalize_kernel(
     part_mean_ptr, part_m2_ptr,   # [T, K] per-tile channel means and M2 (from the conv STATS epilogue)
     gamma_ptr, beta_ptr,          # [K] affine parameters (HAS_AFFINE)
-    rmean_ptr, rvar_ptr,          # [K] running statistics, updated in place (UPDATE_RUNNING)
+    rmean_ptr, rvar_ptr,          # [K] running statistics, read (UPDATE_RUNNING)
+    rmean_out_ptr, rvar_out_ptr,  # [K] their new values (may be rmean_ptr / rvar_ptr: in place)
     nbt_ptr,                      # num_batches_tracked, already incremented (CUMULATIVE: momentum=None)
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr, var_ptr,  # [K] outputs (var: biased batch variance)
     T, M, K, TILE_M,              # tiles, pixels per channel, channels, pixels per full tile
@@ -70,8 +71,10 @@ def _bn_finalize_kernel(
         rv = tl.load(rvar_ptr + offs_k, mask=mask_k, other=0.0)
         m_f = tl.zeros_like(var) + M  # in the stats dtype: fp64 stays exact (momentum itself arrives as fp32)
         unbiased = var * (m_f / (m_f - 1.0))
-        tl.store(rmean_ptr + offs_k, (rm.to(var.dtype) * (1 - factor) + mean_a * factor).to(rm.dtype), mask=mask_k)
-        tl.store(rvar_ptr + offs_k, (rv.to(var.dtype) * (1 - factor) + unbiased * factor).to(rv.dtype), mask=mask_k)
+        tl.store(rmean_out_ptr + offs_k, (rm.to(var.dtype) * (1 - factor) + mean_a * factor).to(rm.dtype),
+                 mask=mask_k)
+        tl.store(rvar_out_ptr + offs_k, (rv.to(var.dtype) * (1 - factor) + unbiased * factor).to(rv.dtype),
+                 mask=mask_k)
 
 
 @triton.jit
@@ -200,8 +203,9 @@ def _strides(t):
 
 
 def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, running_var, num_batches_tracked,
-                momentum, eps, return_var=False):
-    """Batch mean, invstd and BN scale/shift [K] from conv STATS partials; updates running stats in place.
+                momentum, eps, return_var=False, running_out=None):
+    """Batch mean, invstd and BN scale/shift [K] from conv STATS partials; updates running stats in place,
+    or writes their new values to ``running_out`` = (new_mean, new_var) and leaves them unchanged.
 
     gamma/beta None: affine=False. running_mean None: no running statistics (track_running_stats=False).
     momentum None: cumulative average, factor 1/num_batches_tracked (incremented by the caller).
@@ -216,6 +220,8 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, runnin
         _bn_finalize_kernel[(triton.cdiv(k, block_k),)](
             part_mean, part_m2, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
             running_mean if update else dummy, running_var if update else dummy,
+            *(running_out if update and running_out is not None else
+              (running_mean if update else dummy, running_var if update else dummy)),
             num_batches_tracked if (update and momentum is None) else dummy,
             mean, invstd, scale, shift, var, t, m, k, tile_m, eps, 0.0 if momentum is None else momentum,
             HAS_AFFINE=gamma is not None, UPDATE_RUNNING=update, CUMULATIVE=momentum is None,
