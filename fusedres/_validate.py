@@ -4,6 +4,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .kernels.conv import out_size
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 IntPair = Union[int, Sequence[int]]
@@ -65,9 +67,8 @@ def conv_weight(op: str, name: str, w, x: torch.Tensor, groups: int, input_name:
 
 
 def output_size(op: str, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Tuple[int, int]:
-    sizes = []
-    for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation):
-        sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    sizes = [out_size(size, k, s, p, d)
+             for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
     if min(sizes) <= 0:
         padded = [size + 2 * p for size, p in zip(x.shape[2:], padding)]
         kernel = [d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation)]

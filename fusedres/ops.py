@@ -16,22 +16,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import kernels
-from .kernels._launch import memory_format_of, stats_dtype
-from .training import (PROJECTION, STATS_PER_BN, chain_backward, chain_forward, num_saved, num_units,
-                       unpack_geometry)
-
-
-def _empty_like_activation(like: Tensor, shape) -> Tensor:
-    return torch.empty(shape, device=like.device, dtype=like.dtype, memory_format=memory_format_of(like))
-
-
-def _conv_out_shape(x_shape, w_shape, stride, padding, dilation):
-    n, _, h, w = x_shape
-    k, _, r, s = w_shape
-    return (n, k, kernels.conv.out_size(h, r, stride[0], padding[0], dilation[0]),
-            kernels.conv.out_size(w, s, stride[1], padding[1], dilation[1]))
-
+from . import chain, kernels
+from .chain import BNStats, ChainGrads, ChainOutputs, ChainParams, ChainSpec
+from .kernels._launch import empty_activation
 
 # ----------------------------------------------------------------------------------------------
 # fusedres::conv_bn_act
@@ -51,7 +38,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride:
 @conv_bn_act.register_fake
 def _conv_bn_act_fake(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu,
                       shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift, shortcut_stride):
-    return _empty_like_activation(x, _conv_out_shape(x.shape, weight.shape, stride, padding, dilation))
+    return empty_activation(x, chain.conv_out_shape(x.shape, weight.shape, stride, padding, dilation))
 
 
 def _conv_bn_act_backward(ctx, grad):
@@ -67,87 +54,66 @@ conv_bn_act.register_autograd(_conv_bn_act_backward)
 # ----------------------------------------------------------------------------------------------
 # fusedres::train_chain and fusedres::train_chain_backward
 # ----------------------------------------------------------------------------------------------
+# Schema (the argument names are those of chain.ChainParams and chain.ChainSpec, in that order):
+#   train_chain(x, weights, gammas, betas, running_means, running_vars, num_batches,
+#               geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group)
+#     -> ChainOutputs.pack(): [out, yd, *ys, *per-BN (mean, invstd, scale, shift), *per-BN (new running
+#        mean, new running var)]
+#   train_chain_backward(dout, x, out, yd, ys, weights, gammas, stats, needs, <the ChainSpec fields>)
+#     -> ChainGrads.pack(): [dx, *per-layer (dw, dgamma, dbeta)]
+# Lists hold one entry per layer (the units' convs, then the projection's); a missing result tensor is
+# packed as an empty 1-D tensor (chain.absent).
 
 @torch.library.custom_op("fusedres::train_chain", mutates_args=())
 def train_chain(x: Tensor, weights: List[Tensor], gammas: List[Optional[Tensor]], betas: List[Optional[Tensor]],
                 running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]],
                 num_batches: List[Optional[Tensor]], geometry: List[int], momentums: List[float], eps: List[float],
                 shortcut_kind: str, shortcut_stride: int, recompute_last: bool, group: int) -> List[Tensor]:
-    return chain_forward(x, weights, gammas, betas, running_means, running_vars, num_batches, geometry, momentums,
-                         eps, shortcut_kind, shortcut_stride, recompute_last, group)
+    params = ChainParams(weights, gammas, betas, running_means, running_vars, num_batches)
+    spec = ChainSpec(geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group)
+    return chain.chain_forward(x, params, spec).pack()
 
 
 @train_chain.register_fake
-def _train_chain_fake(x, weights, gammas, betas, running_means, running_vars, num_batches, geometry, momentums,
-                      eps, shortcut_kind, shortcut_stride, recompute_last, group):
-    units = num_units(len(weights), shortcut_kind)
-    shapes, shape = [], x.shape
-    for i in range(units):
-        shape = _conv_out_shape(shape, weights[i].shape, *unpack_geometry(geometry, i)[:3])
-        shapes.append(shape)
-    ys = [_empty_like_activation(x, s) for s in shapes]
-    yd = _empty_like_activation(x, shapes[-1]) if shortcut_kind == PROJECTION else x.new_empty(0)
-    sdt = stats_dtype(x)
-    stats = []
-    for w, rm, rv in zip(weights, running_means, running_vars):
-        k = w.shape[0]
-        stats += [x.new_empty(k, dtype=sdt) for _ in range(4)]
-        stats += [x.new_empty(0) if rm is None else torch.empty_like(rm),
-                  x.new_empty(0) if rv is None else torch.empty_like(rv)]
-    return [_empty_like_activation(x, shapes[-1]), yd, *ys[:num_saved(units, recompute_last)], *stats]
+def _train_chain_fake(x, weights, gammas, betas, running_means, running_vars, num_batches, *spec):
+    params = ChainParams(weights, gammas, betas, running_means, running_vars, num_batches)
+    return chain.chain_forward_shapes(x, params, ChainSpec(*spec)).pack()
 
 
 def _train_chain_setup(ctx, inputs, output):
-    (x, weights, gammas, betas, running_means, running_vars, num_batches, geometry, _, _, kind, sc_stride,
-     recompute, group) = inputs
-    units = num_units(len(weights), kind)
-    saved = num_saved(units, recompute)
-    stats = output[2 + saved:]
-    bn = [t for i in range(len(weights)) for t in stats[STATS_PER_BN * i:STATS_PER_BN * i + 4]]
-    ctx.config = (list(geometry), kind, sc_stride, recompute, group)
-    ctx.counts = (len(weights), saved)
+    x, weights, gammas, betas, running_means, running_vars, num_batches, *spec = inputs
+    spec = ChainSpec(*spec)
+    res = ChainOutputs.unpack(output, spec.num_layers)
+    ctx.spec = spec
+    ctx.num_saved = len(res.ys)
     ctx.needs = [x.requires_grad] + [w.requires_grad for w in weights]
     ctx.has_gamma = [g is not None for g in gammas]
     # The gradient of a list input mirrors its structure: torch.library treats a list holding only
     # None as one leaf (its gradient is None), any other list as a list (a list of gradients).
-    ctx.all_none = [all(t is None for t in lst) for lst in (gammas, betas, running_means, running_vars, num_batches)]
-    yd = output[1] if kind == PROJECTION else None
-    ctx.save_for_backward(x, output[0], yd, *output[2:2 + saved], *weights, *[g for g in gammas if g is not None],
-                          *bn)
+    ctx.leaf_lists = [all(t is None for t in lst) for lst in (gammas, betas, running_means, running_vars,
+                                                                num_batches)]
+    ctx.save_for_backward(x, res.out, res.yd, *res.ys, *weights, *[g for g in gammas if g is not None],
+                          *BNStats.flatten(res.stats))
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # the outputs other than ``out`` get no gradient: no zeros for them
 
 
 def _train_chain_backward(ctx, grads):
-    dout = grads[0]
-    n_layers, saved = ctx.counts
+    spec, n = ctx.spec, ctx.spec.num_layers
     x, out, yd, *rest = ctx.saved_tensors
-    ys, rest = rest[:saved], rest[saved:]
-    weights, rest = rest[:n_layers], rest[n_layers:]
-    n_gamma = sum(ctx.has_gamma)
-    gamma_iter = iter(rest[:n_gamma])
+    ys, weights, rest = rest[:ctx.num_saved], rest[ctx.num_saved:ctx.num_saved + n], rest[ctx.num_saved + n:]
+    gamma_iter = iter(rest[:sum(ctx.has_gamma)])
     gammas = [next(gamma_iter) if has else None for has in ctx.has_gamma]
-    bn = rest[n_gamma:]
-    none = [None] * n_layers
-
-    def like(i, grad_list):
-        return None if ctx.all_none[i] else grad_list
-
+    stats = rest[sum(ctx.has_gamma):]
+    dout = grads[0]
     if dout is None:
-        return (None, none, like(0, none), like(1, none), like(2, none), like(3, none), like(4, none),
-                None, None, None, None, None, None, None)
-    geometry, kind, sc_stride, recompute, group = ctx.config
-    g = torch.ops.fusedres.train_chain_backward(dout, x, out, yd, list(ys), list(weights), gammas, list(bn),
-                                                geometry, kind, sc_stride, recompute, ctx.needs, group)
-
-    def real(t):
-        return None if t.numel() == 0 and t.dim() == 1 else t
-
-    dws = [real(t) if ctx.needs[1 + i] else None for i, t in enumerate(g[1::3])]
-    dgammas = [real(t) if has else None for t, has in zip(g[2::3], ctx.has_gamma)]
-    dbetas = [real(t) if has else None for t, has in zip(g[3::3], ctx.has_gamma)]
-    dx = real(g[0]) if ctx.needs[0] else None
-    return (dx, dws, like(0, dgammas), like(1, dbetas), like(2, none), like(3, none), like(4, none),
-            None, None, None, None, None, None, None)
+        g = ChainGrads(None, [None] * n, [None] * n, [None] * n)
+    else:
+        g = ChainGrads.unpack(torch.ops.fusedres.train_chain_backward(
+            dout, x, out, yd, list(ys), list(weights), gammas, list(stats), ctx.needs, *spec))
+    lists = [g.dgammas, g.dbetas, [None] * n, [None] * n, [None] * n]
+    return (g.dx, g.dweights, *(None if leaf else lst for leaf, lst in zip(ctx.leaf_lists, lists)),
+            *(None for _ in spec))
 
 
 train_chain.register_autograd(_train_chain_backward, setup_context=_train_chain_setup)
@@ -156,20 +122,15 @@ train_chain.register_autograd(_train_chain_backward, setup_context=_train_chain_
 @torch.library.custom_op("fusedres::train_chain_backward", mutates_args=())
 def train_chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], ys: List[Tensor],
                          weights: List[Tensor], gammas: List[Optional[Tensor]], stats: List[Tensor],
-                         geometry: List[int], shortcut_kind: str, shortcut_stride: int, recompute_last: bool,
-                         needs: List[bool], group: int) -> List[Tensor]:
-    return chain_backward(dout, x, out, yd, ys, weights, gammas, stats, geometry, shortcut_kind, shortcut_stride,
-                          recompute_last, needs, group)
+                         needs: List[bool], geometry: List[int], momentums: List[float], eps: List[float],
+                         shortcut_kind: str, shortcut_stride: int, recompute_last: bool, group: int) -> List[Tensor]:
+    spec = ChainSpec(geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group)
+    return chain.chain_backward(dout, x, out, yd, ys, weights, gammas, BNStats.unflatten(stats), spec, needs).pack(x)
 
 
 @train_chain_backward.register_fake
-def _train_chain_backward_fake(dout, x, out, yd, ys, weights, gammas, stats, geometry, shortcut_kind,
-                               shortcut_stride, recompute_last, needs, group):
-    grads = [_empty_like_activation(dout, x.shape) if needs[0] else x.new_empty(0)]
-    for i, (w, gamma) in enumerate(zip(weights, gammas)):
-        grads.append(torch.empty_like(w) if needs[1 + i] else x.new_empty(0))
-        grads += [x.new_empty(0), x.new_empty(0)] if gamma is None else [torch.empty_like(gamma) for _ in range(2)]
-    return grads
+def _train_chain_backward_fake(dout, x, out, yd, ys, weights, gammas, stats, needs, *spec):
+    return chain.chain_backward_shapes(dout, x, weights, gammas, needs).pack(x)
 
 
 def _no_double_backward(ctx, grads):

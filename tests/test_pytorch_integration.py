@@ -8,7 +8,7 @@ from torch import nn
 
 import fusedres
 from fusedres import reference
-from fusedres.training import geometry_of
+from fusedres.chain import BNStats, ChainOutputs, ChainParams, ChainSpec, geometry_of
 from helpers import ON_GPU, TOL, assert_close, randomize_bn, rel_err
 
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -44,26 +44,27 @@ def _chain_args(kind, device, recompute=False):
     if kind == "projection":
         layers.append((block.downsample[0], block.downsample[1]))
     x = torch.randn(3, 8, 8, 8, device=device, requires_grad=True)
-    return (x, [c.weight for c, _ in layers], [b.weight for _, b in layers], [b.bias for _, b in layers],
-            [b.running_mean.clone() for _, b in layers], [b.running_var.clone() for _, b in layers],
-            [None for _ in layers], [g for c, _ in layers for g in geometry_of(c)],
-            [0.1 for _ in layers], [1e-5 for _ in layers], kind, 2, recompute, -1)
+    params = ChainParams([c.weight for c, _ in layers], [b.weight for _, b in layers], [b.bias for _, b in layers],
+                         [b.running_mean.clone() for _, b in layers], [b.running_var.clone() for _, b in layers],
+                         [None for _ in layers])
+    spec = ChainSpec([g for c, _ in layers for g in geometry_of(c)], [0.1 for _ in layers], [1e-5 for _ in layers],
+                     kind, 2, recompute, -1)
+    return x, params, spec
 
 
 @pytest.mark.parametrize("kind,recompute", [("projection", False), ("A", True)])
 def test_opcheck_train_chain(kind, recompute, device):
-    torch.library.opcheck(torch.ops.fusedres.train_chain.default, _chain_args(kind, device, recompute),
-                          test_utils=OPCHECK_TESTS)
+    x, params, spec = _chain_args(kind, device, recompute)
+    torch.library.opcheck(torch.ops.fusedres.train_chain.default, (x, *params, *spec), test_utils=OPCHECK_TESTS)
 
 
 def test_opcheck_train_chain_backward(device):
-    args = _chain_args("projection", device)
+    x, params, spec = _chain_args("projection", device)
     with torch.no_grad():
-        outs = torch.ops.fusedres.train_chain(*args)
-    x, weights, gammas = args[0].detach(), [w.detach() for w in args[1]], [g.detach() for g in args[2]]
-    stats = [t for i in range(3) for t in outs[4 + 6 * i:4 + 6 * i + 4]]
-    bwd_args = (torch.randn_like(outs[0]), x, outs[0], outs[1], list(outs[2:4]), weights, gammas, stats,
-                args[7], "projection", 2, False, [True, True, True, True], -1)
+        res = ChainOutputs.unpack(torch.ops.fusedres.train_chain(x, *params, *spec), spec.num_layers)
+    weights, gammas = [w.detach() for w in params.weights], [g.detach() for g in params.gammas]
+    bwd_args = (torch.randn_like(res.out), x.detach(), res.out, res.yd, res.ys, weights, gammas,
+                BNStats.flatten(res.stats), [True] * 4, *spec)
     torch.library.opcheck(torch.ops.fusedres.train_chain_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
