@@ -1,0 +1,200 @@
+"""What a compiled kernel shows: resources (cuobjdump), MMA kind and main-loop shape (SASS, PTX, TTGIR).
+
+Every function takes the text or bytes Triton returns in ``compiled.asm`` and returns plain numbers, so
+rows can be compared across triton versions and archs.
+"""
+import functools
+import os
+import re
+import subprocess
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import triton
+
+# Per-SM limits used for the CTAs/SM column and the shared-memory budget.
+ARCH_LIMITS = {
+    90: dict(regs=65536, smem_cta=232448, smem_sm=233472, threads=2048, ctas=32),
+    80: dict(regs=65536, smem_cta=166912, smem_sm=167936, threads=2048, ctas=32),
+}
+RESERVED_SMEM = 1024  # per CTA, reserved by the driver on sm_80 and later
+
+
+@functools.lru_cache(None)
+def nvidia_tool(name: str) -> Optional[str]:
+    """ptxas / cuobjdump / nvdisasm as shipped inside triton's nvidia backend (None when absent)."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def _run_on_cubin(tool: str, args: List[str], cubin: bytes) -> str:
+    exe = nvidia_tool(tool)
+    if exe is None:
+        raise FileNotFoundError(f"{tool} not found in triton's backends/nvidia/bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([exe, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(cubin: bytes) -> Dict[str, int]:
+    """Registers per thread and stack (spill) bytes per thread, from ``cuobjdump --dump-resource-usage``."""
+    out = _run_on_cubin("cuobjdump", ["--dump-resource-usage"], cubin)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
+    if m is None:
+        raise ValueError(f"unexpected cuobjdump output: {out[:200]}")
+    return dict(regs=int(m[1]), stack=int(m[2]), static_smem=int(m[3]), local=int(m[4]))
+
+
+def ctas_per_sm(arch: int, regs: int, smem: int, num_warps: int) -> Tuple[int, str]:
+    """Resident CTAs per SM that registers, shared memory and threads allow, and which one binds."""
+    lim = ARCH_LIMITS[arch]
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocation unit: 256 registers per warp
+    by = {
+        "regs": (lim["regs"] // regs_per_warp) // num_warps,
+        "smem": lim["smem_sm"] // (smem + RESERVED_SMEM),
+        "threads": lim["threads"] // (32 * num_warps),
+    }
+    n = min(min(by.values()), lim["ctas"])
+    return n, min(by, key=by.get)
+
+
+# --- SASS -----------------------------------------------------------------------------------------
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_x_\d+)\)")
+_HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
+_HMMA = re.compile(r"\bHMMA\.168(\d+)")  # HMMA.16816 -> m16 n8 k16, HMMA.1688 -> m16 n8 k8
+
+
+def sass(cubin: bytes) -> str:
+    return _run_on_cubin("nvdisasm", ["-c"], cubin)
+
+
+def _mma_flops_per_warp(op: str) -> float:
+    """FLOPs one warp contributes per executed MMA instruction (a wgmma is shared by 4 warps)."""
+    m = _HGMMA.search(op)
+    if m:
+        return 2.0 * int(m[1]) * int(m[2]) * int(m[3]) / 4
+    m = _HMMA.search(op)
+    if m:
+        return 2.0 * 16 * 8 * int(m[1])
+    return 0.0
+
+
+def sass_loops(text: str):
+    """Instructions [(addr, op)] and loops [(start_idx, end_idx)] (a backward branch closes a loop)."""
+    instrs, labels, pending = [], {}, []
+    for line in text.splitlines():
+        lab = _LABEL.match(line.strip())
+        if lab:
+            pending.append(lab[1])
+            continue
+        m = _INSTR.search(line)
+        if m:
+            for name in pending:
+                labels[name] = len(instrs)
+            pending = []
+            instrs.append((int(m[1], 16), m[2]))
+    loops = []
+    for i, (_, op) in enumerate(instrs):
+        b = _BRANCH.search(op)
+        if b and b[1] in labels and labels[b[1]] <= i:
+            loops.append((labels[b[1]], i))
+    return instrs, loops
+
+
+def sass_summary(text: str) -> Dict:
+    """MMA kind, the main loop (the innermost loop with the most MMA instructions) and its cost."""
+    instrs, loops = sass_loops(text)
+    ops = [op for _, op in instrs]
+    n_hgmma = sum(1 for op in ops if _HGMMA.search(op))
+    n_hmma = sum(1 for op in ops if _HMMA.search(op))
+    best = None
+    for lo, hi in loops:
+        body = ops[lo:hi + 1]
+        n_mma = sum(1 for op in body if _mma_flops_per_warp(op) > 0)
+        if n_mma == 0:
+            continue
+        inner = not any(lo <= a and b <= hi and (a, b) != (lo, hi) and
+                        any(_mma_flops_per_warp(op) > 0 for op in ops[a:b + 1]) for a, b in loops)
+        if inner and (best is None or n_mma > best[2]):
+            best = (lo, hi, n_mma)
+    out = dict(mma="wgmma" if n_hgmma else ("mma.sync" if n_hmma else "none"), sass_instrs=len(ops),
+               sass_stl=sum(1 for op in ops if re.search(r"\bSTL\b", op)),
+               main_loop_instrs=0, main_loop_mma=0, instr_per_mflop=None, main_loop_calls=0, main_loop_stl=0)
+    if best is not None:
+        lo, hi, n_mma = best
+        body = ops[lo:hi + 1]
+        flops = sum(_mma_flops_per_warp(op) for op in body)
+        out.update(main_loop_instrs=len(body), main_loop_mma=n_mma,
+                   instr_per_mflop=round(len(body) / (flops / 1e6), 1),
+                   main_loop_calls=sum(1 for op in body if op.startswith("CALL") or " CALL" in op),
+                   main_loop_stl=sum(1 for op in body if re.search(r"\bSTL\b", op)))
+    return out
+
+
+# --- PTX ------------------------------------------------------------------------------------------
+
+_PTX_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_PTX_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)")
+_DIV64 = re.compile(r"\b(?:div|rem)\.[su]64\b")
+
+
+def ptx_summary(text: str) -> Dict:
+    """64-bit div/rem inside loops, and how the dot operands are loaded (TMA, cp.async or plain loads)."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    labels = {}
+    for i, ln in enumerate(lines):
+        m = _PTX_LABEL.match(ln)
+        if m:
+            labels[m[1]] = i
+    in_loop = [False] * len(lines)
+    for i, ln in enumerate(lines):
+        m = _PTX_BRA.search(ln)
+        if m and m[1] in labels and labels[m[1]] <= i:
+            for j in range(labels[m[1]], i + 1):
+                in_loop[j] = True
+    div_loop = sum(1 for i, ln in enumerate(lines) if in_loop[i] and _DIV64.search(ln))
+    if "cp.async.bulk.tensor" in text:
+        loads = "tma"
+    elif re.search(r"\bcp\.async\.(?:ca|cg)\b", text):
+        loads = "cp.async"
+    else:
+        loads = "ld.global"
+    return dict(div64_in_loop=div_loop, div64_total=len(_DIV64.findall(text)), operand_loads=loads)
+
+
+# --- TTGIR ----------------------------------------------------------------------------------------
+
+_DOT = re.compile(r"=\s*(?:ttng\.warp_group_dot|tt\.dot|ttng\.tc_gen5_mma)\b")
+
+
+def ttgir_summary(text: str) -> Dict:
+    """scf.for loops that contain a dot (and their deepest nesting), pipelining waits inside loops."""
+    stack: List[List] = []  # [is_for, has_dot]
+    dot_loops = depth = wait0 = wgwait0 = 0
+    for line in text.splitlines():
+        s = line.strip()
+        closes = s.startswith("}")
+        if closes and stack:
+            is_for, has_dot = stack.pop()
+            dot_loops += int(is_for and has_dot)
+            if has_dot and stack:
+                stack[-1][1] = True
+        in_for = any(f for f, _ in stack)
+        if _DOT.search(s):
+            if stack:
+                stack[-1][1] = True
+            depth = max(depth, sum(1 for f, _ in stack if f))
+        if in_for and re.search(r"ttg\.async_wait\b.*\{num = 0 ", s):
+            wait0 += 1
+        if in_for and re.search(r"warp_group_dot_wait\b.*\{pendings = 0 ", s):
+            wgwait0 += 1
+        if s.endswith("{") and not closes:
+            stack.append([bool(re.search(r"\bscf\.for\b", s)), False])
+        elif s.endswith("{") and closes:  # "} else {" / "} do {": a sibling region of the same op
+            stack.append([False, False])
+    return dict(dot_loops=dot_loops, dot_depth=depth, async_wait0_in_loop=wait0, wgmma_wait0_in_loop=wgwait0,
+                pipelined_copies=len(re.findall(r"ttg\.async_copy_global_to_local|async_tma_copy", text)))

@@ -1,0 +1,148 @@
+"""A compile-only Triton driver: kernels compile for a real GPU target on a CPU-only machine.
+
+``compile_only(arch)`` makes Triton believe the current device is an sm_<arch> GPU and turns every
+launch into a compile-only warm-up whose compiled kernel is recorded. The fused paths' real
+launchers run unchanged (on "meta" tensors: no activation memory), so the check follows them.
+Autotuned launches compile every config that survives the autotuner's own pruning.
+"""
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime import driver as _driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+_ORIG_JIT_RUN = JITFunction.run
+_ORIG_AUTOTUNE_RUN = Autotuner.run
+
+
+class FakeCudaDriver(DriverBase):
+    """Reports a GPU of compute capability ``arch``; never launches anything."""
+
+    def __init__(self, arch: int):
+        super().__init__()
+        self.arch = arch
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError("compile-only driver")
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("compile-only driver: nothing is timed")
+
+    def get_current_device(self):
+        return self.arch  # Triton caches compiled kernels per device: one "device" per arch
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class _PtrArg:
+    """Stands in for a meta tensor at specialization: dtype, and a pointer with the view's alignment."""
+
+    def __init__(self, t: torch.Tensor):
+        self.dtype = t.dtype
+        self._ptr = (1 << 20) + t.storage_offset() * t.element_size()
+
+    def data_ptr(self):
+        return self._ptr
+
+
+@dataclass
+class Launch:
+    """One compiled kernel variant: the launch's kernel, its constexprs and config, and the artifacts."""
+    kernel: str
+    constexprs: Dict[str, Any]
+    config: Dict[str, Any]
+    ints: Dict[str, int]
+    compiled: Any = None
+    error: str = ""
+    tags: Dict[str, Any] = field(default_factory=dict)
+
+
+def _fn_name(fn) -> str:
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    return fn.__name__
+
+
+@contextlib.contextmanager
+def compile_only(arch: int, tf32: bool = True, extra_configs=()):
+    """Within: every Triton launch compiles for sm_<arch> and is recorded in the yielded list; the
+    yielded dict's entries tag each record (layer, mode, ...).
+
+    tf32: fp32 dots as on a GPU with torch's default ``cudnn.allow_tf32`` (the launchers pick "ieee"
+    off-GPU because their tensors are not CUDA tensors).
+    extra_configs: triton.Configs added to every autotuned kernel's list (before its own pruning),
+    e.g. to show that a budget catches a spilling config."""
+    records: List[Launch] = []
+    tags: Dict[str, Any] = {}
+    prev = _driver._active
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        names = self.arg_names
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        if tf32 and bound.get("DOT_PRECISION") == "ieee" and _dtype_of(bound) == torch.float32:
+            kwargs["DOT_PRECISION"] = "tf32"
+        args = tuple(_PtrArg(a) if isinstance(a, torch.Tensor) else a for a in args)
+        const = {n: bound[n] for n in names if n in bound and _is_constexpr(self, n)}
+        config = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
+        ints = {n: v for n, v in bound.items() if type(v) is int and n not in const}
+        rec = Launch(self.__name__, const, config, ints, tags=dict(tags))
+        try:
+            rec.compiled = _ORIG_JIT_RUN(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a failed compile is a result, reported per row
+            rec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        records.append(rec)
+        return rec.compiled
+
+    def autotune_run(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        shipped = self.configs
+        self.configs = list(shipped) + list(extra_configs)
+        try:  # every config that survives the autotuner's own pruning may be picked: compile each
+            configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+            for cfg in configs:
+                self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+        finally:
+            self.configs = shipped
+            self.nargs = None
+
+    _driver.set_active(FakeCudaDriver(arch))
+    JITFunction.run = jit_run
+    Autotuner.run = autotune_run
+    try:
+        yield records, tags
+    finally:
+        JITFunction.run = _ORIG_JIT_RUN
+        Autotuner.run = _ORIG_AUTOTUNE_RUN
+        _driver._active = prev
+
+
+def _is_constexpr(fn: JITFunction, name: str) -> bool:
+    p = fn.params[fn.arg_names.index(name)]
+    return p.is_constexpr
+
+
+def _dtype_of(bound) -> Any:
+    for v in bound.values():
+        if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
+            return v.dtype
+    return None

@@ -1,0 +1,110 @@
+"""Static GPU check (no GPU needed): compile every kernel variant the fused paths launch for sm_90 / sm_80.
+
+    python benchmarks/static_check.py                      # ResNet-18 + ResNet-50 layer classes, bf16, eval + train
+    python benchmarks/static_check.py --dtypes bf16,fp16,fp32 --nets resnet18,resnet50   # the full matrix
+    python benchmarks/static_check.py --budget             # CI subset; exit 1 and list the rows that break a budget
+
+One row per (layer class, kernel, config, arch, triton version): registers, spill bytes, shared memory,
+CTAs/SM, wgmma vs mma.sync, cp.async/TMA operand loads, scf.for loops around the dot, waits that drain
+the pipeline inside a loop, 64-bit div/rem inside loops, SASS instructions per MFLOP of the main loop.
+Written to <out>/static.json and <out>/static.md. Compiled evidence only: nothing here is timed.
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("static_check: unset TRITON_INTERPRET (the check compiles real GPU code, the interpreter compiles none)")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from static import layers, report  # noqa: E402
+from static.driver import Launch, compile_only  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The CI subset: the stem, a projection block (1x1 and 3x3 convs, the shortcut GEMM), a stride-2
+# projection block and a 7x7 identity block, in eval and training, bf16, both archs, every config.
+BUDGET = dict(nets=["resnet50"], layers=["stem", "layer1.0", "layer3.0", "layer4.1"], dtypes=["bf16"],
+              modes=["eval", "train"], archs=[90, 80])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nets", default="resnet18,resnet50")
+    p.add_argument("--layers", default="", help="comma-separated layer names (stem, layer2.0, ...); default all")
+    p.add_argument("--dtypes", default="bf16", help="comma-separated from bf16,fp16,fp32")
+    p.add_argument("--modes", default="eval,train")
+    p.add_argument("--archs", default="90,80")
+    p.add_argument("--batch-eval", type=int, default=256)
+    p.add_argument("--batch-train", type=int, default=128)
+    p.add_argument("--nchw", action="store_true", help="contiguous (NCHW) activations instead of channels_last")
+    p.add_argument("--extra-config", action="append", default=[], metavar="BM,BN,BK,WARPS,STAGES",
+                   help="add a config to every autotuned kernel (e.g. to see a budget fail)")
+    p.add_argument("--budget", action="store_true", help="the CI subset; exit 1 when a budget is broken")
+    p.add_argument("--report-only", action="store_true", help="with --budget: list broken budgets, exit 0")
+    p.add_argument("--out", default="static-results")
+    p.add_argument("--name", default="", help="file name stem of the outputs (default static or budget)")
+    a = p.parse_args(argv)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    if a.budget:
+        a.nets, a.layers, a.dtypes, a.modes, a.archs = (BUDGET[k] for k in ("nets", "layers", "dtypes", "modes",
+                                                                            "archs"))
+    else:
+        a.nets, a.layers, a.dtypes, a.modes = split(a.nets), split(a.layers), split(a.dtypes), split(a.modes)
+        a.archs = [int(x) for x in split(a.archs)]
+    a.extra = []
+    for cfg in a.extra_config:
+        bm, bn, bk, w, s = (int(v) for v in cfg.split(","))
+        a.extra.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return a
+
+
+def _run_one(a, lc, mode: str, dt: str, records: list, tags: dict) -> None:
+    t0, n0 = time.time(), len(records)
+    tags.update(layer=lc.key, mode=mode, dtype=dt, phase="fwd")
+    batch = a.batch_eval if mode == "eval" else a.batch_train
+    try:
+        layers.run_layer(lc, mode, DTYPES[dt], batch, channels_last=not a.nchw,
+                         on_phase=lambda ph: tags.update(phase=ph))
+    except Exception as exc:  # noqa: BLE001 - a host-side failure is a row, not a crash
+        records.append(Launch("(host)", {}, {}, {}, error=f"{type(exc).__name__}: {exc}", tags=dict(tags)))
+    print(f"sm_{tags.get('arch')} {lc.key:18s} {mode:5s} {dt}: {len(records) - n0} launches compiled "
+          f"in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def collect(a) -> list:
+    rows = []
+    for arch in a.archs:
+        with compile_only(arch, extra_configs=a.extra) as (records, tags):
+            tags["arch"] = arch
+            for net in a.nets:
+                for lc in layers.layer_classes(net, a.layers):
+                    for dt in a.dtypes:
+                        for mode in a.modes:
+                            _run_one(a, lc, mode, dt, records, tags)
+        rows += report.make_rows(records, arch)
+    return rows
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t0 = time.time()
+    rows = collect(a)
+    paths = report.write(rows, a.out, a.name or ("budget" if a.budget else "static"))
+    bad = report.budget_failures(rows)
+    print(f"static check (triton {triton.__version__}): {len(rows)} rows in {time.time() - t0:.0f} s -> "
+          f"{', '.join(paths)}")
+    if a.budget or bad:
+        print(f"{len(bad)} broken budget(s)" + (":" if bad else ""))
+        for line in bad:
+            print("  BUDGET " + line)
+    return 1 if (a.budget and bad and not a.report_only) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
