@@ -12,6 +12,55 @@ from ._tiles import add_residual_relu_store, pixel_channel_tile, tile_ptrs
 
 
 @triton.jit
+def _merge_tiles(part_mean_ptr, part_m2_ptr, t_lo, t_hi, M, K, TILE_M, offs_k, mask_k,
+                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-channel (mean, M2) over the pixels of tiles [t_lo, t_hi): tile t holds the mean and M2 of its
+    min(TILE_M, M - t*TILE_M) pixels. Within a block of tiles by the parallel formula, across blocks by
+    Chan's pairwise update (never sum(y^2) - sum(y)^2/n): stable when the mean dwarfs the spread."""
+    mean_a = tl.zeros((BLOCK_K,), dtype=part_mean_ptr.dtype.element_ty)
+    m2_a = tl.zeros((BLOCK_K,), dtype=part_mean_ptr.dtype.element_ty)
+    for t0 in tl.range(t_lo, t_hi, BLOCK_T, num_stages=3):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        cnt = tl.minimum(tl.maximum(M - offs_t * TILE_M, 0), TILE_M).to(mean_a.dtype)
+        cnt = tl.where(mask_t, cnt, 0.0)
+        idx = offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]
+        msk = mask_t[:, None] & mask_k[None, :]
+        pm = tl.load(part_mean_ptr + idx, mask=msk, other=0.0)
+        pm2 = tl.load(part_m2_ptr + idx, mask=msk, other=0.0)
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+        dev = tl.where(msk, pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(pm2, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        n_a = ((t0 - t_lo) * TILE_M).to(mean_a.dtype)  # pixels merged so far (every earlier tile is full)
+        n_ab = n_a + n_b
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n_ab)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+    return mean_a, m2_a
+
+
+@triton.jit
+def _bn_chunk_stats_kernel(
+    part_mean_ptr, part_m2_ptr,    # [T, K] per-tile channel means and M2
+    chunk_mean_ptr, chunk_m2_ptr,  # [cdiv(T, CHUNK), K] out: the same for chunks of CHUNK tiles
+    T, M, K, TILE_M, CHUNK,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Pass 1 of a parallel finalize: one program per (chunk of tiles, channel block), so a 64-channel BN
+    is not reduced by one CTA. The chunks are again (mean, M2) partials, of CHUNK * TILE_M pixels."""
+    c = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    t_lo = c * CHUNK
+    mean, m2 = _merge_tiles(part_mean_ptr, part_m2_ptr, t_lo, tl.minimum(t_lo + CHUNK, T), M, K, TILE_M,
+                            offs_k, mask_k, BLOCK_T, BLOCK_K)
+    out = c.to(tl.int64) * K + offs_k
+    tl.store(chunk_mean_ptr + out, mean, mask=mask_k)
+    tl.store(chunk_m2_ptr + out, m2, mask=mask_k)
+
+
+@triton.jit
 def _bn_finalize_kernel(
     part_mean_ptr, part_m2_ptr,   # [T, K] per-tile channel means and M2 (from the conv STATS epilogue)
     gamma_ptr, beta_ptr,          # [K] affine parameters (HAS_AFFINE)
@@ -24,30 +73,11 @@ def _bn_finalize_kernel(
     HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Merge per-tile (mean, M2) into batch mean / biased variance, stably: within a block of tiles
-    by the parallel formula, across blocks by Chan's pairwise update (never sum(y^2) - sum(y)^2/n)."""
+    """Batch mean / biased variance of all T (mean, M2) partials (tiles, or pass 1's chunks; see
+    _merge_tiles), then invstd, scale/shift and the running statistics; one program per channel block."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    mean_a = tl.zeros((BLOCK_K,), dtype=part_mean_ptr.dtype.element_ty)
-    m2_a = tl.zeros((BLOCK_K,), dtype=part_mean_ptr.dtype.element_ty)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
-        cnt = tl.minimum(tl.maximum(M - offs_t * TILE_M, 0), TILE_M).to(mean_a.dtype)
-        cnt = tl.where(mask_t, cnt, 0.0)
-        idx = offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]
-        msk = mask_t[:, None] & mask_k[None, :]
-        pm = tl.load(part_mean_ptr + idx, mask=msk, other=0.0)
-        pm2 = tl.load(part_m2_ptr + idx, mask=msk, other=0.0)
-        n_b = tl.sum(cnt, axis=0)
-        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
-        dev = tl.where(msk, pm - mean_b[None, :], 0.0)
-        m2_b = tl.sum(pm2, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
-        n_a = tl.minimum(t0 * TILE_M, M).to(mean_a.dtype)
-        n_ab = n_a + n_b
-        delta = mean_b - mean_a
-        mean_a = mean_a + delta * (n_b / n_ab)
-        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+    mean_a, m2_a = _merge_tiles(part_mean_ptr, part_m2_ptr, 0, T, M, K, TILE_M, offs_k, mask_k, BLOCK_T, BLOCK_K)
     var = m2_a / (tl.zeros_like(m2_a) + M)
     invstd = 1.0 / tl.sqrt(var + eps)
     scale = invstd
@@ -78,16 +108,20 @@ def _bn_finalize_kernel(
 
 
 @triton.jit
-def _sum_rows_kernel(src_ptr, dst_ptr, T, L, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
-    """dst[l] = sum_t src[t, l], in a fixed order (deterministic, no atomics)."""
+def _sum_rows_kernel(src_ptr, dst_ptr, T, L, ROWS, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
+    """dst[c, l] = sum of src[t, l] over the ROWS rows t of chunk c = program_id(1), in a fixed order
+    (deterministic, no atomics); one chunk of all T rows is the plain column sum."""
     offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_l = offs_l < L
+    c = tl.program_id(1)
+    t_lo = c * ROWS
+    t_hi = tl.minimum(t_lo + ROWS, T)
     acc = tl.zeros((BLOCK_L,), dtype=src_ptr.dtype.element_ty)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in tl.range(t_lo, t_hi, BLOCK_T, num_stages=3):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        msk = (offs_t < T)[:, None] & mask_l[None, :]
+        msk = (offs_t < t_hi)[:, None] & mask_l[None, :]
         acc += tl.sum(tl.load(src_ptr + offs_t.to(tl.int64)[:, None] * L + offs_l[None, :], mask=msk, other=0.0), 0)
-    tl.store(dst_ptr + offs_l, acc.to(dst_ptr.dtype.element_ty), mask=mask_l)
+    tl.store(dst_ptr + c.to(tl.int64) * L + offs_l, acc.to(dst_ptr.dtype.element_ty), mask=mask_l)
 
 
 @triton.jit
@@ -202,21 +236,54 @@ def _strides(t):
     return t.stride() if t is not None else (0, 0, 0, 0)
 
 
+# Programs a two-pass reduction aims for on a GPU: >= 2 per SM of a 132-SM H100/H200. A constant, not
+# the card's SM count, so the summation order (hence every bit of the result) depends on the shape only.
+_GPU_PROGRAMS = 264
+
+
+def _split(rows: int, col_blocks: int, chunk=None, gpu=not INTERPRETED):
+    """(rows per program of pass 1, its BLOCK_T); rows per program >= rows means one pass. Chunks of a
+    multiple of 8 rows (BLOCK_T 8..32 divides them), as many as give _GPU_PROGRAMS programs; one pass in
+    the interpreter, where per-program overhead dominates."""
+    if chunk is None:
+        if not gpu or col_blocks >= _GPU_PROGRAMS:
+            chunk = max(rows, 1)
+        else:
+            chunk = triton.cdiv(triton.cdiv(rows, triton.cdiv(_GPU_PROGRAMS, col_blocks)), 8) * 8
+    chunk = max(1, chunk)
+    return chunk, min(32, chunk & -chunk, triton.next_power_of_2(rows))
+
+
+def _finalize_blocks(t: int, k: int):
+    return (clamp_block(64, t, 1), clamp_block(128, k, 1)) if INTERPRETED else (clamp_block(32, t, 1),
+                                                                                clamp_block(64, k, 1))
+
+
 def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, running_var, num_batches_tracked,
-                momentum, eps, return_var=False, running_out=None):
+                momentum, eps, return_var=False, running_out=None, chunk=None):
     """Batch mean, invstd and BN scale/shift [K] from conv STATS partials; updates running stats in place,
     or writes their new values to ``running_out`` = (new_mean, new_var) and leaves them unchanged.
 
     gamma/beta None: affine=False. running_mean None: no running statistics (track_running_stats=False).
     momentum None: cumulative average, factor 1/num_batches_tracked (incremented by the caller).
+    chunk: tiles per program of the parallel first pass (default: from the shape; >= T: one pass).
     """
     t, k = part_mean.shape
     outs = [torch.empty(k, device=part_mean.device, dtype=part_mean.dtype) for _ in range(5)]
     mean, invstd, scale, shift, var = outs
     update = running_mean is not None
     dummy = outs[0]
-    block_k = clamp_block(64, k, 1)
+    block_t, block_k = _finalize_blocks(t, k)
+    chunk, chunk_block_t = _split(t, triton.cdiv(k, block_k), chunk)
     with device_guard(part_mean):
+        if chunk < t:  # pass 1: (mean, M2) per chunk of tiles, then the merge below runs over the chunks
+            chunks = triton.cdiv(t, chunk)
+            c_mean = part_mean.new_empty((chunks, k))
+            c_m2 = part_mean.new_empty((chunks, k))
+            _bn_chunk_stats_kernel[(chunks, triton.cdiv(k, block_k))](
+                part_mean, part_m2, c_mean, c_m2, t, m, k, tile_m, chunk, BLOCK_T=chunk_block_t, BLOCK_K=block_k)
+            part_mean, part_m2, t, tile_m = c_mean, c_m2, chunks, chunk * tile_m
+            block_t = _finalize_blocks(t, k)[0]
         _bn_finalize_kernel[(triton.cdiv(k, block_k),)](
             part_mean, part_m2, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
             running_mean if update else dummy, running_var if update else dummy,
@@ -225,18 +292,26 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, runnin
             num_batches_tracked if (update and momentum is None) else dummy,
             mean, invstd, scale, shift, var, t, m, k, tile_m, eps, 0.0 if momentum is None else momentum,
             HAS_AFFINE=gamma is not None, UPDATE_RUNNING=update, CUMULATIVE=momentum is None,
-            BLOCK_T=clamp_block(64, t, 1), BLOCK_K=block_k)
+            BLOCK_T=block_t, BLOCK_K=block_k)
     return (mean, invstd, scale, shift, var) if return_var else (mean, invstd, scale, shift)
 
 
-def sum_rows(src, out=None):
-    """[T, L] -> [L] column sums in a fixed order; ``out`` (any dtype, L elements, dense) is written flat."""
+def sum_rows(src, out=None, chunk=None):
+    """[T, L] -> [L] column sums in a fixed order; ``out`` (any dtype, L elements, dense) is written flat.
+    On a GPU, few column blocks get a parallel first pass over chunks of ``chunk`` rows (default: from the
+    shape), whose [chunks, L] partial sums a second pass adds up in order."""
     t, length = src.shape
     out = torch.empty(length, device=src.device, dtype=src.dtype) if out is None else out
     block_l = clamp_block(1024 if INTERPRETED else 256, length, 1)
+    cols = triton.cdiv(length, block_l)
+    rows, block_t = _split(t, cols, chunk)
     with device_guard(src):
-        _sum_rows_kernel[(triton.cdiv(length, block_l),)](src, out, t, length, BLOCK_T=clamp_block(32, t, 1),
-                                                           BLOCK_L=block_l)
+        if rows < t:
+            chunks = triton.cdiv(t, rows)
+            part = src.new_empty((chunks, length))
+            _sum_rows_kernel[(cols, chunks)](src, part, t, length, rows, BLOCK_T=block_t, BLOCK_L=block_l)
+            src, t = part, chunks
+        _sum_rows_kernel[(cols, 1)](src, out, t, length, t, BLOCK_T=clamp_block(32, t, 1), BLOCK_L=block_l)
     return out
 
 
