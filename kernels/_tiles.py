@@ -9,8 +9,9 @@ import triton.language as tl
 
 @triton.jit
 def pixel_rows(pid_m, M, P, Q, BLOCK_M: tl.constexpr):
-    """Rows of an M = N*P*Q pixel tile: int64 offsets (N*P*Q*C may pass 2**31), (n, p, q), mask."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    """Rows of an M = N*P*Q pixel tile: int64 offsets (N*P*Q*C may pass 2**31), (n, p, q), mask.
+    pid_m is widened before the product: pid_m * BLOCK_M itself passes 2**31 at >= 2**31 pixels."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = offs_m // (P * Q)
     pq = offs_m % (P * Q)
     return offs_m, n, pq // Q, pq % Q, offs_m < M

@@ -404,13 +404,7 @@ def _pixel_rows_probe(out_ptr, pid_m, M, P, Q, BLOCK_M: tl.constexpr):
     tl.store(out_ptr + i + 4, mask.to(tl.int64))
 
 
-@pytest.mark.parametrize("pid_m", [
-    2 ** 31 // 16 - 1,
-    pytest.param(2 ** 27 + 5, marks=pytest.mark.xfail(strict=True, reason=(
-        "kernels/_tiles.py pixel_rows computes pid_m * BLOCK_M in int32 before .to(tl.int64): pixel "
-        "indices wrap once M = N*P*Q >= 2**31 pixels (latent: ~2**37 elements at 64 channels); fix: "
-        "pid_m.to(tl.int64) * BLOCK_M"))),
-])
+@pytest.mark.parametrize("pid_m", [2 ** 31 // 16 - 1, 2 ** 27 + 5])
 def test_pixel_rows_int64(pid_m):
     """kernels._tiles.pixel_rows for a pixel tile far into M: offsets and (n, p, q) as int64 math gives."""
     if not kernels.INTERPRETED and not ON_GPU:
