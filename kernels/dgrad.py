@@ -1,0 +1,231 @@
+"""Input gradient of a convolution (dgrad) as implicit GEMMs, one per output phase.
+
+dx[n, c, h, w] = sum over k, r, s of dy[n, k, p, q] * w[k, c, r, s], where h = p*stride - pad + r*dil.
+A tap r reaches row h only when (h + pad - r*dil) divides by the stride, which depends on h % stride
+alone. So the launcher splits dx into stride_h*stride_w phases (h % stride, w % stride); each phase is
+a dense conv over its own pixel grid with just the taps that hit it (an arithmetic progression
+r = R0 + j*RSTEP, reading dy row p = i + PB - j*PD for phase row i). No MMA is issued for a tap that
+cannot contribute: a 1x1 stride-2 dgrad is one GEMM over the strided pixels, the other phases only
+run the epilogue. At stride 1 there is one phase with every tap.
+
+GEMM per phase: M = N*HP*WP pixels x C input channels (per group), reduction over (tap, K block), one
+flattened loop whose tap and K-block counters advance without division.
+
+Epilogue: BN_RELU_GRAD gates the gradient by the ReLU of the previous BN, recomputed from its saved
+raw output y, and writes per-tile partial sums (of the stored, rounded values) for that BN's backward;
+HAS_RESIDUAL adds the shortcut's gradient read at stride RES_STRIDE (option A), gated by the block
+output's ReLU (HAS_RES_MASK). dx may alias res: each element is read, then written, by one program.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import INTERPRETED, clamp_block, device_guard, dot_precision, empty_activation, stats_dtype, upcast_dot
+from ._tiles import mma
+from .bn import relu_grad, sum_rows
+from .wgrad import max_offset
+
+
+@triton.jit
+def _ptrs(base, n, p, q, offs_c, s_n, s_c, s_h, s_w):
+    """[BLOCK_M, BLOCK_N] pointers of pixels (n, p, q) x channels offs_c, in n's index type (int32 unless
+    IDX64: half the registers of 64-bit offsets per element)."""
+    return base + (n * s_n + p * s_h + q * s_w)[:, None] + offs_c.to(n.dtype)[None, :] * s_c
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr,        # [N, K, P, Q] gradient w.r.t. the conv output
+    w_ptr,         # [K, C/groups, R, S]
+    dx_ptr,        # [N, C, H, W] result (may alias res_ptr)
+    y_ptr,         # [N, C, H, W] raw output of the previous conv (BN_RELU_GRAD)
+    in_scale_ptr, in_shift_ptr, mean_ptr, invstd_ptr,  # [C] that BN as scale/shift, and its batch stats
+    parts_ptr,     # [T, 2, C] per-tile partial sums of g and g*xhat (BN_RELU_GRAD); this phase from TILE0
+    res_ptr,       # [N, RES_C, H', W'] gradient to add at stride RES_STRIDE (HAS_RESIDUAL)
+    rmask_ptr,     # ReLU output gating res (HAS_RES_MASK), same shape and strides as res
+    M, HP, WP,     # this phase: M = N*HP*WP pixels h = PH0 + stride_h*i, w = PW0 + stride_w*j
+    PH0, PW0, P, Q, CG, KG, RES_C, C, TILE0,
+    sdn, sdc, sdh, sdw, swk, swc, swr, sws, sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
+    smn, smc, smh, smw,
+    stride_h, stride_w, RES_STRIDE,
+    R0, RSTEP, NR, PB, PD,   # taps along h: r = R0 + j*RSTEP reads dy row i + PB - j*PD (NR taps)
+    S0, SSTEP, NS, QB, QD,   # the same along w
+    BN_RELU_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_RES_MASK: tl.constexpr,
+    IDX64: tl.constexpr,     # some offset may pass 2**31: loop index math in int64
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(CG, BLOCK_N)
+    pid_m = pid // num_n
+    g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+    n = offs_m // (HP * WP)  # once per tile, in int32 unless offsets need 64 bits (no division routine)
+    i = offs_m - n * (HP * WP)
+    j = i % WP
+    i = i // WP
+    mask_m = offs_m < M
+    offs_cg = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = g * CG + offs_cg
+    mask_c = offs_cg < CG
+    offs_kk = tl.arange(0, BLOCK_K)
+    pi = i + PB  # dy row and column of the first tap; tap j steps back by PD (QD)
+    qj = j + QB
+    if IDX64:
+        dy_rows = dy_ptr + n * sdn + (g * KG).to(tl.int64) * sdc + pi * sdh + qj * sdw
+        w_cols = w_ptr + (g * KG).to(tl.int64) * swk + offs_cg.to(tl.int64) * swc
+        offs_kk = offs_kk.to(tl.int64)
+    else:
+        dy_rows = dy_ptr + (n * sdn + (g * KG) * sdc + pi * sdh + qj * sdw)
+        w_cols = w_ptr + ((g * KG) * swk + offs_cg * swc)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    # One loop over (tap row jr, tap column js, K block k0), k0 fastest, counters advanced without division.
+    k0 = 0
+    js = 0
+    jr = 0
+    for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
+        hp = pi - jr * PD
+        wq = qj - js * QD
+        valid = mask_m & (hp >= 0) & (hp < P) & (wq >= 0) & (wq < Q)
+        kk = k0 + offs_kk
+        mask_kk = kk < KG
+        if IDX64:
+            back = jr.to(tl.int64) * PD * sdh + js.to(tl.int64) * QD * sdw
+        else:
+            back = jr * PD * sdh + js * QD * sdw
+        a = tl.load(dy_rows[:, None] + (kk * sdc)[None, :] - back,
+                    mask=valid[:, None] & mask_kk[None, :], other=0.0)
+        tap = (R0 + jr * RSTEP) * swr + (S0 + js * SSTEP) * sws
+        b = tl.load(w_cols[None, :] + (kk * swk)[:, None] + tap, mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+        k0 += BLOCK_K
+        wrap = k0 >= KG
+        k0 = tl.where(wrap, 0, k0)
+        js += wrap.to(tl.int32)
+        wrap2 = js >= NS
+        js = tl.where(wrap2, 0, js)
+        jr += wrap2.to(tl.int32)
+
+    h = PH0 + stride_h * i
+    w = PW0 + stride_w * j
+    msk = mask_m[:, None] & mask_c[None, :]
+    if BN_RELU_GRAD:
+        scale = tl.load(in_scale_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+        shift = tl.load(in_shift_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+        y = tl.load(_ptrs(y_ptr, n, h, w, offs_c, syn, syc, syh, syw), mask=msk, other=0.0).to(acc_dtype)
+        acc = relu_grad(acc, y * scale[None, :] + shift[None, :])  # same fp32 expression as the forward prologue
+        # Reduce what is stored (rounded to the activation dtype), so that the BN backward applied to
+        # the stored gradient removes exactly its own mean and xhat components.
+        acc = tl.where(msk, acc.to(dx_ptr.dtype.element_ty).to(acc_dtype), 0.0)
+        part = parts_ptr + (TILE0 + pid_m).to(tl.int64) * (2 * C) + offs_c
+        tl.store(part, tl.sum(acc, axis=0), mask=mask_c)
+        tl.store(part + C, tl.sum(acc * (y - mean[None, :]) * invstd[None, :], axis=0), mask=mask_c)
+    if HAS_RESIDUAL:
+        on_grid = (h % RES_STRIDE == 0) & (w % RES_STRIDE == 0)
+        r_msk = (mask_m & on_grid)[:, None] & (mask_c & (offs_c < RES_C))[None, :]
+        hr = h // RES_STRIDE
+        wr = w // RES_STRIDE
+        res = tl.load(_ptrs(res_ptr, n, hr, wr, offs_c, srn, src, srh, srw), mask=r_msk, other=0.0).to(acc_dtype)
+        if HAS_RES_MASK:
+            res = relu_grad(res, tl.load(_ptrs(rmask_ptr, n, hr, wr, offs_c, smn, smc, smh, smw), mask=r_msk,
+                                         other=0.0))
+        acc += res
+    tl.store(_ptrs(dx_ptr, n, h, w, offs_c, sxn, sxc, sxh, sxw), acc.to(dx_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases and launcher
+# ----------------------------------------------------------------------------------------------
+
+def _axis_phases(size: int, out: int, k: int, stride: int, pad: int, dil: int):
+    """Per phase a of one axis: (a, pixels, (first tap, tap step, taps, dy row base, dy row step))."""
+    phases = []
+    for a in range(stride):
+        taps = [t for t in range(k) if (a + pad - t * dil) % stride == 0]
+        step = taps[1] - taps[0] if len(taps) > 1 else 1
+        t0 = taps[0] if taps else 0
+        phases.append((a, max(0, triton.cdiv(size - a, stride)),
+                       (t0, step, len(taps), (a + pad - t0 * dil) // stride, step * dil // stride)))
+    return phases
+
+
+def dgrad_phases(x_shape, w_shape, stride, padding, dilation):
+    """[(h phase, w phase), (pixels along h, along w), h taps, w taps] for every non-empty phase."""
+    _, _, h, w = x_shape
+    _, _, r, s = w_shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return [((ah, aw), (hp, wp), th, tw)
+            for ah, hp, th in _axis_phases(h, p, r, stride[0], padding[0], dilation[0])
+            for aw, wp, tw in _axis_phases(w, q, s, stride[1], padding[1], dilation[1]) if hp > 0 and wp > 0]
+
+
+def dgrad_flops(x_shape, w_shape, stride, padding, dilation, groups):
+    """(issued, useful) MMA FLOPs of a dgrad, counted per pixel (tile padding aside): issued by the
+    phase launches; useful = the forward conv's 2*N*P*Q*K*(C/groups)*R*S."""
+    n, c, h, w = x_shape
+    k, cg, r, s = w_shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    issued = sum(2 * n * hp * wp * th[2] * tw[2] * k * cg
+                 for _, (hp, wp), th, tw in dgrad_phases(x_shape, w_shape, stride, padding, dilation))
+    return issued, 2 * n * p * q * k * cg * r * s
+
+
+def dgrad_config(m: int, cg: int, kg: int) -> dict:
+    if INTERPRETED:
+        return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, cg), BLOCK_K=clamp_block(128, kg))
+    bn = clamp_block(128, cg)
+    return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=clamp_block(64, kg), num_warps=8 if bn >= 128 else 4, num_stages=3)
+
+
+def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=None, residual=None, out=None,
+               config=None):
+    """Gradient w.r.t. the conv input, [N, C, H, W] in dy's memory format.
+
+    bn_relu: (y, scale, shift, mean, invstd) when the conv input was relu(scale*y + shift): the result is
+      then the ReLU-gated gradient w.r.t. bn(y), and (result, sum_g, sum_gxhat) is returned.
+    residual: (res, relu_out or None, res_stride): adds res (gated by relu_out > 0) at stride res_stride.
+    out: write into this tensor (it may be res itself: in-place accumulation is safe).
+    config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages).
+    """
+    n, c, h, w = x_shape
+    k, cg, r, s = weight.shape
+    p, q = dy.shape[2:]
+    dx = empty_activation(dy, (n, c, h, w)) if out is None else out
+    kg = k // groups
+    phases = dgrad_phases(x_shape, weight.shape, stride, padding, dilation)
+    cfg = dict(config) if config is not None else dgrad_config(n * h * w, cg, kg)
+    bm = cfg["BLOCK_M"]
+    tiles = [triton.cdiv(n * hp * wp, bm) for _, (hp, wp), _, _ in phases]
+    parts = torch.empty((sum(tiles), 2 * c), device=dy.device, dtype=stats_dtype(dy)) if bn_relu is not None else dx
+    y, in_scale, in_shift, mean, invstd = bn_relu if bn_relu is not None else (dx, dx, dx, dx, dx)
+    res, rmask, res_stride = residual if residual is not None else (dx, None, 1)
+    rmask_t = rmask if rmask is not None else res
+    idx64 = max(max_offset(t) for t in (dy, weight, dx, y, res, rmask_t)) >= 2**31 - 1
+    tile0 = 0
+    for ((ah, aw), (hp, wp), th, tw), t in zip(phases, tiles):
+        if t == 0:
+            continue
+        with device_guard(dy):
+            _conv_dgrad_kernel[(t * triton.cdiv(cg, cfg["BLOCK_N"]), groups)](
+                dy, weight, dx, y, in_scale, in_shift, mean, invstd, parts, res, rmask_t,
+                n * hp * wp, hp, wp, ah, aw, p, q, cg, kg, res.shape[1], c, tile0,
+                *dy.stride(), *weight.stride(), *dx.stride(), *y.stride(), *res.stride(), *rmask_t.stride(),
+                stride[0], stride[1], res_stride, *th, *tw,
+                BN_RELU_GRAD=bn_relu is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
+                IDX64=idx64, DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy),
+                ACC_FP64=dy.dtype == torch.float64, **cfg)
+        tile0 += t
+    if bn_relu is None:
+        return dx
+    if tile0 == 0:
+        zeros = torch.zeros(c, device=dy.device, dtype=parts.dtype)
+        return dx, zeros, zeros.clone()
+    sum_g, sum_gx = sum_rows(parts).view(2, c).unbind(0)
+    return dx, sum_g, sum_gx
