@@ -163,7 +163,8 @@ def ptx_summary(text: str) -> Dict:
         loads = "cp.async"
     else:
         loads = "ld.global"
-    return dict(div64_in_loop=div_loop, div64_total=len(_DIV64.findall(text)), operand_loads=loads)
+    mma = "wgmma" if "wgmma.mma_async" in text else ("mma.sync" if re.search(r"\bmma\.sync\b", text) else "none")
+    return dict(div64_in_loop=div_loop, div64_total=len(_DIV64.findall(text)), operand_loads=loads, ptx_mma=mma)
 
 
 # --- TTGIR ----------------------------------------------------------------------------------------

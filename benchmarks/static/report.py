@@ -33,23 +33,27 @@ def _config(const: Dict, meta) -> str:
     return f"{blocks} w{meta.num_warps} s{meta.num_stages}"
 
 
-def analyse(compiled) -> Dict:
-    """Every static figure of one compiled kernel (cached by its hash)."""
-    h = compiled.metadata.hash
+def analyse(compiled, sass: bool = True) -> Dict:
+    """Every static figure of one compiled kernel (cached by its hash). sass=False skips the
+    disassembly (the main-loop columns stay empty; the MMA kind then comes from the PTX)."""
+    h = (compiled.metadata.hash, sass)
     if h not in _CACHE:
         asm = compiled.asm
         res = analyze.resources(asm["cubin"])
         row = dict(regs=res["regs"], spill_bytes=res["stack"] + res["local"],
                    smem=compiled.metadata.shared + res["static_smem"])
-        row.update(analyze.sass_summary(analyze.sass(asm["cubin"])))
         row.update(analyze.ptx_summary(asm["ptx"]))
+        if sass:
+            row.update(analyze.sass_summary(analyze.sass(asm["cubin"])))
+        else:
+            row["mma"] = row["ptx_mma"]
         row.update(analyze.ttgir_summary(asm["ttgir"]))
         row["has_dot"] = row["dot_loops"] > 0 or row["mma"] != "none"
         _CACHE[h] = row
     return dict(_CACHE[h])
 
 
-def make_rows(records: List[Launch], arch: int) -> List[Dict]:
+def make_rows(records: List[Launch], arch: int, sass: bool = True) -> List[Dict]:
     """One row per distinct (layer, mode, phase, kernel, variant, shape, config); repeats are counted."""
     rows: Dict[tuple, Dict] = {}
     for rec in records:
@@ -66,7 +70,7 @@ def make_rows(records: List[Launch], arch: int) -> List[Dict]:
         row["launches"] = 1
         if rec.compiled is not None:
             try:
-                row.update(analyse(rec.compiled))
+                row.update(analyse(rec.compiled, sass))
                 row["ctas_per_sm"], row["occupancy_limit"] = analyze.ctas_per_sm(arch, row["regs"], row["smem"],
                                                                                  row["num_warps"])
             except Exception as exc:  # noqa: BLE001 - an analysis failure is reported on its row

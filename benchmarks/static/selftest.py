@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
 from static import report  # noqa: E402
 from static.driver import compile_only  # noqa: E402
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Static GPU budgets (issue 9), no GPU needed: compile the CI subset of kernel variants for sm_90 and
+# sm_80 with the GPU image's triton (3.6, in .venv-static36, created here) and with the newest triton
+# (the python on PATH: the venv CI activated), both at once; exit 1 when a budget is broken.
+#   bash benchmarks/static_ci.sh                 # enforce: every variant compiles, no spills, smem fits, wgmma
+#   bash benchmarks/static_ci.sh --report-only   # list broken budgets, exit 0
+# Tables: static-results/budget-triton<version>.{json,md}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET
+ARGS=(--budget --no-sass)
+if [[ "${1:-}" == "--report-only" ]]; then ARGS+=(--report-only); fi
+START=$SECONDS
+MAIN_PY=$(command -v python)
+V36=.venv-static36
+if ! "$V36/bin/python" -c "import triton, torch, numpy, fusedres; assert triton.__version__ == '3.6.0'" 2>/dev/null; then
+    python3 -m venv "$V36"
+    "$V36/bin/python" -m pip install -q torch==2.13.0 triton==3.6.0 numpy
+    "$V36/bin/python" -m pip install -q --no-deps -e .
+fi
+echo "static_ci: venvs ready after $((SECONDS - START)) s"
+mkdir -p static-results
+run() {  # python label: the budget subset under that interpreter, its log in static-results/
+    "$1" benchmarks/static_check.py "${ARGS[@]}" --name "budget-triton$2" >"static-results/budget-triton$2.log" 2>&1
+}
+V_MAIN=$("$MAIN_PY" -c "import triton; print(triton.__version__)")
+run "$V36/bin/python" 3.6.0 & P36=$!
+run "$MAIN_PY" "$V_MAIN" & PMAIN=$!
+RC=0
+wait $P36 || RC=1
+wait $PMAIN || RC=1
+for v in 3.6.0 "$V_MAIN"; do
+    echo "=== triton $v (static-results/budget-triton$v.md)"
+    grep -v '^sm_' "static-results/budget-triton$v.log" || true
+done
+echo "static_ci: $((SECONDS - START)) s, exit $RC"
+exit $RC
