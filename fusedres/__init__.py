@@ -8,7 +8,7 @@
 from . import functional, ops, reference
 from ._dispatch import FusedResFallbackError, FusedResFallbackWarning
 from .blocks import FusedBasicBlock, FusedBottleneck
-from .convert import convert
+from .convert import convert, summary
 from .models import (ResNet, cifar_resnet, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
                      wide_resnet50_2)
 from .reference import PadChannelsShortcut
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedBasicBlock", "FusedBottleneck", "PadChannelsShortcut", "ResNet", "convert", "functional", "reference",
     "ops", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
-    "cifar_resnet", "FusedResFallbackWarning", "FusedResFallbackError", "FUSED_TRAINING",
+    "cifar_resnet", "FusedResFallbackWarning", "FusedResFallbackError", "FUSED_TRAINING", "summary",
 ]

@@ -5,6 +5,7 @@ interpreter (TRITON_INTERPRET=1 set before ``import fusedres``). Anything else f
 reference with a one-time warning naming the reason; FUSEDRES_STRICT=1 makes every fallback an error.
 """
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -27,6 +28,18 @@ except ImportError as exc:  # no triton on this platform
     _IMPORT_ERROR = f"triton could not be imported ({exc})"
 
 _warned = set()
+# Frames of these packages are skipped when a warning looks for the caller's line.
+_LIBRARY_FRAMES = ("fusedres", "torch", "torchvision", "timm", "triton")
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel (from fallback) of the first frame outside fusedres, torch, timm, ...:
+    the user's line, however deep the module call stack is."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and \
+            str(frame.f_globals.get("__name__", "")).split(".")[0] in _LIBRARY_FRAMES:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def strict() -> bool:
@@ -60,4 +73,5 @@ def fallback(what: str, reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"fusedres: {what} runs the PyTorch reference instead of the fused Triton kernels: {reason}. "
-                      f"(This warning is shown once per reason.)", FusedResFallbackWarning, stacklevel=3)
+                      f"(This warning is shown once per reason.)", FusedResFallbackWarning,
+                      stacklevel=_user_stacklevel())
