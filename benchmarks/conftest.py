@@ -18,8 +18,6 @@ result appended as it is measured, so a killed run keeps what it had; benchmarks
 """
 import json
 import os
-import signal
-import threading
 import time
 
 import pytest
@@ -61,13 +59,9 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(mark)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def pytest_configure(config):
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # `timeout` ends the run cleanly: the JSON still gets written
+    from fusedres._bench import interrupt_on_sigterm
+    interrupt_on_sigterm()  # `timeout` ends the run cleanly: the JSON still gets written
 
 
 def pytest_report_header(config):

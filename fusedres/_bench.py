@@ -16,6 +16,9 @@ A training step is forward, backward and an SGD (momentum 0.9) step, in the benc
 import itertools
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -24,26 +27,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._shapes import (CIFAR_DEPTHS, IMAGENET_MODELS, MODELS, Block, ConvShape, Layer, ModelShapes,  # noqa: F401
-                      build_model, image_size, init_module, is_block, model_shapes, total_flops_bytes, twins)
+from ._shapes import ConvShape, image_size, init_module, model_shapes, total_flops_bytes, twins
+from .reference import rel_err
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# ||out - ref|| / ||ref|| against float64 (DESIGN.md section 4).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-PROVIDERS = {"inference": ("eager", "fused", "compile", "compile-max"), "training": ("eager", "fused", "compile")}
+# The command line's and the benchmarks' dtype names.
+DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# What is timed per mode (every level); the command line's PROVIDERS lists every name.
+PROVIDERS_BY_MODE = {"inference": ("eager", "fused", "compile", "compile-max"),
+                     "training": ("eager", "fused", "compile")}
 AMP = "eager-amp"  # model-level training baseline: torch.autocast over fp32 parameters
-NO_FUSED_TRAINING = "fused training path not implemented yet (issue #3)"
+
+
+def log(msg: str) -> None:
+    """Progress, on stderr (the tables go to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (``timeout``) raises KeyboardInterrupt, so a run can still write what it measured."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
 
 def environment() -> Dict:
     """Versions, card and switches, for the JSON that goes with every result."""
     import platform
     import subprocess
     from datetime import datetime, timezone
+
     import triton
+
     import fusedres
     env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), fusedres=fusedres.__version__,
                python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-               fused_training=fusedres.FUSED_TRAINING, platform=platform.platform())
+               platform=platform.platform())
     if torch.cuda.is_available():
         env.update(card=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                    tf32_conv=torch.backends.cudnn.allow_tf32, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
@@ -147,14 +168,8 @@ def measure(fn: Callable[[], object], device: torch.device, rep_ms: float = 300.
     return dict(first_call_s=first, median_ms=pick(0.5), p20_ms=pick(0.2), p80_ms=pick(0.8), timer="perf_counter")
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
-
-
 def providers(level: str, mode: str) -> Tuple[str, ...]:
-    return PROVIDERS[mode] + ((AMP,) if (level, mode) == ("model", "training") else ())
+    return PROVIDERS_BY_MODE[mode] + ((AMP,) if (level, mode) == ("model", "training") else ())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +186,7 @@ class Case:
     model: str                          # the model the layer / block comes from (or is)
     what: str                           # the layer's or block's label, or the model's name
     mode: str                           # "inference" | "training"
-    dtype: str                          # a key of DTYPES
+    dtype: str                          # a key of DTYPE_OF
     batch: int
     provider: str                       # "fused" | "eager" | "compile" | "compile-max"
     path: str = ""                      # block: module path of its first occurrence
@@ -282,14 +297,11 @@ def _nbytes(ts) -> int:
 
 def build(case: Case, device: torch.device, ceil: Optional[Ceilings] = None) -> Runnable:
     """The callable that runs ``case`` once per call, with its counts; raises Unsupported to skip."""
-    dt, training, n = DTYPES[case.dtype], case.mode == "training", case.batch
+    dt, training, n = DTYPE_OF[case.dtype], case.mode == "training", case.batch
     ceil = ceil or ceilings(device, dt)
     if case.provider not in providers(case.level, case.mode):
         raise Unsupported(f"provider {case.provider!r} is not measured for {case.level} {case.mode}")
     if case.provider == "fused" and training:
-        import fusedres
-        if not fusedres.FUSED_TRAINING:
-            raise Unsupported(NO_FUSED_TRAINING)
         if case.level == "layer" and (case.shape.tail != "none" or not case.shape.relu):
             raise Unsupported("a launch with a shortcut epilogue trains inside its block (the fused chain has no "
                               "such single launch): see the block level")
@@ -417,7 +429,7 @@ def run_case(case: Case, device: torch.device, ceil: Optional[Ceilings] = None,
              then: Optional[Callable[[Runnable, Dict], None]] = None) -> Dict:
     """Build, time, check (fused) and summarize one case; ``then(runnable, summary)`` runs before the
     case is torn down (pytest-benchmark's own timing)."""
-    ceil = ceil or ceilings(device, DTYPES[case.dtype])
+    ceil = ceil or ceilings(device, DTYPE_OF[case.dtype])
     r = build(case, device, ceil)
     try:
         out = summarize(measure(r.fn, device, rep_ms=r.rep_ms), r.images, r.flops, r.nbytes, ceil)

@@ -5,24 +5,19 @@ one small batch. Per point (the stem, each block, the output) the relative error
 is taken two ways: ``layer``, the stem or block alone on the reference's own input (DESIGN.md's
 tolerance applies), and ``model``, at that point of one whole fused forward (it passes up to
 max(tolerance, 2 x PyTorch's own error there in the same dtype), since errors add up through depth).
-With fusedres.FUSED_TRAINING, one SGD step in fp32 is compared too. Called by ``fusedres.cli`` after it
+One SGD step in fp32 is compared too (``--mode training`` / ``both``). Called by ``fusedres.cli`` after it
 has made sure TRITON_INTERPRET=1 was set before fusedres was imported.
 """
 import copy
 import os
-import sys
 import time
 from typing import Dict, List
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _capture(model, x) -> Dict[str, object]:
     """Forward ``model(x)``; returns the stem output (first block's input), each block's input and
     output (``path:in`` / ``path``), and ``output``."""
-    from fusedres._bench import is_block
+    from fusedres._shapes import is_block
     seen, hooks = {}, []
     blocks = [(n, m) for n, m in model.named_modules() if is_block(m)]
     for i, (name, m) in enumerate(blocks):
@@ -41,7 +36,7 @@ def _capture(model, x) -> Dict[str, object]:
 
 
 def _describe(model, name: str, size: int) -> Dict[str, str]:
-    from fusedres._bench import model_shapes
+    from fusedres._shapes import model_shapes
     shapes = model_shapes(name, size)
     what = {"stem": f"stem {shapes.layers[0].shape.label}" + ("" if name.startswith("cifar") else " +maxpool"),
             "output": "avgpool + fc (PyTorch)"}
@@ -53,9 +48,12 @@ def _describe(model, name: str, size: int) -> Dict[str, str]:
 
 def verify_cpu(args) -> int:
     import torch
+
     import fusedres
     from fusedres import _bench as B
-    from fusedres._bench import environment, write_json
+    from fusedres._bench import environment, log, write_json
+    from fusedres._shapes import twins
+    from fusedres.reference import TOLERANCE, rel_err
 
     t0 = time.perf_counter()
     env = environment()
@@ -69,7 +67,7 @@ def verify_cpu(args) -> int:
         print("note: bf16 tl.dot is wrong in the interpreter, so the kernels upcast bf16 tiles to fp32 here "
               "(DESIGN.md section 5); bf16 proper is checked on the GPU only.")
     torch.manual_seed(0)
-    ref, fused = B.twins(args.model, torch.device("cpu"), calib_batch=max(8, n), size=size)
+    ref, fused = twins(args.model, torch.device("cpu"), calib_batch=max(8, n), size=size)
     x = torch.randn(n, 3, size, size, dtype=torch.float64)
     ref64 = _capture(copy.deepcopy(ref).double(), x)
     what = _describe(ref, args.model, size)
@@ -78,41 +76,39 @@ def verify_cpu(args) -> int:
     rows = {p: {"point": p, "what": what.get(p, "")} for p in points}
     kernel_s = 0.0
     for name in dtypes:
-        dt = B.DTYPES[name]
-        cl = lambda t: t.to(dt).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        dt = B.DTYPE_OF[name]
+        cl = lambda t, dt=dt: t.to(dt).contiguous(memory_format=torch.channels_last)  # noqa: E731
         fm = copy.deepcopy(fused).to(dt).to(memory_format=torch.channels_last)
-        _log(f"[{name}] whole fused forward ...")
+        log(f"[{name}] whole fused forward ...")
         t1 = time.perf_counter()
         with torch.no_grad():
             e2e = _capture(fm, cl(x))
             eager = _capture(copy.deepcopy(ref).to(dt), x.to(dt))
             for p in points:
                 row = rows[p]
-                row[f"{name}_model"] = B.rel_err(e2e[p], ref64[p])
-                row[f"{name}_torch"] = B.rel_err(eager[p], ref64[p])
+                row[f"{name}_model"] = rel_err(e2e[p], ref64[p])
+                row[f"{name}_torch"] = rel_err(eager[p], ref64[p])
                 if p == "stem":
                     row[f"{name}_layer"] = row[f"{name}_model"]
                 elif p != "output":
-                    _log(f"[{name}] {p} alone on the reference's input ...")
-                    row[f"{name}_layer"] = B.rel_err(fm.get_submodule(p)(cl(ref64[f"{p}:in"])), ref64[p])
+                    log(f"[{name}] {p} alone on the reference's input ...")
+                    row[f"{name}_layer"] = rel_err(fm.get_submodule(p)(cl(ref64[f"{p}:in"])), ref64[p])
         kernel_s += time.perf_counter() - t1
     if args.mode == "training":
         rows = {}
     failed = _judge(rows.values(), dtypes)
     train_rows: List[Dict] = []
-    if fusedres.FUSED_TRAINING and args.mode in ("training", "both"):
-        _log("[fp32] one training step, fused and reference ...")
+    if args.mode in ("training", "both"):
+        log("[fp32] one training step, fused and reference ...")
         t1 = time.perf_counter()
-        train_rows = _verify_training(ref, fused, x, B)
+        train_rows = _verify_training(ref, fused, x)
         kernel_s += time.perf_counter() - t1
         failed += _judge(train_rows, ["fp32"])
     if rows:
-        _print_verify_table(list(rows.values()), dtypes, B.TOLERANCE, "eval-mode forward")
+        _print_verify_table(list(rows.values()), dtypes, TOLERANCE, "eval-mode forward")
     if train_rows:
-        _print_verify_table(train_rows, ["fp32"], B.TOLERANCE, "training step (batch statistics), fp32")
+        _print_verify_table(train_rows, ["fp32"], TOLERANCE, "training step (batch statistics), fp32")
     wall = time.perf_counter() - t0
-    if not fusedres.FUSED_TRAINING:
-        print(f"training step: not verified ({B.NO_FUSED_TRAINING}).")
     n_rows = len(rows) + len(train_rows)
     verdict = "PASS" if not failed else f"FAIL ({failed} of {n_rows} rows out of tolerance)"
     print(f"{verdict}: {n_rows} rows; {wall:.1f} s in all, {kernel_s:.1f} s of it running the models.")
@@ -120,7 +116,7 @@ def verify_cpu(args) -> int:
           "torch.compile, and `bash benchmarks/gpu_check.sh` runs the tests, the benchmarks and the timings.")
     path = os.path.join(args.out, f"{args.model}-cpu-verify.json")
     write_json(path, dict(kind="cpu-verification", env=env, model=args.model, batch=n, image_size=size,
-                           dtypes=dtypes, tolerance={k: B.TOLERANCE[B.DTYPES[k]] for k in dtypes},
+                           dtypes=dtypes, tolerance={k: TOLERANCE[B.DTYPE_OF[k]] for k in dtypes},
                            rows=list(rows.values()), training_rows=train_rows, passed=not failed, wall_s=wall,
                            models_s=kernel_s))
     print(f"wrote {path}")
@@ -130,12 +126,13 @@ def verify_cpu(args) -> int:
 def _judge(rows, dtypes) -> int:
     """A row passes when its layer error is within DESIGN.md's tolerance and its whole-model error is
     within max(tolerance, 2 x PyTorch's own error at that point in the same dtype)."""
-    from fusedres._bench import DTYPES, TOLERANCE
+    from fusedres._bench import DTYPE_OF
+    from fusedres.reference import TOLERANCE
     failed = 0
     for row in rows:
         ok = True
         for name in dtypes:
-            tol = TOLERANCE[DTYPES[name]]
+            tol = TOLERANCE[DTYPE_OF[name]]
             layer = row.get(f"{name}_layer")
             if layer is not None and not layer <= tol:
                 ok = False
@@ -147,7 +144,7 @@ def _judge(rows, dtypes) -> int:
 
 
 def _print_verify_table(rows, dtypes, tolerance, title: str) -> None:
-    from fusedres._bench import DTYPES
+    from fusedres._bench import DTYPE_OF
     cols = [k for k in ("layer", "model", "torch") if any(f"{d}_{k}" in r for r in rows for d in dtypes)]
     print(f"\n{title}: relative error ||fused - ref|| / ||ref|| against float64 PyTorch")
     if "layer" in cols:
@@ -168,19 +165,22 @@ def _print_verify_table(rows, dtypes, tolerance, title: str) -> None:
     for r in rows:
         if r.get("error"):
             print(f"{r['point']}: {r['error']}")
-    print("tolerance: " + ", ".join(f"{d} {tolerance[DTYPES[d]]:.0e}" for d in dtypes) + " (DESIGN.md section 4)")
+    print("tolerance: " + ", ".join(f"{d} {tolerance[DTYPE_OF[d]]:.0e}" for d in dtypes) + " (DESIGN.md section 4)")
 
 
 def _fmt_err(v) -> str:
     return "-" if v is None else f"{v:.2e}"
 
 
-def _verify_training(ref, fused, x, B) -> List[Dict]:
+def _verify_training(ref, fused, x) -> List[Dict]:
     """One SGD step in fp32, fused against the float64 reference: the loss, then per block (and stem +
     fc) its parameters' gradients and its BN running statistics afterwards. PyTorch's own fp32 error
     sets the bar, as for the whole-model rows."""
     import torch
     import torch.nn.functional as F
+
+    from fusedres._shapes import is_block
+    from fusedres.reference import rel_err
     labels = torch.arange(x.shape[0]) % 10
 
     def step(model, inp):
@@ -188,7 +188,7 @@ def _verify_training(ref, fused, x, B) -> List[Dict]:
         loss = F.cross_entropy(model(inp), labels % model.fc.out_features)
         loss.backward()
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).step()
-        blocks = [n for n, m in model.named_modules() if B.is_block(m)]
+        blocks = [n for n, m in model.named_modules() if is_block(m)]
         owner = lambda name: next((b for b in blocks if name.startswith(b + ".")), "stem+fc")  # noqa: E731
         out = {("loss", "loss"): [loss.detach().reshape(1)]}
         for name, prm in model.named_parameters():
@@ -207,5 +207,5 @@ def _verify_training(ref, fused, x, B) -> List[Dict]:
         return [{"point": "train", "what": "the fused training step raised", "fp32_model": float("nan"),
                  "fp32_torch": 0.0, "error": f"{type(e).__name__}: {e}"}]
     return [{"point": f"train {who}", "what": f"{kind} after one SGD step" if kind != "loss" else "loss",
-             "fp32_model": B.rel_err(got[(who, kind)], w), "fp32_torch": B.rel_err(torch_[(who, kind)], w)}
+             "fp32_model": rel_err(got[(who, kind)], w), "fp32_torch": rel_err(torch_[(who, kind)], w)}
             for (who, kind), w in want.items()]

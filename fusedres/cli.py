@@ -11,15 +11,14 @@ must be built for the interpreter on the CPU: the process re-executes itself wit
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 from typing import Dict, List, Optional
 
+# Every provider name, in the tables' order (fusedres._bench.PROVIDERS_BY_MODE: which are timed per mode).
 PROVIDERS = ("fused", "eager", "compile", "compile-max", "eager-amp")
 GPU_BATCH = {"inference": 256, "training": 128}
-_REEXEC = "_FUSEDRES_CLI_REEXEC"
-SELFTEST_TIMING = "_FUSEDRES_CLI_TIME_ON_CPU"  # tests: run the GPU timing code on the CPU (interpreted)
+_REEXEC = "_FUSEDRES_CLI_REEXEC"  # set by the re-execution itself: the interpreter was asked for once
 
 EPILOG = """\
 examples:
@@ -67,7 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="activation dtype (default: bf16 on a GPU; fp32 and fp16 on the CPU)")
     p.add_argument("--mode", choices=("inference", "training", "both"), default="both",
-                   help="inference, a training step, or both (training needs fusedres.FUSED_TRAINING; default both)")
+                   help="inference, a training step, or both (default both)")
     p.add_argument("--out", default="fusedres-results", metavar="DIR",
                    help="where the JSON (and the GPU plot) go (default ./fusedres-results)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -84,12 +83,12 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, time_on_cpu: bool = False) -> int:
+    """time_on_cpu: run the GPU timing code on the CPU, interpreted (tests only)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     args = parser.parse_args(argv)
     import torch
-    import fusedres
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,13 +102,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.image_size < (8 if cifar else 32):
         parser.error(f"--image-size {args.image_size}: {args.model} needs at least {8 if cifar else 32} pixels "
                      f"(it downsamples by {4 if cifar else 32})")
-    if args.mode == "training" and not fusedres.FUSED_TRAINING:
-        parser.error("--mode training: the fused training path is not implemented yet (issue #3; "
-                     "fusedres.FUSED_TRAINING is False). Use --mode inference.")
     if args.device == "cpu":
         _ensure_interpreter(argv)
-        if os.environ.get(SELFTEST_TIMING) == "1":
-            return bench_gpu(args, "cpu")  # the timing path, interpreted: for tests/test_cli.py only
+        if time_on_cpu:
+            return bench_gpu(args, "cpu")
         from fusedres._verify import verify_cpu
         return verify_cpu(args)
     return bench_gpu(args)
@@ -131,47 +127,37 @@ def _ensure_interpreter(argv: List[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "fusedres", *argv])
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # GPU: timings
 # ------------------------------------------------------------------------------------------------
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def bench_gpu(args, device: str = "cuda") -> int:
     import torch
+
     import fusedres
-    from fusedres import _bench as B, _dispatch
-    from fusedres._bench import environment, write_json
+    from fusedres import _bench as B
+    from fusedres import _dispatch
+    from fusedres._bench import environment, log, write_json
 
     if _dispatch.interpreted() and device == "cuda":
         sys.exit("fusedres: TRITON_INTERPRET=1 is set, so the kernels would run in the interpreter: unset it to "
                  "time them on the GPU, or pass --device cpu to verify them")
     os.environ["FUSEDRES_STRICT"] = "1"        # a silent fallback to PyTorch would time the wrong thing
     torch.backends.cudnn.benchmark = True      # eager gets cuDNN's best algorithms
-    if threading_main():
-        signal.signal(signal.SIGTERM, _sigterm)  # `timeout` still gets the partial results written
+    B.interrupt_on_sigterm()  # `timeout` still gets the partial results written
     t0 = time.perf_counter()
     device = torch.device(device)
     env = environment()
     env["cudnn_benchmark"] = True
     name, dt_name, size = args.model, args.dtype or "bf16", args.image_size
-    modes = ["inference"] if args.mode == "inference" else ["training"] if args.mode == "training" else \
-        ["inference"] + (["training"] if fusedres.FUSED_TRAINING else [])
-    ceil = B.ceilings(device, B.DTYPES[dt_name])
+    modes = ["inference", "training"] if args.mode == "both" else [args.mode]
+    ceil = B.ceilings(device, B.DTYPE_OF[dt_name])
     print(f"fusedres {fusedres.__version__} on {ceil.card}: {name}, {dt_name}, channels_last, {size}x{size}; "
           f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, TF32 conv "
           f"{'on' if env.get('tf32_conv') else 'off'}, cudnn.benchmark on")
     if ceil.tflops and ceil.tbps:
         print(f"% of floor: floor = max(FLOPs / {ceil.tflops:g} TFLOP/s, fewest bytes / {ceil.tbps:g} TB/s) "
               f"({ceil.source})")
-    if not fusedres.FUSED_TRAINING and args.mode == "both":
-        print(f"training step: not timed ({B.NO_FUSED_TRAINING})")
 
     shapes = B.model_shapes(name, size)
     # Order for --budget: models, then layers, with every torch.compile (minutes) after the rest.
@@ -180,9 +166,9 @@ def bench_gpu(args, device: str = "cuda") -> int:
         cases += [B.Case("model", name, name, mode, dt_name, args.batch or GPU_BATCH[mode], p, size=size)
                   for mode in modes for p in args.providers
                   if p in B.providers("model", mode) and p.startswith("compile") == compiled]
-        cases += [B.Case("layer", name, l.shape.label, mode, dt_name, args.batch or GPU_BATCH[mode], p,
-                         path=l.names[0], shape=l.shape)
-                  for mode in modes for l in ([] if args.no_layers else shapes.layers) for p in args.providers
+        cases += [B.Case("layer", name, layer.shape.label, mode, dt_name, args.batch or GPU_BATCH[mode], p,
+                         path=layer.names[0], shape=layer.shape)
+                  for mode in modes for layer in ([] if args.no_layers else shapes.layers) for p in args.providers
                   if p in B.providers("layer", mode) and p.startswith("compile") == compiled]
     path = os.path.join(args.out, f"{name}-{device.type}-{dt_name}.json")
     results: List[Dict] = []
@@ -191,23 +177,23 @@ def bench_gpu(args, device: str = "cuda") -> int:
     interrupted = False
     try:
         for i, case in enumerate(cases, 1):
-            row = dict(case.record(), count=next((l.count for l in shapes.layers if l.shape == case.shape), 1))
+            row = dict(case.record(), count=next((lay.count for lay in shapes.layers if lay.shape == case.shape), 1))
             if args.budget and time.perf_counter() - t0 > args.budget:
                 row["status"] = f"not measured (--budget {args.budget:g} s spent)"
             else:
                 doing = {"fused": "autotuning, timing", "compile": "compiling, timing",
                          "compile-max": "compiling (max-autotune), timing"}.get(case.provider, "timing")
-                _log(f"[{i}/{len(cases)}] {case.level} {case.what}, {case.mode} b{case.batch}, {case.provider}: "
+                log(f"[{i}/{len(cases)}] {case.level} {case.what}, {case.mode} b{case.batch}, {case.provider}: "
                      f"{doing} ...")
                 row.update(_run_one(case, device, ceil, B))
                 done = f": {row['median_ms']:.3f} ms (first call {row['first_call_s']:.1f} s)" \
                     if row["status"] == "ok" else ""
-                _log(f"[{i}/{len(cases)}]   {row['status']}{done}")
+                log(f"[{i}/{len(cases)}]   {row['status']}{done}")
             results.append(row)
             write_json(path, payload)
     except KeyboardInterrupt:
         interrupted = True
-        _log("interrupted: writing what was measured")
+        log("interrupted: writing what was measured")
     finally:
         torch.cuda.empty_cache()
     payload["wall_s"] = time.perf_counter() - t0
@@ -222,11 +208,6 @@ def bench_gpu(args, device: str = "cuda") -> int:
         print(f"plot: failed ({type(e).__name__}: {e}); the JSON has every number")
     print(f"{payload['wall_s']:.0f} s in all.")
     return 130 if interrupted else (1 if bad else 0)
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def _run_one(case, device, ceil, B) -> Dict:

@@ -10,6 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# DESIGN.md section 4: the largest ||out - ref|| / ||ref|| against float64 (fp32 with TF32 off).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (||out - ref|| where ref is 0)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding, no bias (torchvision's helper)."""

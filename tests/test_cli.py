@@ -1,8 +1,8 @@
 """The command line (``python -m fusedres``) and the benchmark suite's plumbing, on the CPU.
 
 Runs that need the Triton interpreter go through a subprocess with a clean environment: the CLI must
-switch the interpreter on by itself. The GPU timing code is exercised on the CPU through its self-test
-switches (tiny CIFAR cases, interpreted), so its tables, JSON and report.py are checked here too.
+switch the interpreter on by itself. The GPU timing code is exercised on the CPU through
+``cli.main(time_on_cpu=True)`` (tiny CIFAR cases, interpreted), so its tables, JSON and report.py are checked here too.
 """
 import json
 import os
@@ -87,9 +87,10 @@ def test_cpu_verification(tmp_path):
 
 def test_timing_path_and_report(tmp_path):
     """The GPU timing code (table, JSON) on the CPU in the interpreter, then report.py on its JSON."""
-    r = _run(["-m", "fusedres", "--device", "cpu", "--model", "cifar_resnet20", "--batch", "1", "--mode", "inference",
-              "--no-layers", "--providers", "fused,eager", "--dtype", "fp32", "--out", "out"], tmp_path, timeout=110,
-             **{cli.SELFTEST_TIMING: "1"})
+    argv = ["--device", "cpu", "--model", "cifar_resnet20", "--batch", "1", "--mode", "inference", "--no-layers",
+            "--providers", "fused,eager", "--dtype", "fp32", "--out", "out"]
+    run_timing = f"from fusedres import cli; raise SystemExit(cli.main({argv!r}, time_on_cpu=True))"
+    r = _run(["-c", run_timing], tmp_path, timeout=110, TRITON_INTERPRET="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "fused ms" in r.stdout and "vs eager" in r.stdout and "cifar_resnet20" in r.stdout
     path = tmp_path / "out" / "cifar_resnet20-cpu-fp32.json"

@@ -20,7 +20,7 @@ import fusedres
 from fusedres import functional as Fz
 from fusedres import reference
 from fusedres.reference import conv_bn_act_reference
-from helpers import DTYPES, TOL, assert_close, randomize_bn, rel_err
+from helpers import DTYPES, TOL, assert_close, randomize_bn, rel_err, relu_margin
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Block examples cost 2-10x a conv example (a block is 2-4 convs, training adds the backward).
@@ -216,16 +216,6 @@ def build_blocks(case):
     ref = make(ref_cls).to(DEVICE, torch.float64)
     ref.load_state_dict(fused.state_dict(), strict=True)
     return fused, ref
-
-
-def relu_margin(ref, x):
-    """Smallest |ReLU input| of the float64 reference in train mode on x, and the output shape."""
-    probe = copy.deepcopy(ref).train()
-    seen = []
-    probe.relu.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].abs().min().item()))
-    with torch.no_grad():
-        shape = probe(x.double()).shape
-    return min(seen), shape
 
 
 class IllPosed(Exception):

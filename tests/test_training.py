@@ -12,7 +12,7 @@ from torch import nn
 import fusedres
 from fusedres import kernels, reference
 from fusedres.kernels import bn as bn_k
-from helpers import BLOCKS, DTYPES, TOL, assert_close, build_pair, rel_err
+from helpers import BLOCKS, TOL, assert_close, build_pair, rel_err, relu_margin
 
 # Gradients pass through one more rounding of the activation dtype per conv than the forward does;
 # fp16 is held to the forward tolerance where eager itself stays under it, see test_fp16_grads_vs_eager.
@@ -25,19 +25,10 @@ def output_shape(model, x):
 
 
 def kink_free_input(ref, draw, band=5e-6, tries=20):
-    """A draw whose ReLU inputs (float64 reference, train mode) all stay clear of 0 by ``band``.
-
-    ReLU's gradient jumps at 0: where a pre-activation lies within fp32 rounding of 0, any fp32
-    implementation may take the other side and its gradient differs from float64's by O(1) there
-    (seen: one element at -8e-8 in 12096 gave a 3.7e-3 input-gradient error). Such draws are redrawn."""
+    """A draw whose ReLU inputs (float64 reference, train mode) all stay clear of 0 by ``band`` (see relu_margin)."""
     for _ in range(tries):
         x = draw()
-        probe = copy.deepcopy(ref).train()
-        closest = []
-        probe.relu.register_forward_pre_hook(lambda mod, inp: closest.append(inp[0].abs().min().item()))
-        with torch.no_grad():
-            probe(x.double())
-        if min(closest) > band:
+        if relu_margin(ref, x)[0] > band:
             return x
     raise AssertionError(f"no draw in {tries} kept every ReLU input {band} away from 0")
 
@@ -86,7 +77,7 @@ def test_fp16_within_twice_eager_error(name, device):
     and fused alike but at different places, and one draw's gradient error is mostly which of those
     flipped (measured: single draws range 6e-4..5e-2 for both, the sums agree within 10%)."""
     errors = {}
-    for draw in range(5):
+    for _ in range(5):
         fused, ref, cin = build_pair(name)
         eager = build_pair(name)[1]
         eager.load_state_dict(fused.state_dict())
