@@ -160,4 +160,6 @@ def format_table(rows: Dict[str, Counts]) -> str:
     for name, c in rows.items():
         lines.append(f"| {name} | {c.aten_ops} | {len(c.zeros)} ({len(c.activation_zeros)}) | "
                      f"{c.triton_launches} | {c.top()} |")
+    lines += ["", "| ResNet-50 call | Triton launches by kernel |", "| --- | --- |"]
+    lines += [f"| {name} | {c.top('launches', 12) or '-'} |" for name, c in rows.items()]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from fusedres import _counts
 
 EVAL_ATEN_BUDGET = 60         # ~1 aten op per fused conv (its output allocation), plus the head
 CONVS = 53                    # convolutions in a ResNet-50 (49 fused launches: projections ride along)
-TRAIN_LAUNCH_BUDGET = 7 * CONVS  # measured 364 (2026-11-27): conv, finalize, wgrad, dgrad, BN bwd, tails
+TRAIN_LAUNCH_BUDGET = 8 * CONVS  # measured 364, then 382 with phase-split dgrad (2026-11-27)
 TRAIN_ATEN_BUDGET = 1750      # measured 1705 at the same commit: a ceiling against regressions
 
 
