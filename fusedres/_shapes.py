@@ -64,11 +64,13 @@ class ConvShape:
 
     @property
     def p(self) -> int:
-        return (self.h + 2 * self.padding - self.dilation * (self.r - 1) - 1) // self.stride + 1
+        from .kernels.conv import out_size  # not at import: the command line imports this before the kernels
+        return out_size(self.h, self.r, self.stride, self.padding, self.dilation)
 
     @property
     def q(self) -> int:
-        return (self.w + 2 * self.padding - self.dilation * (self.s - 1) - 1) // self.stride + 1
+        from .kernels.conv import out_size
+        return out_size(self.w, self.s, self.stride, self.padding, self.dilation)
 
     @property
     def dgrad(self) -> bool:
@@ -116,7 +118,7 @@ class Layer:
 
 
 @dataclass
-class Block:
+class BlockShape:
     """A distinct residual block: its module path in the model, input size and what it holds."""
     path: str
     kind: str               # class name without "Fused"
@@ -138,7 +140,7 @@ class Block:
 @dataclass
 class ModelShapes:
     layers: List[Layer]     # distinct conv launches, in forward order
-    blocks: List[Block]     # distinct blocks, in forward order
+    blocks: List[BlockShape]  # distinct blocks, in forward order
     fc_flops: float         # per image
 
 
@@ -171,7 +173,7 @@ def model_shapes(name: str, size: Optional[int] = None) -> ModelShapes:
 
     tails: Dict[str, dict] = {}      # last conv of each block -> its shortcut epilogue
     skip = set()                     # projection convs: computed inside the last conv's launch
-    blocks: Dict[tuple, Block] = {}
+    blocks: Dict[tuple, BlockShape] = {}
     for bname in (n for n in order if is_block(modules[n])):
         blk = modules[bname]
         convs = sorted(n for n, _ in blk.named_children() if n.startswith("conv") and n[4:].isdigit())
@@ -194,7 +196,7 @@ def model_shapes(name: str, size: Optional[int] = None) -> ModelShapes:
         tails[last] = tail
         shapes = tuple(conv_shape(f"{bname}.{cv}", **(tail if f"{bname}.{cv}" == last else {})) for cv in convs)
         kind = type(blk).__name__.replace("Fused", "")
-        b = Block(bname, kind, c, shapes[-1].k, max(s.stride for s in shapes), h, w, sc, shapes)
+        b = BlockShape(bname, kind, c, shapes[-1].k, max(s.stride for s in shapes), h, w, sc, shapes)
         key = (kind, sc, shapes)
         blocks.setdefault(key, b).names.append(bname)
 
@@ -211,9 +213,9 @@ def model_shapes(name: str, size: Optional[int] = None) -> ModelShapes:
 
 def total_flops_bytes(shapes: ModelShapes, n: int, elsize: int, training: bool) -> Tuple[float, float]:
     """FLOPs and fewest bytes of a whole model step: its conv launches (counted) and the classifier."""
-    flops = sum(l.count * l.shape.flops(n, training) for l in shapes.layers)
+    flops = sum(lay.count * lay.shape.flops(n, training) for lay in shapes.layers)
     flops += shapes.fc_flops * n * (3 if training else 1)
-    nbytes = sum(l.count * l.shape.min_bytes(n, elsize, training) for l in shapes.layers)
+    nbytes = sum(lay.count * lay.shape.min_bytes(n, elsize, training) for lay in shapes.layers)
     return flops, nbytes
 
 

@@ -124,6 +124,10 @@ class _FusedBlockMixin:
     # Training: recompute the last conv's output in backward instead of saving it (see training.train_forward).
     recompute_last_conv: bool
 
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)  # the reference block's, torchvision's signature
+        self.process_group = process_group
+
     def _units(self):
         return [(getattr(self, "conv" + i), getattr(self, "bn" + i)) for i in self._units_names]
 
@@ -189,10 +193,6 @@ class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
     Keyword ``process_group``: synchronize the training batch statistics over it (nn.SyncBatchNorm's
     semantics) even with plain BatchNorm2d layers."""
 
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
     _units_names = ("1", "2")
     recompute_last_conv = False  # a 3x3 conv: half the block's forward FLOPs, too dear to recompute
 
@@ -200,10 +200,6 @@ class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
 class FusedBottleneck(_FusedBlockMixin, Bottleneck):
     """torchvision's Bottleneck: eval forward in 3 fused launches; training forward/backward in Triton.
     Keyword ``process_group``: as for FusedBasicBlock."""
-
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
 
     _units_names = ("1", "2", "3")
     recompute_last_conv = True  # a 1x1 conv, ~8% of the step, saves the widest (4x) activation
