@@ -168,6 +168,3 @@ def test_fp32_follows_cudnn_tf32_switch(device):
     torch.backends.cudnn.allow_tf32 = False
     assert_close(Fz.conv_bn_act(x, w, scale, shift, **conv), ref, torch.float32)
 
-
-def test_tolerance_table_is_the_design_one():
-    assert TOL[torch.float32] == 1e-5 and TOL[torch.float16] == 2e-3 and TOL[torch.bfloat16] == 1e-2
