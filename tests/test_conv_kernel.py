@@ -9,7 +9,7 @@ import torch
 from fusedres import functional as Fz
 from fusedres import kernels
 from fusedres.reference import conv_bn_act_reference
-from helpers import DTYPES, ON_GPU, TOL, assert_close
+from helpers import DTYPES, ON_GPU, assert_close
 
 # (N, C, H, W, K, kernel, stride, padding, dilation, groups)
 CONV_SHAPES = {
