@@ -13,13 +13,10 @@ from .models import (ResNet, cifar_resnet, resnet18, resnet34, resnet50, resnet1
                      wide_resnet50_2)
 from .reference import PadChannelsShortcut
 
-# Train-mode blocks run the fused batch-statistics forward and the Triton backward (fusedres.training).
-FUSED_TRAINING = True
-
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source (pyproject.toml reads it)
 
 __all__ = [
     "FusedBasicBlock", "FusedBottleneck", "PadChannelsShortcut", "ResNet", "convert", "functional", "reference",
     "ops", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
-    "cifar_resnet", "FusedResFallbackWarning", "FusedResFallbackError", "FUSED_TRAINING", "summary",
+    "cifar_resnet", "FusedResFallbackWarning", "FusedResFallbackError", "summary",
 ]
