@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import _dispatch, _sync
 from . import _validate as check
-from .functional import bn_scale_shift, conv_bn_act
+from .functional import BNFold, bn_scale_shift, conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut
 from .training import Shortcut, train_forward
 
@@ -50,6 +50,12 @@ def folded_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[
     """Eval BN (+ conv bias) as scale/shift, from the current values on every call: a handful of
     K-element ops. (A cache keyed on tensor versions went stale after writes through ``.data``.)"""
     return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
+
+
+def eval_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> BNFold:
+    """Eval BN (+ conv bias) as the kernel's BNFold: the module's own tensors, read at launch, so the
+    kernel folds the current values on every call with no host-side math."""
+    return BNFold(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias)
 
 
 def packed_weight(conv: nn.Conv2d) -> Tensor:
@@ -159,9 +165,8 @@ class _FusedBlockMixin:
         return self._conv(out, conv, bn, **self._tail(x))
 
     def _conv(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, **tail) -> Tensor:
-        scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return conv_bn_act(x, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation,
-                           conv.groups, relu=relu, **tail)
+        return conv_bn_act(x, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,
+                           conv.groups, relu=relu, bn=eval_bn(conv, bn), **tail)
 
     def _train_shortcut(self) -> Shortcut:
         if not self.residual:
@@ -181,10 +186,10 @@ class _FusedBlockMixin:
         if sc.kind == "identity":
             check.identity_channels(type(self).__name__, x, self._units()[-1][0].out_channels)
         if sc.kind in ("identity", "A"):
-            return {"residual": x[:, :, ::sc.stride, ::sc.stride]}  # a view: nothing is copied or padded
-        scale, shift = folded_bn(sc.conv, sc.bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return {"shortcut_input": x, "shortcut_weight": packed_weight(sc.conv), "shortcut_scale": scale,
-                "shortcut_shift": shift, "shortcut_stride": sc.stride}
+            # a view (none at stride 1: no aten op): nothing is copied or padded
+            return {"residual": x if sc.stride == 1 else x[:, :, ::sc.stride, ::sc.stride]}
+        return {"shortcut_input": x, "shortcut_weight": packed_weight(sc.conv), "shortcut_bn": eval_bn(sc.conv, sc.bn),
+                "shortcut_stride": sc.stride}
 
 
 class FusedBasicBlock(_FusedBlockMixin, BasicBlock):

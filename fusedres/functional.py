@@ -7,7 +7,8 @@
            + shortcut_scale * conv1x1(shortcut_input, shortcut_weight, stride=shortcut_stride)
              + shortcut_shift )                                  (optional projection shortcut)
 
-``bn_scale_shift`` folds an eval-mode ``nn.BatchNorm2d`` (and an optional conv bias) into scale/shift.
+``bn_scale_shift`` folds an eval-mode ``nn.BatchNorm2d`` (and an optional conv bias) into scale/shift;
+``bn=BNFold(...)`` instead hands the BN's own tensors to the kernel, which folds them (no host math per call).
 """
 from typing import Optional, Tuple
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from . import _dispatch, _validate as check
 from ._autocast import cast_for_autocast
 from . import ops  # noqa: F401  (registers torch.ops.fusedres.*)
+from .kernels.conv import BNFold
 from .reference import bn_scale_shift_reference, conv_bn_act_reference
 
 _OP = "fusedres.functional.conv_bn_act"
@@ -36,12 +38,15 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
                 stride=1, padding=0, dilation=1, groups: int = 1, *, residual: Optional[Tensor] = None,
                 relu: bool = False, shortcut_input: Optional[Tensor] = None,
                 shortcut_weight: Optional[Tensor] = None, shortcut_scale: Optional[Tensor] = None,
-                shortcut_shift: Optional[Tensor] = None, shortcut_stride: int = 1) -> Tensor:
+                shortcut_shift: Optional[Tensor] = None, shortcut_stride: int = 1, bn: Optional[BNFold] = None,
+                shortcut_bn: Optional[BNFold] = None) -> Tensor:
     """Fused convolution + per-channel affine (folded BN) + residual/shortcut + ReLU. See module doc.
 
     ``scale``/``shift`` default to 1 and 0 (a plain conv). They and the shortcut's are applied in fp32
-    (fp64 for fp64 input). The output has input's dtype (the autocast dtype under torch.autocast) and
-    memory format.
+    (fp64 for fp64 input). ``bn`` (a ``BNFold`` of an eval BN's running mean, running var, weight, bias, eps
+    and the conv's bias) replaces scale/shift: the kernel folds it, with ``bn_scale_shift``'s formula;
+    ``shortcut_bn`` likewise replaces shortcut_scale/shortcut_shift. The output has input's dtype (the
+    autocast dtype under torch.autocast) and memory format.
     """
     x = check.floating_input(_OP, input)
     x, weight, residual, shortcut_input, shortcut_weight = cast_for_autocast(x, weight, residual, shortcut_input,
@@ -54,15 +59,18 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
     check.conv_weight(_OP, "weight", weight, x, groups)
     k = weight.shape[0]
     epi_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = torch.ones(k, device=x.device, dtype=epi_dtype) if scale is None else \
+    bn = _checked_bn(bn, "bn", "scale", scale, shift, k, x.device)
+    if scale is not None:
         check.per_channel(_OP, "scale", scale, k, x.device)
-    shift = torch.zeros(k, device=x.device, dtype=epi_dtype) if shift is None else \
+    if shift is not None:
         check.per_channel(_OP, "shift", shift, k, x.device)
     p, q = check.output_size(_OP, x, weight, stride, padding, dilation)
     if residual is not None:
         check.residual(_OP, residual, x, (x.shape[0], k, p, q))
 
-    shortcut_parts = (shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift)
+    shortcut_bn = _checked_bn(shortcut_bn, "shortcut_bn", "shortcut_scale", shortcut_scale, shortcut_shift, k,
+                              x.device)
+    shortcut_parts = (shortcut_input, shortcut_weight, shortcut_bn or shortcut_scale, shortcut_bn or shortcut_shift)
     shortcut = None
     if any(t is not None for t in shortcut_parts):
         if any(t is None for t in shortcut_parts):
@@ -83,26 +91,63 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
         if (pd, qd) != (p, q):
             raise RuntimeError(f"{_OP}: expected shortcut_input to give a {p}x{q} output at stride {sd[0]}, but got "
                                f"shortcut_input of size {list(shortcut_input.shape)} giving {pd}x{qd}")
-        shortcut = (shortcut_input, shortcut_weight,
-                    check.per_channel(_OP, "shortcut_scale", shortcut_scale, k, x.device),
-                    check.per_channel(_OP, "shortcut_shift", shortcut_shift, k, x.device), sd[0])
+        if shortcut_bn is None:
+            check.per_channel(_OP, "shortcut_scale", shortcut_scale, k, x.device)
+            check.per_channel(_OP, "shortcut_shift", shortcut_shift, k, x.device)
+        shortcut = sd[0]
 
     reason = _dispatch.unsupported_device_reason(x.device)
     if reason is not None:
         _dispatch.fallback(_OP, reason)
+        if bn is not None:
+            scale, shift = _bn_fold_host(bn, epi_dtype)
+        if shortcut_bn is not None:
+            shortcut_scale, shortcut_shift = _bn_fold_host(shortcut_bn, epi_dtype)
+        scale = torch.ones(k, device=x.device, dtype=epi_dtype) if scale is None else scale
+        shift = torch.zeros(k, device=x.device, dtype=epi_dtype) if shift is None else shift
         ref_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         out = conv_bn_act_reference(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu,
                                     shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift,
                                     shortcut_stride, dtype=ref_dtype)
         return out.to(x.dtype)
 
-    # The kernel reads per-channel vectors at stride 1: make views (e.g. t[::2]) dense (K elements).
-    scale, shift = scale.to(epi_dtype).contiguous(), shift.to(epi_dtype).contiguous()
-    if shortcut is not None:
-        shortcut_scale = shortcut[2].to(epi_dtype).contiguous()
-        shortcut_shift = shortcut[3].to(epi_dtype).contiguous()
+    # The kernel reads per-channel vectors at stride 1 in the epilogue dtype: views (e.g. t[::2]) become
+    # dense K-element copies; BN tensors of any dtype are upcast in the kernel.
+    scale, shift = _dense(scale, epi_dtype), _dense(shift, epi_dtype)
+    shortcut_scale, shortcut_shift = _dense(shortcut_scale, epi_dtype), _dense(shortcut_shift, epi_dtype)
+    fold = () if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.conv_bias, float(bn.eps))
+    if shortcut_bn is not None:
+        fold = (fold or (None,) * 5 + (0.0,)) + (shortcut_bn.running_mean, shortcut_bn.running_var,
+                                                 shortcut_bn.weight, shortcut_bn.bias, float(shortcut_bn.eps))
     # The custom op fusedres::conv_bn_act (fusedres.ops): traceable by torch.compile / export; its
     # backward raises (eval-mode BN is folded), so nothing is silently non-differentiable.
     return torch.ops.fusedres.conv_bn_act(x, weight, scale, shift, list(stride), list(padding), list(dilation),
                                           groups, residual, relu, shortcut_input, shortcut_weight, shortcut_scale,
-                                          shortcut_shift, shortcut[4] if shortcut is not None else 1)
+                                          shortcut_shift, shortcut if shortcut is not None else 1, *fold)
+
+
+def _dense(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _bn_fold_host(bn: BNFold, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, bn.conv_bias, dtype)
+
+
+def _checked_bn(bn, name: str, scale_name: str, scale, shift, k: int, device) -> Optional[BNFold]:
+    """A BNFold argument checked like scale/shift (one element per output channel, same device), given
+    instead of the scale/shift pair."""
+    if bn is None:
+        return None
+    if not isinstance(bn, BNFold):
+        raise TypeError(f"{_OP}: expected {name} to be a fusedres.kernels.BNFold, but got {type(bn).__name__}")
+    if scale is not None or shift is not None:
+        raise ValueError(f"{_OP}: expected either {name} or {scale_name}/{scale_name.replace('scale', 'shift')}, "
+                         f"but got both")
+    for field in ("running_mean", "running_var", "weight", "bias", "conv_bias"):
+        t = getattr(bn, field)
+        if t is not None or field.startswith("running"):
+            check.per_channel(_OP, f"{name}.{field}", t, k, device)
+    if not isinstance(bn.eps, (int, float)) or isinstance(bn.eps, bool) or bn.eps < 0:
+        raise ValueError(f"{_OP}: expected {name}.eps to be a float >= 0, but got {bn.eps!r}")
+    return bn

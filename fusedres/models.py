@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch
-from .blocks import (FusedBasicBlock, FusedBottleneck, folded_bn, layer_reason, packed_weight, sync_group,
+from .blocks import (FusedBasicBlock, FusedBottleneck, eval_bn, layer_reason, packed_weight, sync_group,
                      uses_batch_stats)
 from .functional import conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut, conv1x1, conv3x3
@@ -39,9 +39,8 @@ class _FusedStemNet(nn.Module):
                 else:  # recompute the stem conv's output in backward: 3 input channels make it cheap
                     return train_forward(what, x, [(conv, bn)], Shortcut("none"), recompute_last=True, group=group)
             if reason is None:
-                scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
-                return conv_bn_act(x, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation,
-                                   conv.groups, relu=True)
+                return conv_bn_act(x, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,
+                                   conv.groups, relu=True, bn=eval_bn(conv, bn))
             _dispatch.fallback(what, reason)
         return self.relu(self.bn1(self.conv1(x)))
 

@@ -25,10 +25,21 @@ from .kernels._launch import empty_activation
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fusedres::conv_bn_act", mutates_args=())
-def conv_bn_act(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: List[int], padding: List[int],
-                dilation: List[int], groups: int, residual: Optional[Tensor], relu: bool,
+def conv_bn_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride: List[int],
+                padding: List[int], dilation: List[int], groups: int, residual: Optional[Tensor], relu: bool,
                 shortcut_input: Optional[Tensor], shortcut_weight: Optional[Tensor],
-                shortcut_scale: Optional[Tensor], shortcut_shift: Optional[Tensor], shortcut_stride: int) -> Tensor:
+                shortcut_scale: Optional[Tensor], shortcut_shift: Optional[Tensor], shortcut_stride: int,
+                bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
+                bn_bias: Optional[Tensor] = None, conv_bias: Optional[Tensor] = None, eps: float = 0.0,
+                shortcut_bn_mean: Optional[Tensor] = None, shortcut_bn_var: Optional[Tensor] = None,
+                shortcut_bn_weight: Optional[Tensor] = None, shortcut_bn_bias: Optional[Tensor] = None,
+                shortcut_eps: float = 0.0) -> Tensor:
+    # bn_var given: the kernel folds that eval BN itself (scale/shift are None); likewise for the shortcut.
+    if bn_var is not None:
+        scale, shift = kernels.BNFold(bn_mean, bn_var, bn_weight, bn_bias, eps, conv_bias), None
+    if shortcut_bn_var is not None:
+        shortcut_scale = kernels.BNFold(shortcut_bn_mean, shortcut_bn_var, shortcut_bn_weight, shortcut_bn_bias,
+                                        shortcut_eps)
     shortcut = None if shortcut_input is None else \
         (shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift, shortcut_stride)
     return kernels.conv_bn_act(x, weight, scale, shift, tuple(stride), tuple(padding), tuple(dilation), groups,
@@ -36,8 +47,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride:
 
 
 @conv_bn_act.register_fake
-def _conv_bn_act_fake(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu,
-                      shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift, shortcut_stride):
+def _conv_bn_act_fake(x, weight, scale, shift, stride, padding, dilation, groups, *_):
     return empty_activation(x, chain.conv_out_shape(x.shape, weight.shape, stride, padding, dilation))
 
 

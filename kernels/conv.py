@@ -9,12 +9,17 @@ A tile becomes relu(in_scale[c] * y + in_shift[c]), so the normalized activation
 memory. Zero padding belongs to the activated tensor: out-of-bounds taps are 0 after the transform.
 
 Epilogue, all in fp32 (fp64 for fp64 inputs), then one cast and store:
-    y = scale[k] * acc + shift[k]                         folded eval-mode BN (scale=1, shift=0 for none)
+    y = scale[k] * acc + shift[k]                         per-channel affine (none: y = acc), either given,
+                                                          or eval BN folded here from gamma, beta, running
+                                                          mean/var and eps (no host-side math per call)
     y += scale_d[k] * (xd conv1x1 wd)[k] + shift_d[k]     HAS_SHORTCUT: projection shortcut, a 2nd GEMM
     y += residual[k]   for k < RES_C                      HAS_RESIDUAL: identity / option-A shortcut
     y = relu(y)                                           APPLY_RELU, NaN-propagating like torch.relu
     STATS: per-tile per-channel mean and M2 of acc into [num_m_tiles, K] fp32 (training BN statistics)
 """
+import struct
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -28,14 +33,19 @@ from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mea
 def _conv_bn_act_kernel(
     x_ptr,        # input activations, logical [N, C, H, W], any strides
     w_ptr,        # weights [K, C/groups, R, S], any strides (channels_last is the fast one)
-    scale_ptr,    # [K] per-output-channel multiplier (folded BN), fp32 (fp64 for fp64 inputs)
-    shift_ptr,    # [K] per-output-channel offset
+    scale_ptr,    # [K] per-output-channel multiplier, or BN's gamma when folding (None: 1)
+    shift_ptr,    # [K] per-output-channel offset, or BN's beta when folding (None: 0)
+    mean_ptr,     # [K] BN running mean (None: scale/shift are given, nothing to fold)
+    var_ptr,      # [K] BN running variance (None likewise)
+    bias_ptr,     # [K] conv bias folded into the BN shift (None: no bias)
     out_ptr,      # output [N, K, P, Q], any strides
     res_ptr,      # residual [N, RES_C, P, Q] (HAS_RESIDUAL), any strides
     xd_ptr,       # shortcut input [N, CD, HD, WD] (HAS_SHORTCUT), any strides
     wd_ptr,       # shortcut 1x1 weights [K, CD, 1, 1] (HAS_SHORTCUT)
-    scale_d_ptr,  # [K] shortcut BN multiplier (HAS_SHORTCUT)
-    shift_d_ptr,  # [K] shortcut BN offset (HAS_SHORTCUT)
+    scale_d_ptr,  # [K] shortcut multiplier or its BN's gamma (HAS_SHORTCUT), as scale_ptr
+    shift_d_ptr,  # [K] shortcut offset or its BN's beta, as shift_ptr
+    mean_d_ptr,   # [K] shortcut BN running mean, as mean_ptr
+    var_d_ptr,    # [K] shortcut BN running variance, as var_ptr
     in_scale_ptr,  # [C] prologue BN multiplier of the input (PROLOGUE_BN_RELU)
     in_shift_ptr,  # [C] prologue BN offset of the input (PROLOGUE_BN_RELU)
     part_mean_ptr,  # [num_m_tiles, K] fp32 per-tile channel means of acc (STATS)
@@ -51,7 +61,9 @@ def _conv_bn_act_kernel(
     swdk, swdc,             # strides of wd (output, input channel)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_d,               # shortcut conv stride (both axes)
+    eps_hi, eps_lo, eps_d_hi, eps_d_lo,  # BN eps as fp32 hi + lo parts (float args are fp32; fp64 needs both)
     R: tl.constexpr, S: tl.constexpr,          # filter size
+    HAS_SCALE: tl.constexpr,       # apply the per-channel affine (False: the raw conv, e.g. STATS convs)
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, APPLY_RELU: tl.constexpr,
     PROLOGUE_BN_RELU: tl.constexpr, STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 operands (follows cudnn.allow_tf32)
@@ -97,9 +109,11 @@ def _conv_bn_act_kernel(
                 b = tl.load(b_ptrs[None, :] + cc[:, None] * swc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
                 acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
 
-    scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
-    shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
-    y = acc * scale[None, :] + shift[None, :]
+    y = acc
+    if HAS_SCALE:
+        scale, shift = channel_affine(offs_k, mask_k, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
+                                      eps_hi, eps_lo, acc_dtype)
+        y = acc * scale[None, :] + shift[None, :]
 
     if HAS_SHORTCUT:
         # Projection shortcut: a second GEMM (1x1 conv, stride stride_d, no padding) into its own
@@ -113,8 +127,8 @@ def _conv_bn_act_kernel(
             a = tl.load(ad_ptrs[:, None] + cc[None, :] * sdc, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
             b = tl.load(bd_ptrs[None, :] + cc[:, None] * swdc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
             acc_d = mma(a, b, acc_d, DOT_PRECISION, UPCAST_DOT)
-        scale_d = tl.load(scale_d_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
-        shift_d = tl.load(shift_d_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
+        scale_d, shift_d = channel_affine(offs_k, mask_k, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
+                                          eps_d_hi, eps_d_lo, acc_dtype)
         y += acc_d * scale_d[None, :] + shift_d[None, :]
 
     if STATS:
@@ -126,6 +140,35 @@ def _conv_bn_act_kernel(
 
     add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, srn, src, srh, srw, RES_C,
                             out_ptr, son, soc, soh, sow, HAS_RESIDUAL, APPLY_RELU)
+
+
+@triton.jit
+def channel_affine(offs_k, mask_k, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
+                   dtype: tl.constexpr):
+    """Per-output-channel (scale, shift) in ``dtype``. Given (var_ptr None): loaded, None meaning 1 / 0.
+    Eval BN folded here, the formula of reference.bn_scale_shift_reference: scale = gamma / sqrt(var + eps),
+    shift = beta - mean * scale (+ scale * conv bias); statistics of any dtype are upcast first."""
+    if var_ptr is not None:
+        var = tl.load(var_ptr + offs_k, mask=mask_k, other=1.0).to(dtype)
+        if dtype == tl.float64:
+            scale = 1.0 / tl.sqrt(var + eps_hi + eps_lo)  # fp64 sqrt and division are IEEE
+        else:
+            scale = tl.div_rn(tl.full(var.shape, 1.0, dtype), tl.sqrt_rn(var + eps_hi))
+        if scale_ptr is not None:
+            scale = scale * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+        shift = -tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0).to(dtype) * scale
+        if shift_ptr is not None:
+            shift = shift + tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+        if bias_ptr is not None:
+            shift = shift + scale * tl.load(bias_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+    else:
+        scale = tl.full(offs_k.shape, 1.0, dtype)
+        shift = tl.zeros(offs_k.shape, dtype)
+        if scale_ptr is not None:
+            scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+        if shift_ptr is not None:
+            shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+    return scale, shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,14 +236,44 @@ def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
+class BNFold(NamedTuple):
+    """An eval-mode BatchNorm (and the conv's bias) that the kernel folds into scale/shift itself, in
+    fp32 (fp64 for fp64 inputs): no host-side math per call. [K] tensors of any floating dtype."""
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: Optional[torch.Tensor]      # gamma (None: affine=False)
+    bias: Optional[torch.Tensor]        # beta
+    eps: float
+    conv_bias: Optional[torch.Tensor] = None
+
+
+def _split_eps(eps: float):
+    """eps as two fp32 kernel arguments whose sum is eps to ~48 bits (float arguments are fp32)."""
+    hi = struct.unpack("f", struct.pack("f", eps))[0]
+    return hi, float(eps - hi)
+
+
+def _dense(t):
+    return None if t is None else t.contiguous()  # the kernel reads per-channel vectors at stride 1
+
+
+def _affine_args(scale, shift):
+    """(scale, shift, mean, var, bias, eps_hi, eps_lo) kernel arguments for a given pair or a BNFold."""
+    if isinstance(scale, BNFold):
+        return (_dense(scale.weight), _dense(scale.bias), _dense(scale.running_mean), _dense(scale.running_var),
+                _dense(scale.conv_bias), *_split_eps(scale.eps))
+    return _dense(scale), _dense(shift), None, None, None, 0.0, 0.0
+
+
 def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                 residual=None, relu=False, shortcut=None, prologue=None, stats=False, config=None):
     """Launch the fused conv. Tensors in, new tensors out; inputs are assumed validated.
 
-    x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] fp32 (fp64 for fp64 x), or None
-    for the raw conv output.
+    x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] (either may be None: 1 / 0; both
+    None: the raw conv output), or scale a BNFold (shift None): eval BN folded inside the kernel.
     residual: optional [N, RES_C, P, Q] with RES_C <= K, added to the first RES_C channels.
-    shortcut: optional (xd [N, CD, HD, WD], wd [K, CD, 1, 1], scale_d [K], shift_d [K], stride_d).
+    shortcut: optional (xd [N, CD, HD, WD], wd [K, CD, 1, 1], scale_d [K] or BNFold, shift_d [K] or None,
+    stride_d).
     prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift).
     stats: also return per-tile BN partials: (out, part_mean [T, K], part_m2 [T, K], BLOCK_M).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages) to bypass autotuning.
@@ -217,32 +290,35 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     # torch.use_deterministic_algorithms(True) a fixed config keeps results bitwise reproducible.
     if config is None and (INTERPRETED or stats or torch.are_deterministic_algorithms_enabled()):
         config = _fixed_config(m, kg, max(cg, cd))
-    sdt = stats_dtype(x)
-    num_tiles = triton.cdiv(m, config["BLOCK_M"]) if stats else 0
-    part_mean = torch.empty((num_tiles, k), device=x.device, dtype=sdt)
-    part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=sdt)
+    part_mean = part_m2 = None
+    if stats:
+        num_tiles = triton.cdiv(m, config["BLOCK_M"])
+        part_mean = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
+        part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
     if m == 0 or k == 0:
         return (out, part_mean, part_m2, config["BLOCK_M"]) if stats else out
-    if scale is None:
-        scale, shift = torch.ones(k, device=x.device, dtype=sdt), torch.zeros(k, device=x.device, dtype=sdt)
     if residual is None:
         res, res_c, res_strides = out, 0, (0, 0, 0, 0)  # dummy pointer, never read
     else:
         res, res_c, res_strides = residual, residual.shape[1], residual.stride()
     if shortcut is None:
-        xd, wd, sc_d, sh_d, stride_d = x, weight, scale, shift, 1  # dummies, never read
-        xd_strides, wd_strides = (0, 0, 0, 0), (0, 0)
+        xd, wd, stride_d, xd_strides, wd_strides = None, None, 1, (0, 0, 0, 0), (0, 0)
+        aff_d = (None, None, None, None, None, 0.0, 0.0)
     else:
         xd, wd, sc_d, sh_d, stride_d = shortcut
         xd_strides, wd_strides = xd.stride(), wd.stride()[:2]
-    in_scale, in_shift = (scale, shift) if prologue is None else prologue
-    args = (x, weight, scale, shift, out, res, xd, wd, sc_d, sh_d, in_scale, in_shift, part_mean, part_m2,
+        aff_d = _affine_args(sc_d, sh_d)
+    sc, sh, mean, var, bias, eps_hi, eps_lo = _affine_args(scale, shift)
+    in_scale, in_shift = (None, None) if prologue is None else prologue
+    args = (x, weight, sc, sh, mean, var, bias, out, res, xd, wd, *aff_d[:4], in_scale, in_shift, part_mean, part_m2,
             m, h, w, p, q, cg, kg, res_c, cd,
             *x.stride(), *weight.stride(), *out.stride(), *res_strides, *xd_strides, *wd_strides,
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], stride_d)
-    flags = dict(R=r, S=s, HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None,
-                 APPLY_RELU=bool(relu), PROLOGUE_BN_RELU=prologue is not None, STATS=bool(stats),
-                 DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x), ACC_FP64=x.dtype == torch.float64)
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], stride_d,
+            eps_hi, eps_lo, *aff_d[5:])
+    flags = dict(R=r, S=s, HAS_SCALE=scale is not None or shift is not None, HAS_RESIDUAL=residual is not None,
+                 HAS_SHORTCUT=shortcut is not None, APPLY_RELU=bool(relu), PROLOGUE_BN_RELU=prologue is not None,
+                 STATS=bool(stats), DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x),
+                 ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)

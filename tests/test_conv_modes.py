@@ -1,0 +1,105 @@
+"""The conv kernel's modes beyond conv_bn_act's scale/shift epilogue, against float64 references:
+eval BN folded inside the kernel (BNFold, affine=False, conv bias, the projection's BN), the raw conv
+(no scale/shift tensors at all), the projection shortcut and the C <= 4 stem path. Small shapes."""
+import pytest
+import torch
+from torch import nn
+
+import fusedres
+from fusedres import functional as Fz
+from fusedres import kernels
+from fusedres.blocks import eval_bn, folded_bn
+from fusedres.reference import conv_bn_act_reference
+from helpers import DTYPES, assert_close, randomize_bn
+
+CL = torch.channels_last
+
+
+def _bn(k, affine=True, stats_dtype=torch.float32, device="cpu"):
+    bn = randomize_bn(nn.BatchNorm2d(k, affine=affine, eps=1e-3)).eval().to(device)
+    return bn.to(stats_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("affine,bias", [(True, False), (False, False), (True, True)], ids=["affine", "no_affine",
+                                                                                           "conv_bias"])
+def test_bn_folded_in_kernel_matches_host_fold(affine, bias, dtype, device):
+    """BNFold gives what folded_bn's scale/shift give, compared with the float64 reference."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 24, 3, padding=1, bias=bias).to(device)
+    bn = _bn(24, affine, device=device)
+    x = torch.randn(2, 8, 7, 9, device=device, dtype=dtype).to(memory_format=CL)
+    w = conv.weight.detach().to(dtype)
+    out = Fz.conv_bn_act(x, w, None, None, 1, 1, relu=True, bn=eval_bn(conv, bn))
+    scale, shift = folded_bn(conv, bn, torch.float64)
+    ref = conv_bn_act_reference(x, w, scale, shift, 1, 1, relu=True)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
+    assert_close(out, ref, dtype)
+    if dtype == torch.float64:  # the fold itself runs in fp64 with eps split into two fp32 arguments
+        assert (out - ref).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float16, torch.float64], ids=str)
+def test_bn_fold_upcasts_statistics_of_any_dtype(stats_dtype, device):
+    conv = nn.Conv2d(4, 16, 1, bias=False).to(device)
+    bn = _bn(16, stats_dtype=stats_dtype, device=device)
+    x = torch.randn(2, 4, 5, 5, device=device)
+    out = Fz.conv_bn_act(x, conv.weight.detach(), bn=eval_bn(conv, bn))
+    scale, shift = folded_bn(conv, bn, torch.float64)
+    assert_close(out, conv_bn_act_reference(x, conv.weight, scale, shift), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_projection_shortcut_bn_folded_in_kernel(dtype, device):
+    torch.manual_seed(2)
+    y1 = torch.randn(2, 16, 5, 5, device=device, dtype=dtype).to(memory_format=CL)
+    x = torch.randn(2, 12, 9, 9, device=device, dtype=dtype).to(memory_format=CL)
+    conv2, convd = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.Conv2d(12, 32, 1, stride=2, bias=False)
+    bn2, bnd = _bn(32, device=device), _bn(32, affine=False, device=device)
+    w2, wd = conv2.weight.detach().to(device, dtype), convd.weight.detach().to(device, dtype)
+    out = Fz.conv_bn_act(y1, w2, None, None, 1, 1, relu=True, bn=eval_bn(conv2, bn2), shortcut_input=x,
+                         shortcut_weight=wd, shortcut_bn=eval_bn(convd, bnd), shortcut_stride=2)
+    s2, b2 = folded_bn(conv2, bn2, torch.float64)
+    sd, bd = folded_bn(convd, bnd, torch.float64)
+    ref = conv_bn_act_reference(y1, w2, s2, b2, 1, 1, relu=True, shortcut_input=x, shortcut_weight=wd,
+                                shortcut_scale=sd, shortcut_shift=bd, shortcut_stride=2)
+    assert_close(out, ref, dtype)
+
+
+def test_bn_and_scale_together_is_an_error(device):
+    conv, bn = nn.Conv2d(4, 8, 1, bias=False), _bn(8)
+    x, w = torch.randn(1, 4, 3, 3), conv.weight.detach()
+    with pytest.raises(ValueError, match="either bn or scale"):
+        Fz.conv_bn_act(x, w, torch.ones(8), None, bn=eval_bn(conv, bn))
+    with pytest.raises(ValueError, match="bn.running_var.*8 elements"):
+        Fz.conv_bn_act(x, w, bn=kernels.BNFold(bn.running_mean, bn.running_var[:3], None, None, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_raw_conv_without_scale_tensors(dtype, device):
+    """No scale/shift at all (the STATS convs' case): the raw conv, no identity tensors made."""
+    x = torch.randn(2, 6, 8, 8, device=device, dtype=dtype)
+    w = torch.randn(10, 6, 3, 3, device=device, dtype=dtype) / 5
+    out = kernels.conv_bn_act(x, w, None, None, (2, 2), (1, 1))
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=1)
+    assert_close(out, ref, dtype)
+
+
+def test_eval_block_forward_host_ops(device):
+    """Eval BN is folded in the kernels: a channels_last fused block's forward dispatches nothing but its
+    three fused ops (before: ~10 aten ops per conv folding BN on the host)."""""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    down = nn.Sequential(nn.Conv2d(16, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    block = randomize_bn(fusedres.FusedBottleneck(16, 4, 2, down)).eval().to(device, memory_format=CL)
+    x = torch.randn(2, 16, 8, 8, device=device).to(memory_format=CL)
+    with torch.no_grad(), Record():
+        block(x)
+    assert seen == ["fusedres.conv_bn_act.default"] * 3, seen
