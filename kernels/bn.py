@@ -3,6 +3,8 @@
 All work on [pixels, channels] tiles of logical [N, C, P, Q] tensors through their strides
 (see ``_tiles``); per-channel math is fp32 (fp64 for fp64 activations).
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -69,7 +71,7 @@ def _bn_finalize_kernel(
     nbt_ptr,                      # num_batches_tracked, already incremented (CUMULATIVE: momentum=None)
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr, var_ptr,  # [K] outputs (var: biased batch variance)
     T, M, K, TILE_M,              # tiles, pixels per channel, channels, pixels per full tile
-    eps, momentum,
+    eps, eps_lo, momentum, momentum_lo,  # each a float as fp32 hi + lo parts (see _hi_lo): exact for fp64
     HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -79,7 +81,7 @@ def _bn_finalize_kernel(
     mask_k = offs_k < K
     mean_a, m2_a = _merge_tiles(part_mean_ptr, part_m2_ptr, 0, T, M, K, TILE_M, offs_k, mask_k, BLOCK_T, BLOCK_K)
     var = m2_a / (tl.zeros_like(m2_a) + M)
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = 1.0 / tl.sqrt(var + ((tl.zeros_like(var) + eps) + eps_lo))
     scale = invstd
     shift = -mean_a * invstd
     if HAS_AFFINE:
@@ -96,10 +98,10 @@ def _bn_finalize_kernel(
         if CUMULATIVE:
             factor = 1.0 / tl.load(nbt_ptr).to(var.dtype)
         else:
-            factor = momentum
+            factor = (tl.zeros_like(var) + momentum) + momentum_lo
         rm = tl.load(rmean_ptr + offs_k, mask=mask_k, other=0.0)
         rv = tl.load(rvar_ptr + offs_k, mask=mask_k, other=0.0)
-        m_f = tl.zeros_like(var) + M  # in the stats dtype: fp64 stays exact (momentum itself arrives as fp32)
+        m_f = tl.zeros_like(var) + M  # in the stats dtype: fp64 stays exact
         unbiased = var * (m_f / (m_f - 1.0))
         tl.store(rmean_out_ptr + offs_k, (rm.to(var.dtype) * (1 - factor) + mean_a * factor).to(rm.dtype),
                  mask=mask_k)
@@ -254,6 +256,13 @@ def _split(rows: int, col_blocks: int, chunk=None, gpu=not INTERPRETED):
     return chunk, min(32, chunk & -chunk, triton.next_power_of_2(rows))
 
 
+def _hi_lo(value: float):
+    """value as two fp32-exact parts whose sum carries ~48 bits: Triton passes a Python float as an
+    fp32 scalar, which would round fp64 BN's momentum and eps (0.1 -> 0.10000000149)."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
+
+
 def _finalize_blocks(t: int, k: int):
     return (clamp_block(64, t, 1), clamp_block(128, k, 1)) if INTERPRETED else (clamp_block(32, t, 1),
                                                                                 clamp_block(64, k, 1))
@@ -290,7 +299,7 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, runnin
             *(running_out if update and running_out is not None else
               (running_mean if update else dummy, running_var if update else dummy)),
             num_batches_tracked if (update and momentum is None) else dummy,
-            mean, invstd, scale, shift, var, t, m, k, tile_m, eps, 0.0 if momentum is None else momentum,
+            mean, invstd, scale, shift, var, t, m, k, tile_m, *_hi_lo(eps), *_hi_lo(momentum or 0.0),
             HAS_AFFINE=gamma is not None, UPDATE_RUNNING=update, CUMULATIVE=momentum is None,
             BLOCK_T=block_t, BLOCK_K=block_k)
     return (mean, invstd, scale, shift, var) if return_var else (mean, invstd, scale, shift)
