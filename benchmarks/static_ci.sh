@@ -12,6 +12,7 @@ ARGS=(--budget --no-sass)
 if [[ "${1:-}" == "--report-only" ]]; then ARGS+=(--report-only); fi
 START=$SECONDS
 MAIN_PY=$(command -v python)
+"$MAIN_PY" -c "import triton, fusedres" || { echo "static_ci: activate the project's venv first (python must import triton and fusedres)"; exit 2; }
 V36=.venv-static36
 if ! "$V36/bin/python" -c "import triton, torch, numpy, fusedres; assert triton.__version__ == '3.6.0'" 2>/dev/null; then
     python3 -m venv "$V36"

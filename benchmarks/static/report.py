@@ -49,6 +49,8 @@ def analyse(compiled, sass: bool = True) -> Dict:
             row["mma"] = row["ptx_mma"]
         row.update(analyze.ttgir_summary(asm["ttgir"]))
         row["has_dot"] = row["dot_loops"] > 0 or row["mma"] != "none"
+        if not row["has_dot"]:
+            row["operand_loads"] = "-"  # no dot: the column is about the dot's operands
         _CACHE[h] = row
     return dict(_CACHE[h])
 
@@ -117,11 +119,43 @@ def markdown(rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _span(vals) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def summary_markdown(rows: List[Dict]) -> str:
+    """One line per (layer, mode, phase, kernel, variant, arch, triton) over its configs: the per-layer table."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in ("layer", "mode", "phase", "dtype", "kernel", "variant", "arch",
+                                               "triton")), []).append(r)
+    lines = ["| layer | mode | fwd/bwd | dtype | kernel | variant | sm | triton | configs | spilling (max B) | regs | "
+             "smem B | CTAs/SM | mma | dot loads | for-loops w/ dot | wait0 in loop | div64 in loop | instr/MFLOP | "
+             "errors |", "|" + "---|" * 20]
+    for key, rs in groups.items():
+        ok = [r for r in rs if not r.get("error")]
+        spill = [r["spill_bytes"] for r in ok if r["spill_bytes"] > 0]
+        cells = [*map(str, key), str(len(rs)), f"{len(spill)} ({max(spill)})" if spill else "0",
+                 _span(r["regs"] for r in ok), _span(r["smem"] for r in ok), _span(r.get("ctas_per_sm") for r in ok),
+                 "/".join(sorted({r["mma"] for r in ok})), "/".join(sorted({r["operand_loads"] for r in ok})),
+                 _span(r["dot_loops"] for r in ok), _span(r["async_wait0_in_loop"] for r in ok),
+                 _span(r["div64_in_loop"] for r in ok), _span(r.get("instr_per_mflop") for r in ok),
+                 str(len(rs) - len(ok))]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write(rows: List[Dict], out_dir: str, name: str = "static") -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")]
+    paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "summary.md")]
     with open(paths[0], "w") as f:
         json.dump(rows, f, indent=1)
     with open(paths[1], "w") as f:
         f.write(markdown(rows))
+    with open(paths[2], "w") as f:
+        f.write(summary_markdown(rows))
     return paths
