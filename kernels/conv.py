@@ -86,28 +86,46 @@ def _conv_bn_act_kernel(
     mask_k = offs_kg < KG
     offs_c = tl.arange(0, BLOCK_K).to(tl.int64)  # channel * channel-stride can pass 2**31 (NCHW)
 
-    x_base = x_ptr + n * sxn + (g * CG).to(tl.int64) * sxc
-    w_base = w_ptr + offs_k.to(tl.int64) * swk
+    # Row bases: each output pixel's input offset and coordinates at tap (0, 0); a tap adds a scalar.
+    h0 = p * stride_h - pad_h
+    w0 = q * stride_w - pad_w
+    x_rows = x_ptr + (n * sxn + (g * CG).to(tl.int64) * sxc + h0 * sxh + w0 * sxw)
+    h0 = h0.to(tl.int32)
+    w0 = w0.to(tl.int32)
+    w_cols = w_ptr + offs_k.to(tl.int64) * swk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    for r in range(R):
-        h = p * stride_h - pad_h + r * dil_h
-        for s in range(S):
-            w_in = q * stride_w - pad_w + s * dil_w
-            valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
-            a_ptrs = x_base + h * sxh + w_in * sxw
-            b_ptrs = w_base + r * swr + s * sws
-            for c0 in range(0, CG, BLOCK_K):
-                cc = c0 + offs_c
-                mask_c = cc < CG
-                a_mask = valid[:, None] & mask_c[None, :]
-                a = tl.load(a_ptrs[:, None] + cc[None, :] * sxc, mask=a_mask, other=0.0)
-                if PROLOGUE_BN_RELU:
-                    s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
-                    t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
-                    a_act = relu_nan(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :])
-                    a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
-                b = tl.load(b_ptrs[None, :] + cc[:, None] * swc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-                acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+    # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
+    # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
+    # no division runs in the loop.
+    r = 0
+    s = 0
+    c0 = 0
+    for _ in range(R * S * tl.cdiv(CG, BLOCK_K)):
+        dh = r * dil_h
+        dw = s * dil_w
+        h = h0 + dh
+        w_in = w0 + dw
+        valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
+        cc = c0 + offs_c
+        mask_c = cc < CG
+        a_mask = valid[:, None] & mask_c[None, :]
+        a_tap = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw
+        a = tl.load(x_rows[:, None] + (a_tap + cc[None, :] * sxc), mask=a_mask, other=0.0)
+        if PROLOGUE_BN_RELU:
+            s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
+            t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
+            a_act = relu_nan(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :])
+            a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
+        b_tap = r.to(tl.int64) * swr + s.to(tl.int64) * sws
+        b = tl.load(w_cols[None, :] + (b_tap + cc[:, None] * swc), mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+        c0 += BLOCK_K
+        next_s = c0 >= CG
+        c0 = tl.where(next_s, 0, c0)
+        s = tl.where(next_s, s + 1, s)
+        next_r = s == S
+        s = tl.where(next_r, 0, s)
+        r = tl.where(next_r, r + 1, r)
 
     y = acc
     if HAS_SCALE:
@@ -116,20 +134,22 @@ def _conv_bn_act_kernel(
         y = acc * scale[None, :] + shift[None, :]
 
     if HAS_SHORTCUT:
-        # Projection shortcut: a second GEMM (1x1 conv, stride stride_d, no padding) into its own
-        # accumulator, with its own folded BN, so the block tail is one launch.
-        acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-        ad_ptrs = xd_ptr + n * sdn + (p * stride_d) * sdh + (q * stride_d) * sdw
-        bd_ptrs = wd_ptr + offs_k.to(tl.int64) * swdk
+        # Projection shortcut (1x1 conv, stride stride_d, no padding, its own BN) so the block tail is one
+        # launch. One accumulator: y continues as the accumulator of the shortcut GEMM, whose BN scale is
+        # folded into the B tile's columns (in fp32, then cast to the operand dtype): two live 128x128
+        # accumulators would spill.
+        scale_d, shift_d = channel_affine(offs_k, mask_k, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
+                                          eps_d_hi, eps_d_lo, acc_dtype)
+        y = y + shift_d[None, :]
+        ad_rows = xd_ptr + (n * sdn + (p * stride_d) * sdh + (q * stride_d) * sdw)
+        bd_cols = wd_ptr + offs_k.to(tl.int64) * swdk
         for c0 in range(0, CD, BLOCK_K):
             cc = c0 + offs_c
             mask_c = cc < CD
-            a = tl.load(ad_ptrs[:, None] + cc[None, :] * sdc, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            b = tl.load(bd_ptrs[None, :] + cc[:, None] * swdc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            acc_d = mma(a, b, acc_d, DOT_PRECISION, UPCAST_DOT)
-        scale_d, shift_d = channel_affine(offs_k, mask_k, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
-                                          eps_d_hi, eps_d_lo, acc_dtype)
-        y += acc_d * scale_d[None, :] + shift_d[None, :]
+            a = tl.load(ad_rows[:, None] + cc[None, :] * sdc, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+            b = tl.load(bd_cols[None, :] + cc[:, None] * swdc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+            b = (b.to(acc_dtype) * scale_d[None, :]).to(wd_ptr.dtype.element_ty)
+            y = mma(a, b, y, DOT_PRECISION, UPCAST_DOT)
 
     if STATS:
         cnt = tl.sum(mask_m.to(acc_dtype), axis=0)
