@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation, stats_dtype
+from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation
 from ._tiles import add_residual_relu_store, pixel_channel_tile, tile_ptrs
 
 
@@ -241,14 +241,18 @@ def _strides(t):
 # Programs a two-pass reduction aims for on a GPU: >= 2 per SM of a 132-SM H100/H200. A constant, not
 # the card's SM count, so the summation order (hence every bit of the result) depends on the shape only.
 _GPU_PROGRAMS = 264
+# A one-pass program reading at most this many bytes costs about what a second launch does (a guess from
+# ~30 GB/s per latency-bound CTA and ~2 us per launch; not measured): small reductions keep one pass.
+_ONE_PASS_BYTES = 64 * 1024
 
 
-def _split(rows: int, col_blocks: int, chunk=None, gpu=not INTERPRETED):
+def _split(rows: int, col_blocks: int, row_bytes: int = 0, chunk=None, gpu=not INTERPRETED):
     """(rows per program of pass 1, its BLOCK_T); rows per program >= rows means one pass. Chunks of a
     multiple of 8 rows (BLOCK_T 8..32 divides them), as many as give _GPU_PROGRAMS programs; one pass in
-    the interpreter, where per-program overhead dominates."""
+    the interpreter, where per-program overhead dominates, and where a program reads rows * row_bytes
+    <= _ONE_PASS_BYTES."""
     if chunk is None:
-        if not gpu or col_blocks >= _GPU_PROGRAMS:
+        if not gpu or col_blocks >= _GPU_PROGRAMS or rows * row_bytes <= _ONE_PASS_BYTES:
             chunk = max(rows, 1)
         else:
             chunk = triton.cdiv(triton.cdiv(rows, triton.cdiv(_GPU_PROGRAMS, col_blocks)), 8) * 8
@@ -283,7 +287,7 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, runnin
     update = running_mean is not None
     dummy = outs[0]
     block_t, block_k = _finalize_blocks(t, k)
-    chunk, chunk_block_t = _split(t, triton.cdiv(k, block_k), chunk)
+    chunk, chunk_block_t = _split(t, triton.cdiv(k, block_k), 2 * block_k * part_mean.element_size(), chunk)
     with device_guard(part_mean):
         if chunk < t:  # pass 1: (mean, M2) per chunk of tiles, then the merge below runs over the chunks
             chunks = triton.cdiv(t, chunk)
@@ -313,7 +317,7 @@ def sum_rows(src, out=None, chunk=None):
     out = torch.empty(length, device=src.device, dtype=src.dtype) if out is None else out
     block_l = clamp_block(1024 if INTERPRETED else 256, length, 1)
     cols = triton.cdiv(length, block_l)
-    rows, block_t = _split(t, cols, chunk)
+    rows, block_t = _split(t, cols, block_l * src.element_size(), chunk)
     with device_guard(src):
         if rows < t:
             chunks = triton.cdiv(t, rows)

@@ -76,12 +76,15 @@ def test_chunked_sum_rows(chunk, device):
 
 def test_gpu_split_fills_the_machine():
     """The GPU's shape-only split: >= 132 programs (one per H100 SM) for a 64-channel BN over 12.5k
-    tiles, in whole BLOCK_T blocks; one pass once the column blocks alone fill the GPU."""
-    chunk, block_t = bn_k._split(12544, 1, gpu=True)
+    tiles, in whole BLOCK_T blocks; one pass once the column blocks alone fill the GPU, or when each
+    program reads little."""
+    row = 512  # bytes per row and program: 64 channels of fp32 mean and M2
+    chunk, block_t = bn_k._split(12544, 1, row, gpu=True)
     assert -(-12544 // chunk) >= 132 and chunk % block_t == 0 and block_t >= 8
-    chunk, block_t = bn_k._split(3136, 4, gpu=True)
+    chunk, block_t = bn_k._split(3136, 4, row, gpu=True)
     assert -(-3136 // chunk) * 4 >= 132 and chunk % block_t == 0
-    assert bn_k._split(100, 300, gpu=True)[0] >= 100
-    assert bn_k._split(12544, 1, gpu=False)[0] >= 12544  # the interpreter: one pass
-    assert bn_k._split(12544, 1, 48) == (48, 16)
-    assert bn_k._split(5, 1, 1) == (1, 1)
+    assert bn_k._split(100, 300, row, gpu=True)[0] >= 100  # the column blocks alone fill the GPU
+    assert bn_k._split(49, 8, row, gpu=True)[0] >= 49  # 25 KB per program: a second launch costs more
+    assert bn_k._split(12544, 1, row, gpu=False)[0] >= 12544  # the interpreter: one pass
+    assert bn_k._split(12544, 1, row, 48) == (48, 16)
+    assert bn_k._split(5, 1, row, 1) == (1, 1)
