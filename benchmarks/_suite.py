@@ -12,7 +12,7 @@ from fusedres import _bench as B
 QUICK = os.environ.get("FUSEDRES_BENCH_QUICK", "0") == "1"
 # Self-test of the suite's machinery on the CPU (tests/test_cli.py): a few CIFAR cases in the interpreter.
 TINY = os.environ.get("_FUSEDRES_BENCH_DEVICE") == "cpu"
-DTYPES = ("bf16",) if QUICK else ("bf16", "fp16")
+DTYPE_NAMES = ("bf16",) if QUICK else ("bf16", "fp16")  # keys of fusedres._bench.DTYPE_OF
 MODEL_BATCH = {"inference": 256, "training": 128}
 LAYER_BATCHES = (256,) if QUICK else (64, 256)
 
@@ -51,7 +51,7 @@ def layer_cases() -> List[B.Case]:
             for mode in ("inference", "training"):
                 if QUICK and path not in (QUICK_LAYERS if mode == "inference" else QUICK_TRAIN_LAYERS):
                     continue
-                for dt in DTYPES:
+                for dt in DTYPE_NAMES:
                     cases += [B.Case("layer", "resnet50", layer.shape.label, mode, dt, n, p, path=path,
                                      shape=layer.shape) for p in _providers("layer", mode)
                               if not (QUICK and mode == "training" and p.startswith("compile"))]
@@ -67,7 +67,7 @@ def block_cases() -> List[B.Case]:
             for mode in ("inference", "training"):
                 if QUICK and (model, blk.path) not in (QUICK_BLOCKS if mode == "inference" else QUICK_TRAIN_BLOCKS):
                     continue
-                for dt in DTYPES:
+                for dt in DTYPE_NAMES:
                     cases += [B.Case("block", model, blk.label, mode, dt, MODEL_BATCH[mode], p, path=blk.path)
                               for p in _providers("block", mode)
                               if not (QUICK and mode == "training" and p.startswith("compile"))]
@@ -83,7 +83,7 @@ def model_cases() -> List[B.Case]:
         for mode in ("inference", "training"):
             if QUICK and model != "resnet50" and mode == "training":
                 continue
-            for dt in DTYPES:
+            for dt in DTYPE_NAMES:
                 provs = _providers("model", mode)
                 if QUICK and model != "resnet50":
                     provs = [p for p in provs if not p.startswith("compile")]
