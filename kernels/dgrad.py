@@ -60,9 +60,9 @@ def _conv_dgrad_kernel(
     num_n = tl.cdiv(CG, BLOCK_N)
     pid_m = pid // num_n
     g = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
-        offs_m = offs_m.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)  # before the product: pixel indices may pass 2**31
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = offs_m // (HP * WP)  # once per tile, in int32 unless offsets need 64 bits (no division routine)
     i = offs_m - n * (HP * WP)
     j = i % WP
@@ -167,7 +167,9 @@ def dgrad_phases(x_shape, w_shape, stride, padding, dilation):
 
 def dgrad_flops(x_shape, w_shape, stride, padding, dilation, groups):
     """(issued, useful) MMA FLOPs of a dgrad, counted per pixel (tile padding aside): issued by the
-    phase launches; useful = the forward conv's 2*N*P*Q*K*(C/groups)*R*S."""
+    phase launches; useful = the forward conv's 2*N*P*Q*K*(C/groups)*R*S. Equal at ResNet shapes (even
+    sizes, "same" padding); issued is larger only by border rows that some tap cannot reach (an
+    unpadded conv, or a dilated strided one whose taps reach few rows of a phase)."""
     n, c, h, w = x_shape
     k, cg, r, s = w_shape
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
@@ -177,11 +179,63 @@ def dgrad_flops(x_shape, w_shape, stride, padding, dilation, groups):
     return issued, 2 * n * p * q * k * cg * r * s
 
 
-def dgrad_config(m: int, cg: int, kg: int) -> dict:
+# GPU configs (BLOCK_N, BLOCK_K, num_warps, num_stages) per arch, each compiled without spills at the
+# ResNet-50 shapes (see the static check). BLOCK_M stays 128: the BN partials are per 128-pixel tile.
+GPU_BLOCK_M = 128
+_TILES = {
+    90: [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 5)],
+    80: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+}
+
+
+def _arch() -> int:
+    target = triton.runtime.driver.active.get_current_target()
+    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80
+
+
+def gpu_configs(arch: int = None):
+    """Every config the dgrad autotuner may pick on an arch (all of them when arch is None)."""
+    tiles = sorted({t for ts in _TILES.values() for t in ts}) if arch is None else _TILES[arch]
+    return [triton.Config({"BLOCK_M": GPU_BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in tiles]
+
+
+def _prune(configs, named_args, **_):
+    """This arch's configs, tiles shrunk to the channels (no block wider than the problem), deduplicated."""
+    allowed = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in gpu_configs(_arch())}
+    out, seen = [], set()
+    for cfg in configs:
+        kw = cfg.kwargs
+        if (kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages) not in allowed:
+            continue
+        kw = dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], named_args["CG"]), BLOCK_K=clamp_block(kw["BLOCK_K"],
+                                                                                                 named_args["KG"]))
+        sig = (kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out
+
+
+# Per-shape config cache (the autotuner's, keyed below). The result may alias the residual (in-place
+# accumulation): the autotuner restores dx after every timed run, so each config sees the same input.
+_conv_dgrad_autotuned = triton.autotune(
+    configs=gpu_configs(), key=["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_RELU_GRAD", "HAS_RESIDUAL",
+                                "HAS_RES_MASK", "IDX64"],
+    prune_configs_by={"early_config_prune": _prune}, restore_value=["dx_ptr"],
+)(_conv_dgrad_kernel)
+
+
+def dgrad_config(m: int, cg: int, kg: int):
+    """The fixed config, or None to autotune. Fixed in the interpreter (big blocks: per-op overhead
+    dominates) and under torch.use_deterministic_algorithms (another tile sums in another order)."""
     if INTERPRETED:
         return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, cg), BLOCK_K=clamp_block(128, kg))
-    bn = clamp_block(128, cg)
-    return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=clamp_block(64, kg), num_warps=8 if bn >= 128 else 4, num_stages=3)
+    if torch.are_deterministic_algorithms_enabled():
+        bn = clamp_block(128, cg)
+        return dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=bn, BLOCK_K=clamp_block(64, kg), num_warps=8 if bn >= 128 else 4,
+                    num_stages=3)
+    return None
 
 
 def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=None, residual=None, out=None,
@@ -201,26 +255,33 @@ def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=N
     kg = k // groups
     phases = dgrad_phases(x_shape, weight.shape, stride, padding, dilation)
     cfg = dict(config) if config is not None else dgrad_config(n * h * w, cg, kg)
-    bm = cfg["BLOCK_M"]
+    bm = GPU_BLOCK_M if cfg is None else cfg["BLOCK_M"]
     tiles = [triton.cdiv(n * hp * wp, bm) for _, (hp, wp), _, _ in phases]
     parts = torch.empty((sum(tiles), 2 * c), device=dy.device, dtype=stats_dtype(dy)) if bn_relu is not None else dx
     y, in_scale, in_shift, mean, invstd = bn_relu if bn_relu is not None else (dx, dx, dx, dx, dx)
     res, rmask, res_stride = residual if residual is not None else (dx, None, 1)
     rmask_t = rmask if rmask is not None else res
     idx64 = max(max_offset(t) for t in (dy, weight, dx, y, res, rmask_t)) >= 2**31 - 1
+    flags = dict(BN_RELU_GRAD=bn_relu is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
+                 IDX64=idx64, DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy),
+                 ACC_FP64=dy.dtype == torch.float64)
     tile0 = 0
     for ((ah, aw), (hp, wp), th, tw), t in zip(phases, tiles):
         if t == 0:
             continue
-        with device_guard(dy):
-            _conv_dgrad_kernel[(t * triton.cdiv(cg, cfg["BLOCK_N"]), groups)](
-                dy, weight, dx, y, in_scale, in_shift, mean, invstd, parts, res, rmask_t,
+
+        def grid(meta, t=t):
+            return (t * triton.cdiv(cg, meta["BLOCK_N"]), groups)
+
+        args = (dy, weight, dx, y, in_scale, in_shift, mean, invstd, parts, res, rmask_t,
                 n * hp * wp, hp, wp, ah, aw, p, q, cg, kg, res.shape[1], c, tile0,
                 *dy.stride(), *weight.stride(), *dx.stride(), *y.stride(), *res.stride(), *rmask_t.stride(),
-                stride[0], stride[1], res_stride, *th, *tw,
-                BN_RELU_GRAD=bn_relu is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
-                IDX64=idx64, DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy),
-                ACC_FP64=dy.dtype == torch.float64, **cfg)
+                stride[0], stride[1], res_stride, *th, *tw)
+        with device_guard(dy):
+            if cfg is None:
+                _conv_dgrad_autotuned[grid](*args, **flags)
+            else:
+                _conv_dgrad_kernel[grid](*args, **flags, **cfg)
         tile0 += t
     if bn_relu is None:
         return dx

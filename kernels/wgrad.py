@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._launch import INTERPRETED, clamp_block, device_guard, dot_precision, stats_dtype, upcast_dot
-from ._tiles import mma, relu_nan
+from ._tiles import mma
 from .bn import sum_rows
 
 
@@ -34,6 +34,8 @@ def _conv_wgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, PROLOGUE_BN_RELU: tl.constexpr,
     TAP_PER_TILE: tl.constexpr,    # CG % BLOCK_N == 0: every column of a tile has the same tap
+    STEM_CP: tl.constexpr,         # > 0: x is a dense NHWC copy padded to STEM_CP channels (C <= 4, the stem)
+    STEM_SP: tl.constexpr,         # S rounded up to a power of two (STEM_CP > 0)
     IDX64: tl.constexpr,           # some offset may pass 2**31: index math in int64
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,         # pixels per step (the reduction)
@@ -51,7 +53,16 @@ def _conv_wgrad_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < NCOL
     # Column decode, once per program.
-    if TAP_PER_TILE:
+    if STEM_CP > 0:
+        # Columns (r, s, c) over a padded [R, STEM_SP, STEM_CP] box: a filter row is one contiguous run of
+        # S*STEM_CP input elements, loaded STEM_CP at a time (constexpr shifts, not divisions).
+        r = cols // (STEM_SP * STEM_CP)
+        s = (cols // STEM_CP) % STEM_SP
+        c = cols % STEM_CP
+        mask_n = (r < R) & (s < S)   # all STEM_CP channels load (the padding is zero): whole vectors
+        h_off = (r * dil_h - pad_h)[None, :]
+        w_off = (s * dil_w - pad_w)[None, :]
+    elif TAP_PER_TILE:
         rs = (pid_n * BLOCK_N) // CG
         c = cols - rs * CG
         r = rs // S
@@ -67,7 +78,10 @@ def _conv_wgrad_kernel(
         w_off = (s * dil_w - pad_w)[None, :]
     offs_c = g * CG + c
     k_idx = g * KG + offs_kg
-    if IDX64:
+    if STEM_CP > 0:
+        k_off = k_idx * sdc
+        col_off = (r * dil_h - pad_h) * sxh + (s * dil_w - pad_w) * STEM_CP + c
+    elif IDX64:
         k_off = k_idx.to(tl.int64) * sdc
         col_off = offs_c.to(tl.int64) * sxc + (r * dil_h - pad_h).to(tl.int64) * sxh \
             + (s * dil_w - pad_w).to(tl.int64) * sxw
@@ -79,11 +93,11 @@ def _conv_wgrad_kernel(
         t_in = tl.load(in_shift_ptr + offs_c, mask=mask_n, other=0.0)
 
     # Pixel decode once; then advanced by BLOCK_M per step: BLOCK_M = dn*P*Q + dp*Q + dq.
+    if IDX64:
+        split = split.to(tl.int64)  # before the product: pixel indices may pass 2**31
     start = split * ROWS_PER_SPLIT
     end = tl.minimum(start + ROWS_PER_SPLIT, M)
     offs_m = start + tl.arange(0, BLOCK_M)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
     n = offs_m // (P * Q)
     pq = offs_m - n * (P * Q)
     p = pq // Q
@@ -97,14 +111,25 @@ def _conv_wgrad_kernel(
         mask_m = offs_m < end
         hb = p * stride_h
         wb = q * stride_w
-        dyt = tl.load(dy_ptr + (n * sdn + p * sdh + q * sdw)[:, None] + k_off[None, :],
-                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         hh = hb[:, None] + h_off
         ww = wb[:, None] + w_off
-        x_mask = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None] & mask_n[None, :]
-        xt = tl.load(x_ptr + (n * sxn + hb * sxh + wb * sxw)[:, None] + col_off[None, :], mask=x_mask, other=0.0)
+        row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
+        x_mask = row_ok & mask_n[None, :]
+        if TAP_PER_TILE and PROLOGUE_BN_RELU:
+            dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element
+        else:
+            dy_mask = mask_m[:, None] & mask_k[None, :]
+        dyt = tl.load(dy_ptr + (n * sdn + p * sdh + q * sdw)[:, None] + k_off[None, :], mask=dy_mask, other=0.0)
+        if STEM_CP > 0:
+            x_rows = n * sxn + hb * sxh + wb * STEM_CP  # a multiple of STEM_CP: aligned vector loads
+        else:
+            x_rows = n * sxn + hb * sxh + wb * sxw
+        xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
         if PROLOGUE_BN_RELU:
-            xt = tl.where(x_mask, relu_nan(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :]), 0.0)
+            # ReLU as one NaN-propagating max (like torch.relu), not a compare and a select
+            xt = tl.maximum(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+            if not TAP_PER_TILE:
+                xt = tl.where(x_mask, xt, 0.0)  # zero padding of the activated tensor
             xt = xt.to(dy_ptr.dtype.element_ty)
         acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
         offs_m += BLOCK_M
@@ -117,6 +142,8 @@ def _conv_wgrad_kernel(
         n += dn + cp.to(n.dtype)
 
     idx = k_idx.to(tl.int64)[:, None] * swk + (c.to(tl.int64) * swc + r * swr + s * sws)[None, :]
+    if STEM_CP > 0:
+        mask_n = mask_n & (c < CG)
     tl.store(part_ptr + split.to(tl.int64) * NUMEL + idx, acc, mask=mask_k[:, None] & mask_n[None, :])
 
 
@@ -129,14 +156,62 @@ def max_offset(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()) if size > 0)
 
 
-def wgrad_config(m: int, kg: int, cg: int, ncol: int) -> dict:
-    """Tiles: the interpreter wants big blocks (per-op overhead dominates); the GPU a 128-wide tile of
-    output channels and, when the channels allow, a column tile inside one tap."""
+# GPU configs (BLOCK_K, BLOCK_N, num_warps, num_stages) per arch, each compiled without spills at the
+# ResNet-50 shapes (see the static check). BLOCK_M stays 64: the split-K partition is set before tuning.
+GPU_BLOCK_M = 64
+_TILES = {
+    90: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+    80: [(128, 64, 8, 3), (64, 64, 4, 3)],
+}
+
+
+def _arch() -> int:
+    target = triton.runtime.driver.active.get_current_target()
+    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80
+
+
+def gpu_configs(arch: int = None):
+    """Every config the wgrad autotuner may pick on an arch (all of them when arch is None)."""
+    tiles = sorted({t for ts in _TILES.values() for t in ts}) if arch is None else _TILES[arch]
+    return [triton.Config({"BLOCK_M": GPU_BLOCK_M, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bk, bn, w, st in tiles]
+
+
+def _prune(configs, named_args, **_):
+    """This arch's configs, tiles shrunk to the problem, TAP_PER_TILE set per tile, deduplicated."""
+    allowed = {(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in gpu_configs(_arch())}
+    cg, out, seen = named_args["CG"], [], set()
+    for cfg in configs:
+        kw = cfg.kwargs
+        if (kw["BLOCK_K"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages) not in allowed:
+            continue
+        bk, bn = clamp_block(kw["BLOCK_K"], named_args["KG"]), clamp_block(kw["BLOCK_N"], named_args["NCOL"])
+        sig = (bk, bn, cfg.num_warps, cfg.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(triton.Config(dict(kw, BLOCK_K=bk, BLOCK_N=bn, TAP_PER_TILE=cg % bn == 0),
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out
+
+
+# Per-shape config cache (the autotuner's). Each run overwrites its partials: rerunning is harmless.
+_conv_wgrad_autotuned = triton.autotune(
+    configs=gpu_configs(), key=["M", "H", "W", "P", "Q", "CG", "KG", "NCOL", "SPLIT", "stride_h", "R", "S",
+                                "PROLOGUE_BN_RELU", "IDX64"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_conv_wgrad_kernel)
+
+
+def wgrad_config(m: int, kg: int, cg: int, ncol: int):
+    """The fixed config, or None to autotune. Fixed in the interpreter (big blocks: per-op overhead
+    dominates) and under torch.use_deterministic_algorithms (another tile sums in another order)."""
     if INTERPRETED:
         return dict(BLOCK_M=clamp_block(256, m), BLOCK_K=clamp_block(128, kg), BLOCK_N=clamp_block(128, ncol))
-    bk = clamp_block(128, kg, 64)
-    bn = 128 if cg % 128 == 0 else 64
-    return dict(BLOCK_M=64, BLOCK_K=bk, BLOCK_N=bn, num_warps=8 if bk * bn >= 128 * 128 else 4, num_stages=3)
+    if torch.are_deterministic_algorithms_enabled():
+        bk, bn = clamp_block(128, kg), (128 if cg % 128 == 0 else clamp_block(64, ncol))
+        return dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=bk, BLOCK_N=bn, num_warps=8 if bk * bn >= 128 * 128 else 4,
+                    num_stages=3)
+    return None
 
 
 def _num_splits(tiles: int, m: int, bm: int) -> int:
@@ -159,10 +234,20 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     m, kg, ncol = n * p * q, k // groups, cg * r * s
     if m == 0:
         return dw.zero_()
+    idx64 = max(max_offset(dy), max_offset(x), m + 256) >= 2**31 - 1
+    stem_cp = stem_sp = 0
+    if groups == 1 and c <= 4 and prologue is None and not idx64:
+        # The stem (C=3): a zero-padded dense NHWC copy with 4 channels (4/3 of the input, once) makes each
+        # filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
+        stem_cp, stem_sp = 4, triton.next_power_of_2(s)
+        x4 = torch.empty((n, stem_cp, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+        x4[:, c:] = 0
+        x4[:, :c] = x
+        x, ncol = x4, r * stem_sp * stem_cp
     cfg = dict(config) if config is not None else wgrad_config(m, kg, cg, ncol)
-    bm, bk, bn = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_N"]
-    tiles = triton.cdiv(kg, bk) * triton.cdiv(ncol, bn)
-    split = _num_splits(tiles * groups, m, bm)
+    bm = GPU_BLOCK_M if cfg is None else cfg["BLOCK_M"]
+    # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.
+    split = _num_splits(triton.cdiv(kg, 128) * triton.cdiv(ncol, 128) * groups, m, bm)
     rows_per_split = triton.cdiv(triton.cdiv(m, split), bm) * bm
     split = max(1, triton.cdiv(m, rows_per_split))
     acc_dtype = stats_dtype(dy)
@@ -170,14 +255,20 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     part = torch.as_strided(dw, (1, dw.numel()), (0, 1)) if direct else \
         torch.empty((split, dw.numel()), device=dy.device, dtype=acc_dtype)
     in_scale, in_shift = prologue if prologue is not None else (dw, dw)
-    idx64 = max(max_offset(dy), max_offset(x), m + bm) >= 2**31 - 1
+
+    def grid(meta):
+        return (triton.cdiv(kg, meta["BLOCK_K"]) * triton.cdiv(ncol, meta["BLOCK_N"]), groups * split)
+
+    args = (dy, x, in_scale, in_shift, part, m, h, w, p, q, cg, kg, ncol, rows_per_split, split, dw.numel(),
+            *dy.stride(), *x.stride(), *dw.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0],
+            dilation[1])
+    flags = dict(R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CP=stem_cp, STEM_SP=stem_sp, IDX64=idx64,
+                 DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy))
     with device_guard(dy):
-        _conv_wgrad_kernel[(tiles, groups * split)](
-            dy, x, in_scale, in_shift, part, m, h, w, p, q, cg, kg, ncol, rows_per_split, split, dw.numel(),
-            *dy.stride(), *x.stride(), *dw.stride(),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, TAP_PER_TILE=cg % bn == 0, IDX64=idx64,
-            DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy), **cfg)
+        if cfg is None:
+            _conv_wgrad_autotuned[grid](*args, **flags)
+        else:
+            _conv_wgrad_kernel[grid](*args, **flags, **cfg, TAP_PER_TILE=cg % cfg["BLOCK_N"] == 0)
     if not direct:
         sum_rows(part, out=torch.as_strided(dw, (dw.numel(),), (1,)))
     return dw

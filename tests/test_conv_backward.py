@@ -1,0 +1,138 @@
+"""Kernel-level tests of the conv backward launchers (kernels/dgrad.py, kernels/wgrad.py) against float64
+autograd of F.conv2d: strides, kernel sizes (the C=3 stem), groups, dilation, padding, both memory
+formats, the fused prologue/epilogues, and the phase decomposition's FLOP budget."""
+import pytest
+import torch
+
+from fusedres.kernels import conv_bwd
+from helpers import assert_close
+
+# (N, C, K, H, R, stride, padding, dilation, groups)
+GEOMETRIES = {
+    "3x3_s1": (2, 8, 16, 9, 3, 1, 1, 1, 1),
+    "3x3_s2": (2, 8, 16, 9, 3, 2, 1, 1, 1),
+    "3x3_s2_c16": (2, 16, 16, 9, 3, 2, 1, 1, 1),
+    "1x1_s2": (2, 16, 8, 8, 1, 2, 0, 1, 1),
+    "stem_7x7_c3": (2, 3, 16, 14, 7, 2, 3, 1, 1),
+    "grouped_dilated": (2, 8, 12, 9, 3, 1, 2, 2, 2),
+    "5x5_s2_dil3": (1, 4, 8, 16, 5, 2, 1, 3, 1),
+}
+# Small blocks: several pixel steps and K blocks per program, carries across image rows and images.
+SMALL = dict(dgrad=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), wgrad=dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16))
+
+
+def _tensors(geo, dtype, device, channels_last):
+    n, c, k, h, r, st, pad, dil, g = geo
+    p = (h + 2 * pad - dil * (r - 1) - 1) // st + 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, h, device=device, dtype=dtype).to(memory_format=fmt)
+    w = (torch.randn(k, c // g, r, r, device=device) / (c // g * r * r) ** 0.5).to(dtype).to(memory_format=fmt)
+    dy = torch.randn(n, k, p, p, device=device, dtype=dtype).to(memory_format=fmt)
+    return x, w, dy, ((st, st), (pad, pad), (dil, dil), g)
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["default_blocks", "small_blocks"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_dgrad_wgrad_match_float64(name, dtype, channels_last, small, device):
+    if small and (dtype != torch.float32 or not channels_last):
+        pytest.skip("small blocks: one dtype and layout suffice")
+    x, w, dy, geo = _tensors(GEOMETRIES[name], dtype, device, channels_last)
+    stride, pad, dil, g = geo
+    dx = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, config=SMALL["dgrad"] if small else None)
+    dw = conv_bwd.conv_wgrad(dy, x, w, *geo, config=SMALL["wgrad"] if small else None)
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
+    ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), stride, pad, dil, g)
+    assert_close(dx, ref_dx, dtype, "dgrad")
+    assert_close(dw, ref_dw, dtype, "wgrad")
+    assert dx.dtype == dtype and dw.dtype == dtype
+    assert dw.stride() == w.stride(), "wgrad keeps the weight's memory format"
+    assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("3x3_s2", None), ("grouped_dilated", None), ("stem_7x7_c3", None),
+    ("3x3_s2_c16", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16)),  # one tap per column tile (TAP_PER_TILE)
+])
+def test_wgrad_prologue_pads_the_activated_tensor(name, config, device):
+    x, w, dy, geo = _tensors(GEOMETRIES[name], torch.float32, device, True)
+    c = x.shape[1]
+    scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device) + 0.5  # relu(shift) != 0
+    x[1, 0, 2, 3] = float("nan")  # propagates through the ReLU like torch.relu
+    dw = conv_bwd.conv_wgrad(dy, x, w, *geo, prologue=(scale, shift), config=config)
+    act = torch.relu(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
+    stride, pad, dil, g = geo
+    ref = torch.nn.grad.conv2d_weight(act, w.shape, dy.double(), stride, pad, dil, g)
+    assert torch.equal(dw.isnan(), ref.isnan()) and ref.isnan().any()
+    assert_close(dw.nan_to_num(), ref.nan_to_num(), torch.float32, "wgrad with prologue")
+
+
+def test_wgrad_float64(device):
+    x, w, dy, geo = _tensors(GEOMETRIES["3x3_s2"], torch.float64, device, True)
+    dw = conv_bwd.conv_wgrad(dy, x, w, *geo, config=SMALL["wgrad"])
+    ref = torch.nn.grad.conv2d_weight(x, w.shape, dy, geo[0], geo[1], geo[2], geo[3])
+    assert dw.dtype == torch.float64 and (dw - ref).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("name", ["3x3_s1", "3x3_s2", "1x1_s2"])
+@pytest.mark.parametrize("small", [False, True], ids=["default_blocks", "small_blocks"])
+def test_dgrad_epilogues(name, small, device):
+    """BN_RELU_GRAD (gate + partial sums over the stored values, every pixel once across phases) and
+    an option-A residual at stride 2 gated by the block output's ReLU."""
+    dtype = torch.float16
+    x, w, dy, geo = _tensors(GEOMETRIES[name], dtype, device, True)
+    n, c, h, _ = x.shape
+    y = torch.randn_like(x)
+    scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    mean, invstd = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    hr = (h + 1) // 2
+    res = torch.randn(n, c // 2, hr, hr, device=device, dtype=dtype)
+    rmask = torch.randn_like(res)
+    dx, sum_g, sum_gx = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, bn_relu=(y, scale, shift, mean, invstd),
+                                            residual=(res, rmask, 2), config=SMALL["dgrad"] if small else None)
+    stride, pad, dil, g = geo
+    full = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
+    gate = y.double() * scale.double()[:, None, None] + shift.double()[:, None, None] > 0
+    grad = torch.where(gate, full, 0.0)
+    want = grad.clone()
+    want[:, :c // 2, ::2, ::2] += torch.where(rmask.double() > 0, res.double(), 0.0)
+    assert_close(dx, want, dtype, "dgrad with BN-ReLU gate and residual")
+    xhat = (y.double() - mean.double()[:, None, None]) * invstd.double()[:, None, None]
+    assert_close(sum_g, grad.sum((0, 2, 3)), dtype, "sum of g")
+    assert_close(sum_gx, (grad * xhat).sum((0, 2, 3)), dtype, "sum of g*xhat")
+
+
+def test_dgrad_accumulates_in_place_into_the_residual(device):
+    """The projection path: dx += dgrad(dy_d) with out aliasing the residual, stride 2, every phase."""
+    x, w, dy, geo = _tensors(GEOMETRIES["1x1_s2"], torch.float32, device, True)
+    acc = torch.randn(x.shape, device=device).to(memory_format=torch.channels_last)
+    want = acc.double() + torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), geo[0], geo[1], geo[2],
+                                                     geo[3])
+    out = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, residual=(acc, None, 1), out=acc)
+    assert out.data_ptr() == acc.data_ptr()
+    assert_close(acc, want, torch.float32, "in-place dgrad")
+
+
+# ResNet-50 layer classes at batch 128 (x shape, weight shape, stride, padding).
+RESNET50 = [((128, 64, 56, 56), (64, 64, 3, 3), 1, 1), ((128, 128, 56, 56), (128, 128, 3, 3), 2, 1),
+            ((128, 256, 56, 56), (512, 256, 1, 1), 2, 0), ((128, 512, 7, 7), (512, 512, 3, 3), 1, 1),
+            ((128, 3, 224, 224), (64, 3, 7, 7), 2, 3), ((128, 1024, 14, 14), (2048, 1024, 1, 1), 2, 0)]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,pad", RESNET50)
+def test_dgrad_issues_only_useful_flops(x_shape, w_shape, stride, pad):
+    issued, useful = conv_bwd.dgrad_flops(x_shape, w_shape, (stride, stride), (pad, pad), (1, 1), 1)
+    assert issued == useful, f"dgrad issues {issued} MMA FLOPs for {useful} useful"
+
+
+@pytest.mark.parametrize("name", ["3x3_s1", "3x3_s2", "1x1_s2", "stem_7x7_c3"])
+def test_dgrad_never_issues_more_than_the_forward(name):
+    """With ResNet-style padding (dilation 1, every input row reached); a dilated strided conv whose taps
+    reach few rows of each phase, or an unpadded one, still issues MMAs for its border rows."""
+    n, c, k, h, r, st, pad, dil, g = GEOMETRIES[name]
+    issued, useful = conv_bwd.dgrad_flops((n, c, h, h), (k, c // g, r, r), (st, st), (pad, pad), (dil, dil), g)
+    assert 0 < issued <= useful
+    # every input pixel is in exactly one phase
+    phases = conv_bwd.dgrad_phases((n, c, h, h), (k, c // g, r, r), (st, st), (pad, pad), (dil, dil))
+    assert sum(hp * wp for _, (hp, wp), _, _ in phases) == h * h
