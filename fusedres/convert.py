@@ -128,11 +128,14 @@ def _fused_layers(model: nn.Module) -> Set[int]:
     return covered
 
 
+_CONV_NORM = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
 def eager_layers(model: nn.Module) -> List[str]:
     """The names of the conv / BatchNorm layers of ``model`` that no fused block or stem runs."""
     covered = _fused_layers(model)
     return [name or "<model>" for name, m in model.named_modules()
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)) and id(m) not in covered]
+            if isinstance(m, _CONV_NORM) and id(m) not in covered]
 
 
 def _block_line(module: nn.Module) -> Optional[Tuple[str, str]]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch
-from .blocks import folded_bn, layer_reason, packed_weight, sync_group, uses_batch_stats
+from .blocks import eval_bn, layer_reason, packed_weight, sync_group, uses_batch_stats
 from .functional import conv_bn_act
 from .training import Shortcut, train_forward
 
@@ -35,10 +35,9 @@ def run_stem(what: str, x: Tensor, units: Units) -> Optional[Tensor]:
         reason = group
     if reason is None:
         out = x
-        for conv, bn in units:
-            scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
-            out = conv_bn_act(out, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation,
-                              conv.groups, relu=True)
+        for conv, bn in units:  # the kernel folds the eval BN
+            out = conv_bn_act(out, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,
+                              conv.groups, relu=True, bn=eval_bn(conv, bn))
         return out
     _dispatch.fallback(what, reason)
     return None

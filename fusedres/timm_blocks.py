@@ -28,7 +28,7 @@ from .blocks import (
     _bn_mode,
     _FusedBlockMixin,
     _projection,
-    folded_bn,
+    eval_bn,
     layer_reason,
     packed_weight,
     sync_group,
@@ -193,9 +193,8 @@ class _TimmBlockMixin(_FusedBlockMixin):
             check.identity_channels(type(self).__name__, x, self._units()[-1][0].out_channels)
             return {"residual": x}
         pool, conv, bn = pooled_projection(self.downsample)
-        scale, shift = folded_bn(conv, bn, torch.float64 if x.dtype == torch.float64 else torch.float32)
         return {"shortcut_input": x if pool is None else pool(x), "shortcut_weight": packed_weight(conv),
-                "shortcut_scale": scale, "shortcut_shift": shift, "shortcut_stride": conv.stride[0]}
+                "shortcut_bn": eval_bn(conv, bn), "shortcut_stride": conv.stride[0]}
 
     def _split_forward(self, x: Tensor) -> Tensor:
         """Fused convs, eager attention / drop_path / add + ReLU (see the module docstring)."""
