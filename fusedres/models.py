@@ -11,12 +11,9 @@ from typing import Callable, List, Optional, Sequence, Type, Union
 import torch
 from torch import Tensor, nn
 
-from . import _dispatch
-from .blocks import (FusedBasicBlock, FusedBottleneck, eval_bn, layer_reason, packed_weight, sync_group,
-                     uses_batch_stats)
-from .functional import conv_bn_act
+from .blocks import FusedBasicBlock, FusedBottleneck
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut, conv1x1, conv3x3
-from .training import Shortcut, train_forward
+from .stems import run_stem
 
 Block = Type[Union[BasicBlock, Bottleneck]]
 
@@ -29,19 +26,9 @@ class _FusedStemNet(nn.Module):
     def _stem(self, x: Tensor) -> Tensor:
         """relu(bn1(conv1(x))) in one fused launch (eval), or as the fused batch-statistics chain (training)."""
         if self.fused and isinstance(x, Tensor):
-            what = f"{type(self).__name__} stem"
-            conv, bn = self.conv1, self.bn1
-            reason = _dispatch.unsupported_device_reason(x.device) or layer_reason(conv, bn)
-            if reason is None and uses_batch_stats(bn):
-                group = sync_group([bn])
-                if isinstance(group, str):
-                    reason = group
-                else:  # recompute the stem conv's output in backward: 3 input channels make it cheap
-                    return train_forward(what, x, [(conv, bn)], Shortcut("none"), recompute_last=True, group=group)
-            if reason is None:
-                return conv_bn_act(x, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,
-                                   conv.groups, relu=True, bn=eval_bn(conv, bn))
-            _dispatch.fallback(what, reason)
+            out = run_stem(f"{type(self).__name__} stem", x, [(self.conv1, self.bn1)])
+            if out is not None:
+                return out
         return self.relu(self.bn1(self.conv1(x)))
 
     def _init_weights(self) -> None:

@@ -259,11 +259,11 @@ def test_train_step_parity(build, size, dtype, device):
 
 def test_stem_calls_fused_ops(monkeypatch, device):
     """Eval: the stem is one conv_bn_act launch (conv1+bn1+relu); training: the one-unit batch-stats chain."""
-    import fusedres.models as models
+    import fusedres.stems as stems  # the models' stem runs stems.run_stem
     calls = []
     for name in ("conv_bn_act", "train_forward"):
-        real = getattr(models, name)
-        monkeypatch.setattr(models, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        real = getattr(stems, name)
+        monkeypatch.setattr(stems, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     fused, ref = twins(cifar("A"), torch.float32, device)
     x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
