@@ -254,23 +254,21 @@ class FusedLayer(nn.Module):
         self.eager = eager
 
     def forward(self, x, res=None, xd=None):
-        from .blocks import folded_bn, packed_weight
+        from .blocks import eval_bn, packed_weight
         from .functional import conv_bn_act
         e, sh = self.eager, self.eager.shape
         if self.training:  # batch statistics: the one-unit chain of fusedres.training (as the stem runs)
             from .training import Shortcut, train_forward
             return train_forward("layer", x, [(e.conv, e.bn)], Shortcut("none"))
-        kw = {}
+        kw = {}  # as the blocks launch it: the kernel folds the eval BNs
         if res is not None:
             kw["residual"] = res[:, :, ::sh.res_stride, ::sh.res_stride] if sh.res_stride > 1 else res
         if xd is not None:
-            ds, dsh = folded_bn(e.conv_d, e.bn_d, torch.float32)
-            kw.update(shortcut_input=xd, shortcut_weight=packed_weight(e.conv_d), shortcut_scale=ds,
-                      shortcut_shift=dsh, shortcut_stride=sh.sc_stride)
-        scale, shift = folded_bn(e.conv, e.bn, torch.float32)
+            kw.update(shortcut_input=xd, shortcut_weight=packed_weight(e.conv_d), shortcut_bn=eval_bn(e.conv_d, e.bn_d),
+                      shortcut_stride=sh.sc_stride)
         c = e.conv
-        return conv_bn_act(x, packed_weight(c), scale, shift, c.stride, c.padding, c.dilation, c.groups,
-                           relu=sh.relu, **kw)
+        return conv_bn_act(x, packed_weight(c), None, None, c.stride, c.padding, c.dilation, c.groups,
+                           bn=eval_bn(c, e.bn), relu=sh.relu, **kw)
 
 
 def _layer_inputs(shape: ConvShape, n: int, device, dt, gen) -> List[torch.Tensor]:
