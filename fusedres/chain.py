@@ -42,7 +42,7 @@ def present(t: Tensor) -> Optional[Tensor]:
 
 
 def geometry_of(conv) -> List[int]:
-    """An nn.Conv2d's geometry as the GEMOMETRY_INTS ints the ops carry."""
+    """An nn.Conv2d's geometry as the GEOMETRY_INTS ints the ops carry."""
     return [*conv.stride, *conv.padding, *conv.dilation, conv.groups]
 
 

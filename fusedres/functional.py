@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _dispatch, _validate as check
 from ._autocast import cast_for_autocast
 from . import ops  # noqa: F401  (registers torch.ops.fusedres.*)
+from .kernels._launch import stats_dtype
 from .kernels.conv import BNFold
 from .reference import bn_scale_shift_reference, conv_bn_act_reference
 
@@ -58,7 +59,7 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
     dilation = check.pair(_OP, "dilation", dilation, 1)
     check.conv_weight(_OP, "weight", weight, x, groups)
     k = weight.shape[0]
-    epi_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    epi_dtype = stats_dtype(x)
     bn = _checked_bn(bn, "bn", "scale", scale, shift, k, x.device)
     if scale is not None:
         check.per_channel(_OP, "scale", scale, k, x.device)
