@@ -3,6 +3,7 @@
     python benchmarks/static_check.py                      # ResNet-18 + ResNet-50 layer classes, bf16, eval + train
     python benchmarks/static_check.py --dtypes bf16,fp16,fp32 --nets resnet18,resnet50   # the full matrix
     python benchmarks/static_check.py --budget             # CI subset; exit 1 and list the rows that break a budget
+    python benchmarks/static_check.py --layers layer1.0 --archs 90 --enforce --extra-config 256,128,64,4,3
 
 One row per (layer class, kernel, config, arch, triton version): registers, spill bytes, shared memory,
 CTAs/SM, wgmma vs mma.sync, cp.async/TMA operand loads, scf.for loops around the dot, waits that drain
@@ -46,8 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-train", type=int, default=128)
     p.add_argument("--nchw", action="store_true", help="contiguous (NCHW) activations instead of channels_last")
     p.add_argument("--extra-config", action="append", default=[], metavar="BM,BN,BK,WARPS,STAGES",
-                   help="add a config to every autotuned kernel (e.g. to see a budget fail)")
-    p.add_argument("--budget", action="store_true", help="the CI subset; exit 1 when a budget is broken")
+                   help="also compile this config for every autotuned launch whose configs are exactly "
+                   "BLOCK_M/N/K (the forward conv), bypassing its pruning (e.g. to see a budget fail)")
+    p.add_argument("--budget", action="store_true", help="the CI subset, with --enforce")
+    p.add_argument("--enforce", action="store_true", help="exit 1 when a compiled row breaks a budget")
     p.add_argument("--no-sass", action="store_true", help="skip the disassembly (faster; no main-loop columns)")
     p.add_argument("--report-only", action="store_true", help="with --budget: list broken budgets, exit 0")
     p.add_argument("--out", default="static-results")
@@ -106,11 +109,11 @@ def main(argv=None) -> int:
               for f in ("ru_utime", "ru_stime"))
     print(f"static check (triton {triton.__version__}): {len(rows)} rows in {time.time() - t0:.0f} s "
           f"({cpu:.0f} CPU-s) -> {', '.join(paths)}")
-    if a.budget or bad:
+    if a.budget or a.enforce or bad:
         print(f"{len(bad)} broken budget(s)" + (":" if bad else ""))
         for line in bad:
             print("  BUDGET " + line)
-    return 1 if (a.budget and bad and not a.report_only) else 0
+    return 1 if ((a.budget or a.enforce) and bad and not a.report_only) else 0
 
 
 if __name__ == "__main__":

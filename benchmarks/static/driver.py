@@ -6,6 +6,7 @@ launchers run unchanged (on "meta" tensors: no activation memory), so the check 
 Autotuned launches compile every config that survives the autotuner's own pruning.
 """
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
@@ -89,8 +90,8 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
 
     tf32: fp32 dots as on a GPU with torch's default ``cudnn.allow_tf32`` (the launchers pick "ieee"
     off-GPU because their tensors are not CUDA tensors).
-    extra_configs: triton.Configs added to every autotuned kernel's list (before its own pruning),
-    e.g. to show that a budget catches a spilling config."""
+    extra_configs: triton.Configs compiled as given for every autotuned launch, besides the pruned
+    ones (the launchers' pruning keeps only their per-arch lists), e.g. to see a budget catch a spill."""
     records: List[Launch] = []
     tags: Dict[str, Any] = {}
     prev = _driver._active
@@ -101,7 +102,7 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         bound.update(kwargs)
         if tf32 and bound.get("DOT_PRECISION") == "ieee" and _dtype_of(bound) == torch.float32:
             kwargs["DOT_PRECISION"] = "tf32"
-        args = tuple(_PtrArg(a) if isinstance(a, torch.Tensor) else a for a in args)
+        args = tuple(_stand_in(a) for a in args)
         const = {n: bound[n] for n in names if n in bound and _is_constexpr(self, n)}
         config = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
         ints = {n: v for n, v in bound.items() if type(v) is int and n not in const}
@@ -115,14 +116,13 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
 
     def autotune_run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
-        shipped = self.configs
-        self.configs = list(shipped) + list(extra_configs)
         try:  # every config that survives the autotuner's own pruning may be picked: compile each
             configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
-            for cfg in configs:
+            # an extra config applies where it sets exactly the tunables the shipped ones set
+            extra = [c for c in extra_configs if set(c.kwargs) == set(configs[0].kwargs)]
+            for cfg in [*configs, *extra]:
                 self.fn.run(*args, **kwargs, **cfg.all_kwargs())
         finally:
-            self.configs = shipped
             self.nargs = None
 
     _driver.set_active(FakeCudaDriver(arch))
@@ -134,6 +134,16 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         JITFunction.run = _ORIG_JIT_RUN
         Autotuner.run = _ORIG_AUTOTUNE_RUN
         _driver._active = prev
+
+
+def _stand_in(arg):
+    """Meta tensors (also as the base of a host-side TMA descriptor) become pointer stand-ins."""
+    if isinstance(arg, torch.Tensor):
+        return _PtrArg(arg)
+    base = getattr(arg, "base", None)
+    if isinstance(base, torch.Tensor) and dataclasses.is_dataclass(arg):
+        return dataclasses.replace(arg, base=_PtrArg(base))
+    return arg
 
 
 def _is_constexpr(fn: JITFunction, name: str) -> bool:
