@@ -114,7 +114,8 @@ def test_export_eval_model(device):
     fused, _ = _twins(False, device)
     x = torch.randn(2, 3, 16, 16, device=device)
     exported = torch.export.export(fused, (x,))
-    assert any("fusedres.conv_bn_act" in str(n.target) for n in exported.graph.nodes), "the fused op must be in the graph"
+    assert any("fusedres.conv_bn_act" in str(n.target) for n in exported.graph.nodes), \
+        "the fused op must be in the graph"
     with torch.no_grad():
         assert torch.equal(exported.module()(x), fused(x))
 
