@@ -66,6 +66,7 @@ def _conv_bn_act_kernel(
     HAS_SCALE: tl.constexpr,       # apply the per-channel affine (False: the raw conv, e.g. STATS convs)
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, APPLY_RELU: tl.constexpr,
     PROLOGUE_BN_RELU: tl.constexpr, STATS: tl.constexpr,
+    STEM_CPAD: tl.constexpr,       # 0, or the padded channel count of the stem path (see the main loop)
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 operands (follows cudnn.allow_tf32)
     UPCAST_DOT: tl.constexpr,      # interpreter + bf16: its bf16 tl.dot is wrong, dot in fp32 instead
     ACC_FP64: tl.constexpr,        # fp64 inputs accumulate in fp64 (gradcheck, references)
@@ -89,10 +90,20 @@ def _conv_bn_act_kernel(
     # Row bases: each output pixel's input offset and coordinates at tap (0, 0); a tap adds a scalar.
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
-    x_rows = x_ptr + (n * sxn + (g * CG).to(tl.int64) * sxc + h0 * sxh + w0 * sxw)
+    if STEM_CPAD:
+        # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, S, STEM_CPAD], both dense,
+        # so one filter row (r) reads a contiguous run of S * STEM_CPAD values per pixel: R K-steps of one
+        # block each, instead of R*S, and constexpr strides and masks let the loads vectorize.
+        tl.static_assert(BLOCK_K >= S * STEM_CPAD)
+        x_rows = x_ptr + ((n * H + h0) * W + w0) * STEM_CPAD
+        w_cols = w_ptr + offs_k.to(tl.int64) * (R * S * STEM_CPAD)
+        num_k = R
+    else:
+        x_rows = x_ptr + (n * sxn + (g * CG).to(tl.int64) * sxc + h0 * sxh + w0 * sxw)
+        w_cols = w_ptr + offs_k.to(tl.int64) * swk
+        num_k = R * S * tl.cdiv(CG, BLOCK_K)
     h0 = h0.to(tl.int32)
     w0 = w0.to(tl.int32)
-    w_cols = w_ptr + offs_k.to(tl.int64) * swk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
     # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
@@ -100,32 +111,43 @@ def _conv_bn_act_kernel(
     r = 0
     s = 0
     c0 = 0
-    for _ in range(R * S * tl.cdiv(CG, BLOCK_K)):
+    for _ in range(num_k):
         dh = r * dil_h
-        dw = s * dil_w
         h = h0 + dh
-        w_in = w0 + dw
-        valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
-        cc = c0 + offs_c
-        mask_c = cc < CG
-        a_mask = valid[:, None] & mask_c[None, :]
-        a_tap = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw
-        a = tl.load(x_rows[:, None] + (a_tap + cc[None, :] * sxc), mask=a_mask, other=0.0)
+        if STEM_CPAD:
+            cc = offs_c
+            mask_c = cc < S * STEM_CPAD
+            w_el = w0[:, None] + (cc // STEM_CPAD).to(tl.int32)[None, :]  # each value's input column
+            a_mask = (mask_m & (h >= 0) & (h < H))[:, None] & mask_c[None, :] & (w_el >= 0) & (w_el < W)
+            a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
+            b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
+        else:
+            cc = c0 + offs_c
+            mask_c = cc < CG
+            dw = s * dil_w
+            w_in = w0 + dw
+            valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
+            a_mask = valid[:, None] & mask_c[None, :]
+            a_tap = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw
+            a = tl.load(x_rows[:, None] + (a_tap + cc[None, :] * sxc), mask=a_mask, other=0.0)
+            b_ptrs = w_cols[None, :] + (r.to(tl.int64) * swr + s.to(tl.int64) * sws + cc[:, None] * swc)
         if PROLOGUE_BN_RELU:
             s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
             a_act = relu_nan(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :])
             a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
-        b_tap = r.to(tl.int64) * swr + s.to(tl.int64) * sws
-        b = tl.load(w_cols[None, :] + (b_tap + cc[:, None] * swc), mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-        c0 += BLOCK_K
-        next_s = c0 >= CG
-        c0 = tl.where(next_s, 0, c0)
-        s = tl.where(next_s, s + 1, s)
-        next_r = s == S
-        s = tl.where(next_r, 0, s)
-        r = tl.where(next_r, r + 1, r)
+        if STEM_CPAD:
+            r += 1
+        else:
+            c0 += BLOCK_K
+            next_s = c0 >= CG
+            c0 = tl.where(next_s, 0, c0)
+            s = tl.where(next_s, s + 1, s)
+            next_r = s == S
+            s = tl.where(next_r, 0, s)
+            r = tl.where(next_r, r + 1, r)
 
     y = acc
     if HAS_SCALE:
@@ -195,57 +217,75 @@ def channel_affine(offs_k, mask_k, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Few on purpose: every shipped config must
-# pass the parity tests on the GPU (a config-specific miscompile would otherwise hide).
-_GPU_TILES = [
-    (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (128, 128, 32, 4, 4),
-    (64, 64, 32, 2, 5),
-]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch. Few on purpose: every shipped config must
+# pass the parity tests on the GPU (a config-specific miscompile would otherwise hide), and each compiles
+# without register spills at the ResNet-50 shapes in every variant (static check, triton 3.6; no 2-warp
+# tiles: they compile to mma.sync, not wgmma, on sm_90).
+_TILES = {
+    90: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
+         (64, 64, 32, 4, 5), (128, 64, 64, 8, 3)],
+    80: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 5),
+         (128, 64, 64, 8, 3)],  # (128, 64, 64, 4, 4) spills 16-24 B on sm_80
+}
+# STATS convs: BLOCK_M is fixed, so the per-tile BN partials are sized before the launch; the rest is tuned.
+STATS_BLOCK_M = 128
 
 
-def _fit(kw: dict, kg: int, red: int) -> dict:
-    """Shrink tiles to the problem (C=3 stem, 4-channel ResNeXt groups)."""
-    return dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], kg), BLOCK_K=clamp_block(kw["BLOCK_K"], red))
+def _arch() -> int:
+    target = triton.runtime.driver.active.get_current_target()
+    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80
 
 
-def _prune_configs(configs, named_args, **_):
+def _fit(kw: dict, kg: int, red: int, stem: bool = False) -> dict:
+    """Shrink tiles to the problem (4-channel ResNeXt groups); the stem path's BLOCK_K holds a filter row."""
+    bk = triton.next_power_of_2(red) if stem else clamp_block(kw["BLOCK_K"], red)
+    return dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], kg), BLOCK_K=bk)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """This arch's configs, tiles shrunk to the problem, deduplicated."""
     kg, red = named_args["KG"], max(named_args["CG"], named_args["CD"])
+    stem = bool(kwargs.get("STEM_CPAD"))
+    allowed = {_sig(c.kwargs, c) for c in gpu_configs(_arch())}
     seen, out = set(), []
     for cfg in configs:
-        kw = _fit(cfg.kwargs, kg, red)
-        sig = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
-        if sig not in seen:
-            seen.add(sig)
+        if _sig(cfg.kwargs, cfg) not in allowed:
+            continue
+        kw = _fit(cfg.kwargs, kg, red, stem)
+        if _sig(kw, cfg) not in seen:
+            seen.add(_sig(kw, cfg))
             out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return out
 
 
-def gpu_configs():
-    """Every config the autotuner may pick (exposed so the GPU tests can run each one)."""
+def _sig(kw: dict, cfg) -> tuple:
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
+
+
+def gpu_configs(arch: Optional[int] = None, stats: bool = False):
+    """Every config the autotuner may pick on an arch (all archs when None); stats: those of STATS convs.
+    Exposed so the GPU tests can run each one."""
+    tiles = sorted({t for ts in _TILES.values() for t in ts}) if arch is None else _TILES[arch]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in _GPU_TILES]
+            for bm, bn, bk, w, s in tiles if not stats or bm == STATS_BLOCK_M]
 
 
-_conv_bn_act_autotuned = triton.autotune(
-    configs=gpu_configs(),
-    key=["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_RESIDUAL", "HAS_SHORTCUT",
-         "PROLOGUE_BN_RELU"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_conv_bn_act_kernel)
+_KEY = ["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_SCALE", "HAS_RESIDUAL", "HAS_SHORTCUT",
+        "PROLOGUE_BN_RELU"]
+_conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
+                                         prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act_kernel)
+# Autotuning reruns a launch per config: safe for STATS, which only writes its output and partials.
+_conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KEY,
+                                        prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act_kernel)
 
 
-def _fixed_config(m: int, kg: int, red: int) -> dict:
-    """The config when autotuning is off: the interpreter (big tiles: per-op overhead dominates), the
-    STATS variant, whose per-tile partials must come from one known BLOCK_M (autotune would rerun it),
-    and deterministic mode."""
+def _fixed_config(m: int, kg: int, red: int, stem: bool = False) -> dict:
+    """The config when autotuning is off: the interpreter (big tiles: per-op overhead dominates) and
+    deterministic mode (another process could tune another tile, so another summation order)."""
     if INTERPRETED:
         return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, kg), BLOCK_K=clamp_block(128, red))
-    cfg = _fit(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), kg, red)
-    return dict(cfg, num_warps=8 if cfg["BLOCK_N"] >= 128 else 4, num_stages=3)
+    cfg = _fit(dict(BLOCK_M=STATS_BLOCK_M, BLOCK_N=128, BLOCK_K=64), kg, red, stem)
+    return dict(cfg, num_warps=8, num_stages=3)  # 4 warps spilled with the BN prologue + STATS (sm_90)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +325,18 @@ def _affine_args(scale, shift):
     return _dense(scale), _dense(shift), None, None, None, 0.0, 0.0
 
 
+# The stem path pads C <= 4 input channels to this many (8-byte fp16/bf16 loads, 16-byte fp32).
+STEM_CPAD = 4
+
+
+def _stem_operands(t):
+    """[A, C, B, D] -> dense [A, B, D, STEM_CPAD] with zero channels C.. (one small copy): the stem path's
+    input (NHWC) or weight ([K, R, S, Cpad])."""
+    out = t.new_zeros((t.shape[0], t.shape[2], t.shape[3], STEM_CPAD))
+    out[..., :t.shape[1]] = t.permute(0, 2, 3, 1)
+    return out
+
+
 def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                 residual=None, relu=False, shortcut=None, prologue=None, stats=False, config=None):
     """Launch the fused conv. Tensors in, new tensors out; inputs are assumed validated.
@@ -306,17 +358,24 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     out = empty_activation(x, (n, k, p, q))
     m, kg = n * p * q, k // groups
     cd = 0 if shortcut is None else shortcut[0].shape[1]
+    stem_cpad = STEM_CPAD if (c <= STEM_CPAD and groups == 1 and dilation[1] == 1 and prologue is None
+                              and shortcut is None and s * STEM_CPAD <= 128 and m > 0 and k > 0) else 0
+    if stem_cpad:
+        x, weight, cg = _stem_operands(x), _stem_operands(weight), s * stem_cpad
+        if config is not None:
+            config = dict(config, BLOCK_K=triton.next_power_of_2(cg))
     # Autotuning may pick another tile (so another summation order) in another process: under
     # torch.use_deterministic_algorithms(True) a fixed config keeps results bitwise reproducible.
-    if config is None and (INTERPRETED or stats or torch.are_deterministic_algorithms_enabled()):
-        config = _fixed_config(m, kg, max(cg, cd))
+    if config is None and (INTERPRETED or torch.are_deterministic_algorithms_enabled()):
+        config = _fixed_config(m, kg, max(cg, cd), bool(stem_cpad))
+    block_m = STATS_BLOCK_M if config is None else config["BLOCK_M"]
     part_mean = part_m2 = None
     if stats:
-        num_tiles = triton.cdiv(m, config["BLOCK_M"])
+        num_tiles = triton.cdiv(m, block_m)
         part_mean = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
         part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
     if m == 0 or k == 0:
-        return (out, part_mean, part_m2, config["BLOCK_M"]) if stats else out
+        return (out, part_mean, part_m2, block_m) if stats else out
     if residual is None:
         res, res_c, res_strides = out, 0, (0, 0, 0, 0)  # dummy pointer, never read
     else:
@@ -337,7 +396,7 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
             eps_hi, eps_lo, *aff_d[5:])
     flags = dict(R=r, S=s, HAS_SCALE=scale is not None or shift is not None, HAS_RESIDUAL=residual is not None,
                  HAS_SHORTCUT=shortcut is not None, APPLY_RELU=bool(relu), PROLOGUE_BN_RELU=prologue is not None,
-                 STATS=bool(stats), DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x),
+                 STATS=bool(stats), STEM_CPAD=stem_cpad, DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x),
                  ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):
@@ -345,7 +404,7 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
 
     with device_guard(x):
         if config is None:
-            _conv_bn_act_autotuned[grid](*args, **flags)
+            (_conv_stats_autotuned if stats else _conv_bn_act_autotuned)[grid](*args, **flags)
         else:
             _conv_bn_act_kernel[grid](*args, **flags, **config)
-    return (out, part_mean, part_m2, config["BLOCK_M"]) if stats else out
+    return (out, part_mean, part_m2, block_m) if stats else out

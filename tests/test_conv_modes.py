@@ -103,3 +103,40 @@ def test_eval_block_forward_host_ops(device):
     with torch.no_grad(), Record():
         block(x)
     assert seen == ["fusedres.conv_bn_act.default"] * 3, seen
+
+
+# (C, K, kernel, stride, padding, dilation): the C <= 4 stem path, incl. ResNet's 7x7 / 2 / pad 3
+STEMS = {"resnet_7x7_s2_p3_C3": (3, 8, (7, 7), 2, (3, 3), (1, 1)), "C1_3x3": (1, 4, (3, 3), 1, (1, 1), (1, 1)),
+         "C4_3x5_dilh2": (4, 6, (3, 5), (2, 1), (2, 2), (2, 1)), "C2_1x11": (2, 8, (1, 11), 1, (0, 5), (1, 1))}
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(STEMS))
+def test_stem_path_matches_float64(name, dtype, fmt, device):
+    """C <= 4 runs the stem path (channels padded to 4, one K-step per filter row)."""
+    c, k, ks, stride, pad, dil = STEMS[name]
+    torch.manual_seed(3)
+    x = torch.randn(2, c, 13, 11, device=device, dtype=dtype)
+    x = x.to(memory_format=CL) if fmt == "nhwc" else x
+    w = torch.randn(k, c, *ks, device=device, dtype=dtype) / (c * ks[0] * ks[1]) ** 0.5
+    scale, shift = torch.rand(k, device=device) + 0.5, torch.randn(k, device=device)
+    stride = stride if isinstance(stride, tuple) else (stride, stride)
+    out = kernels.conv_bn_act(x, w, scale, shift, stride, pad, dil, relu=True)
+    ref = conv_bn_act_reference(x, w, scale, shift, stride, pad, dil, relu=True)
+    assert_close(out, ref, dtype)
+    assert out.is_contiguous(memory_format=CL if fmt == "nhwc" else torch.contiguous_format)
+
+
+def test_stem_path_statistics(device):
+    """The training stem (STATS, no scale) on the stem path: raw output and per-tile partials."""
+    x = torch.randn(2, 3, 15, 15, device=device)
+    w = torch.randn(8, 3, 7, 7, device=device) / 10
+    y, pm, pm2, block_m = kernels.conv_bn_act(x, w, None, None, (2, 2), (3, 3), stats=True)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=3)
+    assert_close(y, ref, torch.float32)
+    rows = ref.permute(0, 2, 3, 1).reshape(-1, 8)
+    for t in range(pm.shape[0]):
+        tile = rows[t * block_m:(t + 1) * block_m]
+        torch.testing.assert_close(pm[t].double(), tile.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pm2[t].double(), ((tile - tile.mean(0)) ** 2).sum(0), rtol=1e-4, atol=1e-4)
