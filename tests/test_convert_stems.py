@@ -64,7 +64,7 @@ def test_converted_torchvision_resnet_runs_no_aten_conv_or_bn(name, source, devi
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("bottleneck", [False, True])
+@pytest.mark.parametrize("bottleneck", [True])  # basic blocks: test_timm.py's train parity
 def test_stem_parity_eval_and_training(bottleneck, device):
     model = randomize_bn(torchvision_resnet(bottleneck)).to(device)
     eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
