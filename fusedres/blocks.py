@@ -151,7 +151,7 @@ class _FusedBlockMixin:
             _dispatch.fallback(type(self).__name__, reason)
             return super().forward(x)
         if _bn_mode(self) == "train":
-            shortcut = self._train_shortcut()
+            shortcut = self._shortcut()
             bns = [bn for _, bn in self._units()] + ([shortcut.bn] if shortcut.bn is not None else [])
             group = sync_group(bns, getattr(self, "process_group", None))
             if isinstance(group, str):
@@ -168,7 +168,8 @@ class _FusedBlockMixin:
         return conv_bn_act(x, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,
                            conv.groups, relu=relu, bn=eval_bn(conv, bn), **tail)
 
-    def _train_shortcut(self) -> Shortcut:
+    def _shortcut(self) -> Shortcut:
+        """The shortcut branch, for both the training chain and the eval tail."""
         if not self.residual:
             return Shortcut("none")
         if self.downsample is None:
@@ -180,7 +181,7 @@ class _FusedBlockMixin:
 
     def _tail(self, x: Tensor) -> Dict:
         """Keyword arguments of the last eval conv that add the shortcut branch."""
-        sc = self._train_shortcut()
+        sc = self._shortcut()
         if sc.kind == "none":
             return {}
         if sc.kind == "identity":

@@ -180,7 +180,7 @@ class _TimmBlockMixin(_FusedBlockMixin):
             return self._split_forward(x)
         return _FusedBlockMixin.forward(self, x)
 
-    def _train_shortcut(self) -> Shortcut:
+    def _shortcut(self) -> Shortcut:
         if self.downsample is None:
             return Shortcut("identity")
         pool, conv, bn = pooled_projection(self.downsample)
