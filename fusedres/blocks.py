@@ -47,8 +47,7 @@ def sync_group(bns, process_group=None) -> Union[int, str]:
 
 
 def folded_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Eval BN (+ conv bias) as scale/shift, from the current values on every call: a handful of
-    K-element ops. (A cache keyed on tensor versions went stale after writes through ``.data``.)"""
+    """Eval BN (+ conv bias) as host-side scale/shift (the fused paths pass ``eval_bn`` to the kernel instead)."""
     return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
 
 
