@@ -25,16 +25,18 @@ except ImportError:  # pragma: no cover - every supported triton has it
 # aten ops that make a zero-filled tensor (autograd materializing an unused output's gradient, or
 # host code zeroing a buffer); fill_ counts when it writes 0.
 _ZEROING = ("aten.zeros.", "aten.zeros_like.", "aten.new_zeros.", "aten.zero_.")
+# The ones autograd uses to materialize the gradient of an output that got none.
+AUTOGRAD_ZEROS = ("aten.zeros.", "aten.zeros_like.")
 
 
 @dataclass
 class Counts:
     """What one call did: aten op overloads, fusedres custom ops, Triton launches (by kernel), and the
-    shapes of the zero-filled tensors it made."""
+    zero-filled tensors it made, as (aten op, shape)."""
     aten: Counter = field(default_factory=collections.Counter)
     custom: Counter = field(default_factory=collections.Counter)
     launches: Counter = field(default_factory=collections.Counter)
-    zeros: List[Tuple[int, ...]] = field(default_factory=list)
+    zeros: List[Tuple[str, Tuple[int, ...]]] = field(default_factory=list)
 
     @property
     def aten_ops(self) -> int:
@@ -45,9 +47,9 @@ class Counts:
         return sum(self.launches.values())
 
     @property
-    def activation_zeros(self) -> List[Tuple[int, ...]]:
+    def activation_zeros(self) -> List[Tuple[str, Tuple[int, ...]]]:
         """Zero-filled tensors of 2 or more dimensions: activation-shaped, not per-channel vectors."""
-        return [s for s in self.zeros if len(s) >= 2]
+        return [(op, s) for op, s in self.zeros if len(s) >= 2]
 
     def top(self, counter: str = "aten", n: int = 6) -> str:
         return ", ".join(f"{name} {c}" for name, c in getattr(self, counter).most_common(n))
@@ -82,7 +84,7 @@ class _Record(TorchDispatchMode):
         zero_fill = name.startswith("aten.fill_.") and len(args) > 1 and not isinstance(args[1], torch.Tensor) \
             and args[1] == 0
         if (name.startswith(_ZEROING) or zero_fill) and isinstance(out, torch.Tensor):
-            self.counts.zeros.append(tuple(out.shape))
+            self.counts.zeros.append((name, tuple(out.shape)))
         return out
 
 
