@@ -26,8 +26,11 @@ def _real_timm():
     return timm
 
 
-def build(name, source="like", **kwargs):
+def build(name, source="like", narrow=False, **kwargs):
+    """A model of the family; real timm's narrowed to 1 block per stage and 16..128 channels if ``narrow``."""
     if source == "timm":
+        if narrow:
+            kwargs = dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=8, **kwargs)
         return _real_timm().create_model(name, num_classes=10, **kwargs)
     return timm_like(name, **kwargs)
 
@@ -78,10 +81,11 @@ def assert_within_twice_eager(fused, eager, ref):
         assert e_fused <= 2 * e_eager + TOL[torch.float32], f"{what}: fused {e_fused:.2e}, eager {e_eager:.2e}"
 
 
+@pytest.mark.parametrize("source", ["like", "timm"])
 @pytest.mark.parametrize("name", ["resnet18d", "seresnet50"])  # plain bottlenecks: test_convert_stems.py
-def test_train_parity_twice_eager(name, device):
+def test_train_parity_twice_eager(name, source, device):
     """Output, every gradient and the running statistics after one step, against float64 (DESIGN's rule)."""
-    model = randomize_bn(timm_like(name)).to(device).train()
+    model = randomize_bn(build(name, source, narrow=True)).to(device).train()
     eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
     converted(model)
     x = torch.randn(2, 3, 64, 64, device=device)  # 2x2 pixels at the last stage: 8 values per BN channel
@@ -91,10 +95,11 @@ def test_train_parity_twice_eager(name, device):
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), eager.buffers()) if not a.dtype.is_floating_point)
 
 
-def test_drop_path_same_seed_matches_timm(device):
+@pytest.mark.parametrize("source", ["like", "timm"])
+def test_drop_path_same_seed_matches_timm(source, device):
     """Stochastic depth in training: the block's own DropPath draws the per-sample masks from PyTorch's RNG
     in the same order as timm's forward, so the same seed gives the same masks (some samples dropped)."""
-    model = randomize_bn(timm_like("resnet18d", drop_path_rate=0.6)).to(device).train()
+    model = randomize_bn(build("resnet18d", source, narrow=True, drop_path_rate=0.6)).to(device).train()
     eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
     converted(model)
     x = torch.randn(2, 3, 64, 64, device=device)
