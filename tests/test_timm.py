@@ -133,6 +133,11 @@ def test_state_dict_round_trip_both_ways():
     plain.load_state_dict(model.state_dict(), strict=True)
     model.load_state_dict(randomize_bn(timm_like("resnet26t")).state_dict(), strict=True)
     assert type(model.layer1[0]).__name__ == "FusedTimmBottleneck" and hasattr(model.layer1[0], "act3")
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedres.convert(model)  # converting twice changes nothing
+    assert {n: type(m) for n, m in model.named_modules()} == classes
 
 
 @pytest.mark.parametrize("train", [False, True])
