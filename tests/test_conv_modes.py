@@ -140,3 +140,18 @@ def test_stem_path_statistics(device):
         tile = rows[t * block_m:(t + 1) * block_m]
         torch.testing.assert_close(pm[t].double(), tile.mean(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pm2[t].double(), ((tile - tile.mean(0)) ** 2).sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_bn_fold_schema(device):
+    """fusedres::conv_bn_act with the BN-fold arguments (main BN with a conv bias, an affine=False
+    projection BN) passes torch.library.opcheck."""
+    x, w = torch.randn(2, 8, 7, 7, device=device), torch.randn(16, 8, 3, 3, device=device)
+    xd, wd = torch.randn(2, 4, 13, 13, device=device), torch.randn(16, 4, 1, 1, device=device)
+    stats = [torch.randn(16, device=device), torch.rand(16, device=device) + 0.5]
+    gamma_beta_bias = [torch.randn(16, device=device) for _ in range(3)]
+    stats_d = [torch.randn(16, device=device), torch.rand(16, device=device) + 0.5]
+    args = (x, w, None, None, [1, 1], [1, 1], [1, 1], 1, None, True, xd, wd, None, None, 2,
+            *stats, *gamma_beta_bias, 1e-5, *stats_d, None, None, 1e-3)
+    torch.library.opcheck(torch.ops.fusedres.conv_bn_act.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
