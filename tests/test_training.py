@@ -181,3 +181,22 @@ def test_gradcheck_float64(device):
     x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in block.parameters()]
     assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
+
+
+def test_chain_outputs_and_grads_pack_unpack_roundtrip():
+    """The custom ops' flat lists and the named tuples: one layout, absent tensors back as None."""
+    from fusedres.chain import BNStats, ChainGrads, ChainOutputs
+
+    def t(*shape):
+        return torch.randn(*shape)
+    stats = [BNStats(t(4), t(4), t(4), t(4)) for _ in range(3)]
+    res = ChainOutputs(t(2, 4, 3, 3), None, [t(2, 4, 3, 3)], stats, [t(4), None, t(4)], [t(4), None, t(4)])
+    back = ChainOutputs.unpack(res.pack(), num_layers=3)
+    assert back.yd is None and back.running_means[1] is None and back.running_vars[1] is None
+    assert len(back.ys) == 1 and torch.equal(back.ys[0], res.ys[0]) and torch.equal(back.out, res.out)
+    for a, b in zip(back.stats, stats):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    grads = ChainGrads(None, [t(4, 2, 1, 1), None], [t(4), None], [t(4), None])
+    back = ChainGrads.unpack(grads.pack(res.out))
+    assert back.dx is None and back.dweights[1] is None and back.dgammas[1] is None and back.dbetas[1] is None
+    assert torch.equal(back.dweights[0], grads.dweights[0]) and torch.equal(back.dbetas[0], grads.dbetas[0])
