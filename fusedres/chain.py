@@ -168,9 +168,10 @@ def _finalize(conv_out, params: ChainParams, spec: ChainSpec, i: int):
                                         params.running_vars[i], params.num_batches[i])
     momentum, eps = spec.momentums[i], spec.eps[i]
     m = y.shape[0] * y.shape[2] * y.shape[3]
-    new_rm = None if rm is None else torch.empty_like(rm)
-    new_rv = None if rv is None else torch.empty_like(rv)
+    new_rm = new_rv = None
     if spec.group == _sync.NO_GROUP:
+        if rm is not None:
+            new_rm, new_rv = torch.empty_like(rm), torch.empty_like(rv)
         stats = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, rm, rv, num_batches,
                                  None if momentum < 0 else momentum, eps, running_out=(new_rm, new_rv))
         return BNStats(*stats), new_rm, new_rv
