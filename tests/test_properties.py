@@ -267,7 +267,7 @@ def train_step(model, x, grad_out, dtype):
 def train_errors(fused, ref, x, grad_out, seed=0):
     """Relative errors against float64, per compared tensor: of the fused block ("fused"), the worst
     of EAGER_RUNS eager fp32 steps ("eager"; the first unperturbed, the others one-ulp nudged, see
-    IllPosed) and the unperturbed eager step alone ("eager0")."""
+    IllPosed), the unperturbed eager step alone ("eager0") and every eager run ("eager_runs": lists)."""
     eagers = [copy.deepcopy(ref).float() for _ in range(EAGER_RUNS)]
     want = train_step(ref, x, grad_out, torch.float64)
     got = {"fused": [train_step(fused, x, grad_out, torch.float32)], "eager": []}
@@ -292,6 +292,7 @@ def train_errors(fused, ref, x, grad_out, seed=0):
                     errs = errors.setdefault(who, {})
                     errs[key] = max(errs.get(key, 0.0), err)
                     errors.setdefault(who + "0", {}).setdefault(key, err)  # the first run alone
+                    errors.setdefault(who + "_runs", {}).setdefault(key, []).append(err)  # every run
                 else:  # num_batches_tracked
                     assert torch.equal(val.cpu(), ref_val.cpu()), f"{who} {key}: {val} != {ref_val}"
     return errors, got["fused"][0]["output"]

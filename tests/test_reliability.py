@@ -23,6 +23,7 @@ from fusedres import functional as Fz
 from fusedres import kernels, reference
 from fusedres.kernels._tiles import pixel_rows
 from fusedres.reference import conv_bn_act_reference
+import judges
 from helpers import ON_GPU, TOL, assert_close, build_pair, rel_err
 from test_properties import IllPosed, build_blocks, make_tensor, relu_margin, run_block_case, train_errors
 
@@ -79,17 +80,24 @@ def test_regression_train_ill_posed_draw(case, device):
         run_block_case(case, train=True)
 
 
-@pytest.mark.parametrize("family", [dict(HYPOTHESIS_TRAIN_M2, w=3), HYPOTHESIS_TRAIN_LOW_VARIANCE,
-                                    HYPOTHESIS_TRAIN_ONE_CHANNEL_BN],
-                         ids=["basic_1ch_3_values", "bottleneck_2_values", "basic_1ch_bn1"])
-def test_ill_posed_training_shapes_within_twice_eager(family, device):
-    """DESIGN.md section 4's other judge where float64-at-TOL is ill-posed (the examples above, with
-    fresh seeds; a third of the draws miss TOL in eager too): over 10 draws, the median error of each
-    tensor is at most 2x the median of eager fp32's + atol (measured over 64 draws of the 3-value
-    case, fused and eager have the same error distribution: conv1.weight median 1.0e-6 vs 1.9e-6,
-    max 2.2e-3 vs 2.1e-3; downsample.0.weight median 5.8e-4 vs 4.2e-4)."""
-    errors = {}
-    for seed in range(10):
+# Families of training shapes where float64-at-TOL is ill-posed (the regressions above with fresh seeds;
+# a third of their draws miss TOL in eager fp32 too). They are judged by DESIGN.md's other rule through
+# tests/judges.py: paired draws, eager as a nudged ensemble, geometric mean over ILL_POSED_DRAWS draws.
+ILL_POSED_FAMILIES = {"basic_1ch_3_values": dict(HYPOTHESIS_TRAIN_M2, w=3),
+                      "bottleneck_2_values": HYPOTHESIS_TRAIN_LOW_VARIANCE,
+                      "basic_1ch_bn1": HYPOTHESIS_TRAIN_ONE_CHANNEL_BN}
+# Measured (tests/RELIABILITY.md): with 40 draws a seed set fails a correct fused path (some tensor over
+# 2x) in ~0.1% of bootstrap resamples of 200 draws per family; with the old 10-draw median, in ~40%.
+ILL_POSED_DRAWS = 40
+_ill_posed_cache = {}
+
+
+def ill_posed_samples(name):
+    """Per tensor, one (fused error, [errors of the EAGER_RUNS eager fp32 steps]) pair per draw."""
+    if name in _ill_posed_cache:
+        return _ill_posed_cache[name]
+    family, samples = ILL_POSED_FAMILIES[name], {}
+    for seed in range(ILL_POSED_DRAWS):
         case = dict(family, seed=seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -97,19 +105,40 @@ def test_ill_posed_training_shapes_within_twice_eager(family, device):
             x = make_tensor((case["n"], case["cin"], case["h"], case["w"]), F32, case["layout"])
             margin, shape = relu_margin(ref, x)
             grad_out = torch.randn(shape, dtype=torch.float64).to(x.device)
-        if margin < 5e-6:
+        if margin < 5e-6:  # a ReLU input within rounding of its kink: no fp32 path can be judged on it
             continue
         fused.train()
         ref.train()
-        errs, _ = train_errors(fused, ref, x, grad_out)
-        for key in errs["fused"]:
-            errors.setdefault(key, ([], []))
-            errors[key][0].append(errs["fused"][key])
-            errors[key][1].append(errs["eager0"][key])
-    assert errors, "every draw was redrawn for a ReLU kink"
-    for key, (fused_errs, eager_errs) in errors.items():
-        f, e = torch.tensor(fused_errs).median().item(), torch.tensor(eager_errs).median().item()
-        assert f <= 2 * e + TOL[F32], f"{key}: median error fused {f:.2e} > 2 x eager {e:.2e} + {TOL[F32]:.0e}"
+        errs, _ = train_errors(fused, ref, x, grad_out, seed)
+        for key, err in errs["fused"].items():
+            samples.setdefault(key, []).append((err, errs["eager_runs"][key]))
+    assert samples, "every draw was redrawn for a ReLU kink"
+    _ill_posed_cache[name] = samples
+    return samples
+
+
+@pytest.mark.parametrize("name", list(ILL_POSED_FAMILIES))
+def test_ill_posed_training_shapes_within_twice_eager(name, device):
+    """DESIGN.md section 4's other judge where float64-at-TOL is ill-posed: per tensor, over the draws,
+    the geometric mean of (fused error + atol) / (eager ensemble's + atol) is at most 2 (judges.py)."""
+    samples = ill_posed_samples(name)
+    assert len(next(iter(samples.values()))) >= ILL_POSED_DRAWS // 2, "too many draws redrawn for ReLU kinks"
+    bad = judges.failures(samples)
+    assert not bad, f"fused error over 2x eager fp32's (geometric mean over draws): {bad}"
+
+
+@pytest.mark.parametrize("name", ["basic_1ch_3_values", "bottleneck_2_values"])
+def test_ill_posed_judge_catches_a_real_accuracy_loss(name, device):
+    """The judge above is not blind: the same draws with the fused errors made 4x worse fail on every
+    tensor whose error is above the judge's atol (10x it, so atol does not absorb the loss). At exactly
+    2x a fused path as accurate as eager sits on the rule's boundary; RELIABILITY.md has the rates."""
+    samples = ill_posed_samples(name)
+    visible = {k for k, draws in samples.items()
+               if sorted(f for f, _ in draws)[len(draws) // 2] > 10 * judges.ATOL}
+    assert visible, "no tensor of this family has an error above the judge's atol"
+    assert not judges.failures(samples)
+    missed = visible - set(judges.failures(judges.inflated(samples, 4.0)))
+    assert not missed, f"a 4x accuracy loss went unseen on {missed}"
 
 
 def test_strided_scale_shift_view(device):
