@@ -11,7 +11,12 @@ division in the loop), in int32 unless an offset can pass 2**31 (IDX64). When a 
 within one tap (TAP_PER_TILE: CG % BLOCK_N == 0) the tap's bounds test is per row, not per element.
 
 Prologue (PROLOGUE_BN_RELU): x holds the previous conv's raw output y; the loaded tile becomes
-relu(in_scale[c] * y + in_shift[c]) and out-of-image taps are zero after the transform.
+relu(in_scale[c] * y + in_shift[c]) and out-of-image taps are zero after the transform. With one tap
+per tile, a padded row zeroes the dy row instead (one mask per row, not a select per element): such
+taps are skipped, as oneDNN does, so a non-finite dy never meets the padding.
+
+The stem (C <= 4, STEM_CP): x is first copied into a zero-padded dense NHWC tensor of 4 channels, and
+the columns run over whole filter rows: S*4 contiguous input elements, loaded 8 bytes at a time.
 """
 import torch
 import triton
