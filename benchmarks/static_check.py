@@ -79,6 +79,8 @@ def _run_one(a, lc, mode: str, dt: str, records: list, tags: dict) -> None:
                          on_phase=lambda ph: tags.update(phase=ph))
     except Exception as exc:  # noqa: BLE001 - a host-side failure is a row, not a crash
         records.append(Launch("(host)", {}, {}, {}, error=f"{type(exc).__name__}: {exc}", tags=dict(tags)))
+    if len(records) == n0:  # the fused path ran nothing: a check that compiled nothing must not pass
+        records.append(Launch("(host)", {}, {}, {}, error="no Triton launch recorded", tags=dict(tags)))
     print(f"sm_{tags.get('arch')} {lc.key:18s} {mode:5s} {dt}: {len(records) - n0} launches compiled "
           f"in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 

@@ -100,13 +100,14 @@ def sass_loops(text: str):
     loops = []
     for i, (_, op) in enumerate(instrs):
         b = _BRANCH.search(op)
-        if b and b[1] in labels and labels[b[1]] <= i:
+        if b and b[1] in labels and labels[b[1]] < i:  # (a branch to itself ends every kernel: not a loop)
             loops.append((labels[b[1]], i))
     return instrs, loops
 
 
 def sass_summary(text: str) -> Dict:
-    """MMA kind, the main loop (the innermost loop with the most MMA instructions) and its cost."""
+    """MMA kind, the main loop (the innermost loop with the most MMA instructions, or the whole kernel
+    when the dot loop was unrolled) and its cost in SASS instructions per MFLOP one warp issues."""
     instrs, loops = sass_loops(text)
     ops = [op for _, op in instrs]
     n_hgmma = sum(1 for op in ops if _HGMMA.search(op))
@@ -123,7 +124,13 @@ def sass_summary(text: str) -> Dict:
             best = (lo, hi, n_mma)
     out = dict(mma="wgmma" if n_hgmma else ("mma.sync" if n_hmma else "none"), sass_instrs=len(ops),
                sass_stl=sum(1 for op in ops if re.search(r"\bSTL\b", op)),
-               main_loop_instrs=0, main_loop_mma=0, instr_per_mflop=None, main_loop_calls=0, main_loop_stl=0)
+               main_loop="none", main_loop_instrs=0, main_loop_mma=0, instr_per_mflop=None, main_loop_calls=0,
+               main_loop_stl=0)
+    if best is None and n_hgmma + n_hmma:  # the dot loop was fully unrolled: the whole kernel is its body
+        best = (0, len(ops) - 1, n_hgmma + n_hmma)
+        out["main_loop"] = "unrolled (whole kernel)"
+    elif best is not None:
+        out["main_loop"] = "loop"
     if best is not None:
         lo, hi, n_mma = best
         body = ops[lo:hi + 1]

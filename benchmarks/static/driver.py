@@ -77,12 +77,6 @@ class Launch:
     tags: Dict[str, Any] = field(default_factory=dict)
 
 
-def _fn_name(fn) -> str:
-    while not isinstance(fn, JITFunction):
-        fn = fn.fn
-    return fn.__name__
-
-
 @contextlib.contextmanager
 def compile_only(arch: int, tf32: bool = True, extra_configs=()):
     """Within: every Triton launch compiles for sm_<arch> and is recorded in the yielded list; the
@@ -101,7 +95,7 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         bound = dict(zip(names, args))
         bound.update(kwargs)
         if tf32 and bound.get("DOT_PRECISION") == "ieee" and _dtype_of(bound) == torch.float32:
-            kwargs["DOT_PRECISION"] = "tf32"
+            kwargs["DOT_PRECISION"] = bound["DOT_PRECISION"] = "tf32"
         args = tuple(_stand_in(a) for a in args)
         const = {n: bound[n] for n in names if n in bound and _is_constexpr(self, n)}
         config = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}

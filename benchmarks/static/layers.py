@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
 import torch
+from torch._library.custom_ops import OPDEFS  # every torch.library.custom_op, by qualified name
 
 import fusedres
-from fusedres import _autocast, _dispatch, ops
+from fusedres import _autocast, _dispatch, ops  # noqa: F401 - ops registers the fusedres:: custom ops
 
-# ResNet-18 / ResNet-50 stages: (blocks per stage) and the ImageNet input size.
+# The networks, and the ImageNet input size.
 _ARCHS = {"resnet18": fusedres.resnet18, "resnet50": fusedres.resnet50}
 IMAGE = 224
 
@@ -65,7 +66,7 @@ def layer_classes(net: str, only: Optional[List[str]] = None) -> List[LayerClass
 @contextlib.contextmanager
 def meta_fused_path() -> Iterator[None]:
     """fusedres runs its Triton launchers on meta tensors (see the module docstring)."""
-    custom = [getattr(ops, n) for n in dir(ops) if hasattr(getattr(ops, n), "_init_fn")]
+    custom = [op for name, op in list(OPDEFS.items()) if name.startswith("fusedres::")]
     saved_fake = [op._abstract_fn for op in custom]
     saved_reason = _dispatch.unsupported_device_reason
     saved_strict = _dispatch.strict

@@ -105,7 +105,7 @@ COLUMNS = [("layer", "layer"), ("mode", "mode"), ("phase", "fwd/bwd"), ("dtype",
            ("triton", "triton"), ("regs", "regs"), ("spill_bytes", "spill B"), ("smem", "smem B"),
            ("ctas_per_sm", "CTAs/SM"), ("occupancy_limit", "bound by"), ("mma", "mma"),
            ("operand_loads", "dot loads"), ("dot_loops", "for-loops w/ dot"), ("async_wait0_in_loop", "wait0 in loop"),
-           ("div64_in_loop", "div64 in loop"), ("main_loop_instrs", "main-loop instrs"),
+           ("div64_in_loop", "div64 in loop"), ("main_loop", "main loop"), ("main_loop_instrs", "main-loop instrs"),
            ("instr_per_mflop", "instr/MFLOP"), ("launches", "launches"), ("error", "error")]
 
 
