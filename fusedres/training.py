@@ -14,6 +14,7 @@ from . import _sync, kernels, ops
 from . import _validate as check
 from ._autocast import cast_for_autocast
 from .chain import PROJECTION, RESIDUAL_KINDS, ChainOutputs, ChainParams, ChainSpec, geometry_of
+from .kernels._launch import empty_activation
 
 
 class Shortcut(NamedTuple):
@@ -41,12 +42,14 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     check.conv_weight(op, "weight", weights[0], x, units[0][0].groups)
     for w in weights[1:]:
         check.tensor(op, "weight", w, 4, x.device, x.dtype)
-    _check_shapes(op, x, units, shortcut)
+    out_shape = _check_shapes(op, x, units, shortcut)
     bns = [bn for _, bn in layers]
     updates = [bn.training and bn.track_running_stats and bn.running_mean is not None for bn in bns]
     for bn, update in zip(bns, updates):
         if update and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
+    if x.shape[0] == 0:
+        return _empty_batch(x, weights + [t for bn in bns for t in (bn.weight, bn.bias)], out_shape)
     params = ChainParams(weights, [bn.weight for bn in bns], [bn.bias for bn in bns],
                          [bn.running_mean if u else None for bn, u in zip(bns, updates)],
                          [bn.running_var if u else None for bn, u in zip(bns, updates)],
@@ -63,14 +66,23 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     return res.out
 
 
-def _check_shapes(op: str, x: Tensor, units, shortcut: Shortcut) -> None:
-    """More than one value per BN channel (as nn.BatchNorm2d demands in training), and a residual that
-    fits the block output (as eager's ``out += identity`` requires)."""
+def _empty_batch(x: Tensor, params, out_shape) -> Tensor:
+    """nn.BatchNorm2d's empty batch: an empty output, running statistics kept (num_batches_tracked still
+    counts the step), and in backward zero gradients for every parameter and an empty one for x. A
+    zero-element broadcast of a 0 * sum links the output to them, so autograd gives zeros, not None."""
+    link = sum(t.sum() for t in [x, *params] if t is not None and t.requires_grad) * 0
+    return empty_activation(x, out_shape) + link
+
+
+def _check_shapes(op: str, x: Tensor, units, shortcut: Shortcut) -> Tuple[int, int, int, int]:
+    """More than one value per BN channel (as nn.BatchNorm2d demands in training: an empty batch is
+    fine), and a residual that fits the block output (as eager's ``out += identity`` requires). Returns
+    the block output's shape."""
     h, w = x.shape[2:]
     for conv, _ in units:  # the kernel-size error first, as the eval path and eager give it
         h, w = check.output_size(op, torch.empty((x.shape[0], conv.in_channels, h, w), device="meta"), conv.weight,
                                  conv.stride, conv.padding, conv.dilation)
-        if x.shape[0] * h * w <= 1:
+        if x.shape[0] * h * w == 1 or (x.shape[0] and not h * w):  # empty batches are fine, empty images not
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{torch.Size([x.shape[0], conv.out_channels, h, w])}")
     out_shape = (x.shape[0], units[-1][0].out_channels, h, w)
@@ -83,3 +95,4 @@ def _check_shapes(op: str, x: Tensor, units, shortcut: Shortcut) -> None:
         if (hd, wd) != (h, w) or shortcut.conv.out_channels != out_shape[1]:
             raise RuntimeError(f"{op}: expected the downsample projection to give the block output's size "
                                f"{list(out_shape)}, but got [{x.shape[0]}, {shortcut.conv.out_channels}, {hd}, {wd}]")
+    return out_shape

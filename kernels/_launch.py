@@ -22,10 +22,11 @@ def clamp_block(block: int, size: int, minimum: int = 16) -> int:
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is laid out NHWC, else contiguous. A one-channel tensor is both; it counts
-    as channels_last when it was made so (channel stride 1), so a width-1 bottleneck keeps the format."""
+    """channels_last when x is laid out NHWC, else contiguous. A one-channel or an empty tensor is both;
+    it counts as channels_last when it was made so (channel stride 1), so a width-1 bottleneck and an
+    empty batch keep the format."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        if not x.is_contiguous() or (x.shape[1] == 1 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1):
+        if not x.is_contiguous() or (x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1):
             return torch.channels_last
     return torch.contiguous_format
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import judges
 import pytest
 import torch
 import triton
@@ -23,8 +24,7 @@ from fusedres import functional as Fz
 from fusedres import kernels, reference
 from fusedres.kernels._tiles import pixel_rows
 from fusedres.reference import conv_bn_act_reference
-import judges
-from helpers import ON_GPU, TOL, assert_close, build_pair, rel_err
+from helpers import ON_GPU, assert_close, build_pair, rel_err
 from test_properties import IllPosed, build_blocks, make_tensor, relu_margin, run_block_case, train_errors
 
 F32 = torch.float32
@@ -364,7 +364,8 @@ INT64_SCRIPT = textwrap.dedent(r"""
         dy = huge((2, 5, 3, 3), (45, G // 2 + 1, 3, 1))
         w = torch.randn(5, 4, 3, 3, device=dev)
         dx = conv_bwd.conv_dgrad(dy, w, (2, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1)
-        check(dx, torch.nn.grad.conv2d_input((2, 4, 3, 3), w.double(), dy.double(), padding=1), "dgrad dy channel stride")
+        check(dx, torch.nn.grad.conv2d_input((2, 4, 3, 3), w.double(), dy.double(), padding=1),
+              "dgrad dy channel stride")
     elif case in ("dense_nhwc", "dense_nchw"):   # GPU only: a real activation of > 2**31 elements
         fmt = torch.channels_last if case == "dense_nhwc" else torch.contiguous_format
         x = torch.empty(1, 16, 12000, 12000, device=dev, dtype=torch.float16, memory_format=fmt)
@@ -559,7 +560,7 @@ def test_training_memory_is_flat_over_100_iterations():
     x = torch.randn(16, 3, 32, 32, device="cuda").half().contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (16,), device="cuda")
     allocated = []
-    for step in range(100):
+    for _ in range(100):
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x).float(), target).backward()
         opt.step()
@@ -621,16 +622,30 @@ def test_train_block_on_too_small_input_names_the_kernel_size(device):
         block(torch.randn(2, 8, 0, 4, device=device))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nn.BatchNorm2d trains on an empty batch (empty output, zero grads, running stats kept, "
-    "num_batches_tracked += 1) and only refuses exactly 1 value per channel; fusedres/training.py "
-    "_check_shapes raises for N*P*Q <= 1; fix: raise for == 1 only, return early for 0"))
-def test_empty_batch_in_training_like_eager(device):
-    block = fusedres.FusedBasicBlock(8, 8).to(device).train()
-    x = torch.randn(0, 8, 4, 4, device=device, requires_grad=True)
-    out = block(x)
-    out.sum().backward()
-    assert out.shape == (0, 8, 4, 4) and int(block.bn1.num_batches_tracked) == 1
+@pytest.mark.parametrize("name", ["basic_proj_s2", "basic_optionA_s2", "bottleneck_proj_s1"])
+def test_empty_batch_in_training_like_eager(name, device):
+    """nn.BatchNorm2d trains on an empty batch: empty output (in the input's memory format), zero
+    parameter gradients, an empty input gradient, running statistics kept, num_batches_tracked + 1."""
+    fused, ref, cin = build_pair(name)
+    fused, ref = fused.to(device).train(), ref.to(device).train()
+    x = torch.randn(0, cin, 8, 8, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    results = []
+    for block in (fused, ref):
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        xb = x.detach().clone().requires_grad_()
+        out = block(xb)
+        out.sum().backward()
+        results.append((out, xb.grad.shape, {n: p.grad for n, p in block.named_parameters()}))
+        for key, value in block.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                assert int(value) == int(before[key]) + 1, key
+            else:
+                assert torch.equal(value, before[key]), f"{key} changed on an empty batch"
+    (f_out, f_gshape, f_grads), (e_out, e_gshape, e_grads) = results
+    assert f_out.shape == e_out.shape and f_gshape == e_gshape
+    assert f_out.is_contiguous(memory_format=torch.channels_last)
+    for n, g in e_grads.items():
+        assert f_grads[n] is not None and torch.equal(f_grads[n], g), f"grad {n}: {f_grads[n]} != eager {g}"
 
 
 def test_state_dict_unexpected_and_foreign_keys():
