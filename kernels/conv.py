@@ -104,6 +104,7 @@ def _conv_bn_act_kernel(
         num_k = R * S * tl.cdiv(CG, BLOCK_K)
     h0 = h0.to(tl.int32)
     w0 = w0.to(tl.int32)
+    valid_1x1 = mask_m & (h0 >= 0) & (h0 < H) & (w0 >= 0) & (w0 < W)  # a 1x1 filter's one tap: loop-invariant
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
     # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
@@ -121,6 +122,12 @@ def _conv_bn_act_kernel(
             a_mask = (mask_m & (h >= 0) & (h < H))[:, None] & mask_c[None, :] & (w_el >= 0) & (w_el < W)
             a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
             b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
+        elif R * S == 1:  # a plain GEMM over channel blocks: no tap to track
+            cc = c0 + offs_c
+            mask_c = cc < CG
+            a_mask = valid_1x1[:, None] & mask_c[None, :]
+            a = tl.load(x_rows[:, None] + cc[None, :] * sxc, mask=a_mask, other=0.0)
+            b_ptrs = w_cols[None, :] + cc[:, None] * swc
         else:
             cc = c0 + offs_c
             mask_c = cc < CG
@@ -140,6 +147,8 @@ def _conv_bn_act_kernel(
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         if STEM_CPAD:
             r += 1
+        elif R * S == 1:
+            c0 += BLOCK_K
         else:
             c0 += BLOCK_K
             next_s = c0 >= CG
