@@ -192,6 +192,8 @@ def _prune(configs, named_args, **_):
             continue
         bk, bn = clamp_block(kw["BLOCK_K"], named_args["KG"]), clamp_block(kw["BLOCK_N"], named_args["NCOL"])
         sig = (bk, bn, cfg.num_warps, cfg.num_stages)
+        if cfg.num_warps == 8 and bk * bn < 128 * 64:
+            continue  # two warpgroups on a 64x64 tile would each issue N=32 wgmma
         if sig not in seen:
             seen.add(sig)
             out.append(triton.Config(dict(kw, BLOCK_K=bk, BLOCK_N=bn, TAP_PER_TILE=cg % bn == 0),
