@@ -31,13 +31,12 @@ def _tensors(geo, dtype, device, channels_last):
     return x, w, dy, ((st, st), (pad, pad), (dil, dil), g)
 
 
-@pytest.mark.parametrize("small", [False, True], ids=["default_blocks", "small_blocks"])
-@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype,channels_last,small", [
+    (torch.float32, True, False), (torch.float32, False, False), (torch.float16, True, False),
+    (torch.float16, False, False), (torch.float32, True, True)],
+    ids=["fp32-nhwc", "fp32-nchw", "fp16-nhwc", "fp16-nchw", "fp32-nhwc-small_blocks"])
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_dgrad_wgrad_match_float64(name, dtype, channels_last, small, device):
-    if small and (dtype != torch.float32 or not channels_last):
-        pytest.skip("small blocks: one dtype and layout suffice")
     x, w, dy, geo = _tensors(GEOMETRIES[name], dtype, device, channels_last)
     stride, pad, dil, g = geo
     dx = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, config=SMALL["dgrad"] if small else None)
@@ -136,3 +135,35 @@ def test_dgrad_never_issues_more_than_the_forward(name):
     # every input pixel is in exactly one phase
     phases = conv_bwd.dgrad_phases((n, c, h, h), (k, c // g, r, r), (st, st), (pad, pad), (dil, dil))
     assert sum(hp * wp for _, (hp, wp), _, _ in phases) == h * h
+
+
+def _config_cases():
+    from fusedres.kernels import dgrad, wgrad
+    def name(kind, cfg):
+        return f"{kind}-{'x'.join(map(str, cfg.kwargs.values()))}-w{cfg.num_warps}s{cfg.num_stages}"
+    return [pytest.param(kind, cfg, id=name(kind, cfg))
+            for kind, mod in (("dgrad", dgrad), ("wgrad", wgrad)) for cfg in mod.gpu_configs()]
+
+
+@pytest.mark.parametrize("kind,cfg", _config_cases())
+def test_every_autotune_config(kind, cfg, device):
+    """Each config the autotuners may pick, forced (on the GPU: num_warps/num_stages-specific
+    miscompiles would hide behind autotuning), with the fused epilogue / prologue."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    x, w, dy, geo = _tensors((2, 64, 64, 8, 3, 2, 1, 1, 1), dtype, device, True)
+    config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    stride, pad, dil, g = geo
+    c = x.shape[1]
+    scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    if kind == "dgrad":
+        y, mean, invstd = torch.randn_like(x), torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+        out, sum_g, _ = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, bn_relu=(y, scale, shift, mean, invstd),
+                                            config=config)
+        full = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
+        want = torch.where(y.double() * scale.double()[:, None, None] + shift.double()[:, None, None] > 0, full, 0.0)
+        assert_close(sum_g, want.sum((0, 2, 3)), dtype, "sum of g")
+    else:
+        out = conv_bwd.conv_wgrad(dy, x, w, *geo, prologue=(scale, shift), config=config)
+        act = torch.relu(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
+        want = torch.nn.grad.conv2d_weight(act, w.shape, dy.double(), stride, pad, dil, g)
+    assert_close(out, want, dtype, f"{kind} with config {config}")
