@@ -32,8 +32,9 @@ def _providers(level: str, mode: str) -> List[str]:
 def _tiny(level: str) -> List[B.Case]:
     shapes = B.model_shapes("cifar_resnet20")
     if level == "layer":
-        return [B.Case("layer", "cifar_resnet20", l.shape.label, mode, "fp32", 2, p, path=l.names[0], shape=l.shape)
-                for l in shapes.layers[3:5] for mode in ("inference", "training") for p in ("eager", "fused")]
+        return [B.Case("layer", "cifar_resnet20", lay.shape.label, mode, "fp32", 2, p, path=lay.names[0],
+                       shape=lay.shape)
+                for lay in shapes.layers[3:5] for mode in ("inference", "training") for p in ("eager", "fused")]
     if level == "block":
         b = shapes.blocks[1]
         return [B.Case("block", "cifar_resnet20", b.label, "inference", "fp32", 2, p, path=b.path)

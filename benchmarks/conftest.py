@@ -107,6 +107,7 @@ def _pedantic(benchmark, runnable, summary):
 def time_case(benchmark):
     def run(case):
         import torch
+
         from fusedres import _bench as B
         benchmark.group = case.group
         row = case.record()
