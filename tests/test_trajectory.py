@@ -6,14 +6,22 @@ scaled linearly to this batch of 8. Offline synthetic data (fusedres.data).
 Training at batch 8 is chaotic: a 1e-7 difference grows ~1.5x per step. Eager fp32 itself leaves
 float64 by 1e-3..5e-2 within 20 steps (measured), so the judge is DESIGN.md section 4's: at every
 step and for every parameter and running statistic, |fused - float64| <= 2 |eager fp32 - float64| +
-the fp32 tolerance; and the first steps, before the chaos grows, within the fp32 tolerance itself."""
+the fp32 tolerance; and the first steps, before the chaos grows, within the fp32 tolerance itself.
+
+Which fp32 trajectory strays furthest is luck (a CPU whose kernels round differently changes it), so
+eager's error is the worst of an ensemble of EAGER_RUNS eager fp32 trajectories, one from the exact
+start and the others from parameters nudged by one ulp: fp32's chaos envelope, not one run's luck."""
+import copy
+
 import torch
 
 import fusedres
 from fusedres.data import batches, synthetic_cifar
 from helpers import TOL, rel_err
+from test_properties import nudged
 
 STEPS, BATCH, SIZE = 20, 8, 8
+EAGER_RUNS = 4
 
 
 def train(model, dtype, images, labels, device):
@@ -31,25 +39,40 @@ def train(model, dtype, images, labels, device):
     return torch.stack(losses)
 
 
+def eager_ensemble(model, images, labels, device):
+    """EAGER_RUNS fp32 trajectories of ``model`` (the first from its exact parameters): losses, states."""
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for i in range(EAGER_RUNS):
+        run = copy.deepcopy(model)
+        if i:
+            with torch.no_grad():
+                for t in run.parameters():
+                    t.copy_(nudged(t, gen))
+        runs.append((train(run, torch.float32, images, labels, device), run.state_dict()))
+    return runs
+
+
 def test_twenty_sgd_steps_track_eager(device):
     images, labels = synthetic_cifar(128, size=SIZE)
     fused = fusedres.cifar_resnet(20)
-    eager32, eager64 = fusedres.cifar_resnet(20, fused=False), fusedres.cifar_resnet(20, fused=False)
-    eager32.load_state_dict(fused.state_dict())
+    eager, eager64 = fusedres.cifar_resnet(20, fused=False), fusedres.cifar_resnet(20, fused=False)
+    eager.load_state_dict(fused.state_dict())
     eager64.load_state_dict(fused.state_dict())
     loss = {"fused": train(fused, torch.float32, images, labels, device),
-            "eager32": train(eager32, torch.float32, images, labels, device),
             "ref": train(eager64, torch.float64, images, labels, device)}
+    ensemble = eager_ensemble(eager, images, labels, device)
     tol = TOL[torch.float32]
     assert rel_err(loss["fused"][:5], loss["ref"][:5]) <= tol, "first 5 losses"
     for step in range(STEPS):
         e_fused = abs(loss["fused"][step].item() - loss["ref"][step].item())
-        e_eager = abs(loss["eager32"][step].item() - loss["ref"][step].item())
+        e_eager = max(abs(losses[step].item() - loss["ref"][step].item()) for losses, _ in ensemble)
         assert e_fused <= 2 * e_eager + tol * loss["ref"][step].item(), f"loss at step {step + 1}"
-    state = {k: m.state_dict() for k, m in (("fused", fused), ("eager32", eager32), ("ref", eager64))}
-    for key, ref in state["ref"].items():
+    fused_state, ref_state = fused.state_dict(), eager64.state_dict()
+    for key, ref in ref_state.items():
         if ref.dtype.is_floating_point:
-            e_fused, e_eager = rel_err(state["fused"][key], ref), rel_err(state["eager32"][key], ref)
+            e_fused = rel_err(fused_state[key], ref)
+            e_eager = max(rel_err(state[key], ref) for _, state in ensemble)
             assert e_fused <= 2 * e_eager + tol, f"{key} after {STEPS} steps: fused {e_fused:.2e}, eager {e_eager:.2e}"
         else:
-            assert torch.equal(state["fused"][key].cpu(), ref.cpu()), key
+            assert torch.equal(fused_state[key].cpu(), ref.cpu()), key
