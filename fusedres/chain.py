@@ -25,6 +25,7 @@ from . import _sync, kernels
 from .kernels import bn as bn_k
 from .kernels import conv_bwd
 from .kernels._launch import empty_activation, stats_dtype
+from .kernels.conv import ConvStats, conv_bn_stats
 
 PROJECTION = "projection"
 RESIDUAL_KINDS = ("identity", "A")   # the shortcut is (a strided view of) the chain input itself
@@ -160,10 +161,10 @@ def conv_out_shape(x_shape, weight_shape, stride, padding, dilation) -> Tuple[in
             kernels.conv.out_size(w, s, stride[1], padding[1], dilation[1]))
 
 
-def _finalize(conv_out, params: ChainParams, spec: ChainSpec, i: int):
-    """BN i's statistics from its conv's STATS partials, and its new running statistics (new tensors:
+def _finalize(conv: ConvStats, params: ChainParams, spec: ChainSpec, i: int):
+    """BN i's statistics from its conv's per-tile partials, and its new running statistics (new tensors:
     the op does not mutate its inputs)."""
-    y, part_mean, part_m2, tile_m = conv_out
+    y, part_mean, part_m2, tile_m = conv
     gamma, beta, rm, rv, num_batches = (params.gammas[i], params.betas[i], params.running_means[i],
                                         params.running_vars[i], params.num_batches[i])
     momentum, eps = spec.momentums[i], spec.eps[i]
@@ -194,12 +195,12 @@ def chain_forward(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutpu
     h, prologue, ys, stats, new_rms, new_rvs = x, None, [], [], [], []
 
     def unit(inp, i, prologue=None):
-        res = kernels.conv_bn_act(inp, params.weights[i], None, None, *spec.conv(i), prologue=prologue, stats=True)
-        s, rm, rv = _finalize(res, params, spec, i)
+        conv = conv_bn_stats(inp, params.weights[i], *spec.conv(i), prologue=prologue)
+        s, rm, rv = _finalize(conv, params, spec, i)
         stats.append(s)
         new_rms.append(rm)
         new_rvs.append(rv)
-        return res[0]
+        return conv.out
 
     for i in range(spec.num_units):
         h = unit(h, i, prologue)
@@ -240,8 +241,8 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
     units, kind, group = spec.num_units, spec.shortcut_kind, spec.group
     ys = list(ys)
     if len(ys) < units:  # recompute_last: the last unit's raw output again, same kernel and config as forward
-        ys.append(kernels.conv_bn_act(ys[-1] if ys else x, weights[units - 1], None, None, *spec.conv(units - 1),
-                                      prologue=stats[units - 2].affine if ys else None, stats=True)[0])
+        ys.append(conv_bn_stats(ys[-1] if ys else x, weights[units - 1], *spec.conv(units - 1),
+                                prologue=stats[units - 2].affine if ys else None).out)
     dgammas: List[Optional[Tensor]] = [None] * len(weights)
     dbetas: List[Optional[Tensor]] = [None] * len(weights)
     dweights: List[Optional[Tensor]] = [None] * len(weights)
@@ -286,12 +287,11 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
                                               prologue=stats[i - 1].affine if i > 0 else None)
         if i > 0:
             prev = stats[i - 1]
-            g, sum_g_i, sum_gx_i = conv_bwd.conv_dgrad(dy, weights[i], conv_in.shape, *geo,
-                                                       bn_relu=(conv_in, prev.scale, prev.shift, prev.mean,
-                                                                prev.invstd))
-            bn_grads(i - 1, sum_g_i, sum_gx_i)
-            dy = bn_k.bn_bwd_apply(g, None, conv_in, gammas[i - 1], prev.mean, prev.invstd,
-                                   *global_sums(conv_in, sum_g_i, sum_gx_i))
+            d = conv_bwd.conv_dgrad_bn(dy, weights[i], conv_in.shape, *geo,
+                                       (conv_in, prev.scale, prev.shift, prev.mean, prev.invstd))
+            bn_grads(i - 1, d.sum_g, d.sum_gxhat)
+            dy = bn_k.bn_bwd_apply(d.dx, None, conv_in, gammas[i - 1], prev.mean, prev.invstd,
+                                   *global_sums(conv_in, d.sum_g, d.sum_gxhat))
         elif needs[0]:
             residual = (dout, out, spec.shortcut_stride) if kind in RESIDUAL_KINDS else None
             dx = conv_bwd.conv_dgrad(dy, weights[0], x.shape, *geo, residual=residual)

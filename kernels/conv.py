@@ -418,3 +418,19 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
         else:
             _conv_bn_act_kernel[grid](*args, **flags, **config)
     return (out, part_mean, part_m2, block_m) if stats else out
+
+
+class ConvStats(NamedTuple):
+    """What the training forward's conv returns (``conv_bn_stats``)."""
+    out: torch.Tensor        # [N, K, P, Q] raw conv output, x's dtype and memory format
+    part_mean: torch.Tensor  # [T, K] per-tile channel means (stats dtype)
+    part_m2: torch.Tensor    # [T, K] per-tile sums of squared deviations from them
+    tile_m: int              # pixels per full tile (BLOCK_M); the last tile may hold fewer
+
+
+def conv_bn_stats(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, prologue=None,
+                  config=None) -> ConvStats:
+    """The training forward's conv: the raw output and its per-tile BN partials, one return shape.
+    prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift)."""
+    return ConvStats(*conv_bn_act(x, weight, None, None, stride, padding, dilation, groups, prologue=prologue,
+                                  stats=True, config=config))

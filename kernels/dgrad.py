@@ -16,6 +16,8 @@ raw output y, and writes per-tile partial sums (of the stored, rounded values) f
 HAS_RESIDUAL adds the shortcut's gradient read at stride RES_STRIDE (option A), gated by the block
 output's ReLU (HAS_RES_MASK). dx may alias res: each element is read, then written, by one program.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -290,3 +292,16 @@ def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=N
         return dx, zeros, zeros.clone()
     sum_g, sum_gx = sum_rows(parts).view(2, c).unbind(0)
     return dx, sum_g, sum_gx
+
+
+class DgradBN(NamedTuple):
+    """What ``conv_dgrad_bn`` returns: the gradient w.r.t. bn(y) (ReLU-gated) and the BN reductions."""
+    dx: torch.Tensor         # [N, C, H, W], dy's memory format
+    sum_g: torch.Tensor      # [C] sum of the gated gradient
+    sum_gxhat: torch.Tensor  # [C] sum of the gated gradient times xhat
+
+
+def conv_dgrad_bn(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu) -> DgradBN:
+    """``conv_dgrad`` through a previous BN + ReLU, one return shape: bn_relu = (y, scale, shift, mean,
+    invstd) when the conv input was relu(scale*y + shift)."""
+    return DgradBN(*conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=bn_relu))
