@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (INTERPRETED, clamp_block, device_guard, dot_precision, empty_activation, stats_dtype,
-                      upcast_dot)
+from ._launch import INTERPRETED, device_guard, dot_precision, empty_activation, stats_dtype, upcast_dot
+from ._conv_configs import STATS_BLOCK_M, _fit, _fixed_config, _prune_configs, gpu_configs  # noqa: F401
 from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mean_m2
 
 
@@ -223,62 +223,8 @@ def channel_affine(offs_k, mask_k, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration (tiles and pruning: _conv_configs.py)
 # ----------------------------------------------------------------------------------------------
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch. Few on purpose: every shipped config must
-# pass the parity tests on the GPU (a config-specific miscompile would otherwise hide), and each compiles
-# without register spills at the ResNet-50 shapes in every variant (static check, triton 3.6; no 2-warp
-# tiles: they compile to mma.sync, not wgmma, on sm_90).
-_TILES = {
-    90: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
-         (64, 64, 32, 4, 5), (128, 64, 64, 8, 3)],
-    80: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 5), (128, 64, 64, 8, 3)],
-    # sm_80 spills: (128, 64, 64, 4, 4) 16-24 B; (64, 64, 64, 4, 4) 8 B with the projection
-}
-# STATS convs: BLOCK_M is fixed, so the per-tile BN partials are sized before the launch; the rest is tuned
-# over the 8-warp tiles (128x64x64 at 4 warps spilled 32 B with the BN prologue on triton 3.9).
-STATS_BLOCK_M = 128
-
-
-def _arch() -> int:
-    target = triton.runtime.driver.active.get_current_target()
-    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80
-
-
-def _fit(kw: dict, kg: int, red: int, stem: bool = False) -> dict:
-    """Shrink tiles to the problem (4-channel ResNeXt groups); the stem path's BLOCK_K holds a filter row."""
-    bk = triton.next_power_of_2(red) if stem else clamp_block(kw["BLOCK_K"], red)
-    return dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], kg), BLOCK_K=bk)
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """This arch's configs, tiles shrunk to the problem, deduplicated."""
-    kg, red = named_args["KG"], max(named_args["CG"], named_args["CD"])
-    stem = bool(kwargs.get("STEM_CPAD"))
-    allowed = {_sig(c.kwargs, c) for c in gpu_configs(_arch())}
-    seen, out = set(), []
-    for cfg in configs:
-        if _sig(cfg.kwargs, cfg) not in allowed:
-            continue
-        kw = _fit(cfg.kwargs, kg, red, stem)
-        if _sig(kw, cfg) not in seen:
-            seen.add(_sig(kw, cfg))
-            out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return out
-
-
-def _sig(kw: dict, cfg) -> tuple:
-    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
-
-
-def gpu_configs(arch: Optional[int] = None, stats: bool = False):
-    """Every config the autotuner may pick on an arch (all archs when None); stats: those of STATS convs.
-    Exposed so the GPU tests can run each one."""
-    tiles = sorted({t for ts in _TILES.values() for t in ts}) if arch is None else _TILES[arch]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in tiles if not stats or (bm == STATS_BLOCK_M and w == 8)]
-
 
 _KEY = ["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_SCALE", "HAS_RESIDUAL", "HAS_SHORTCUT",
         "PROLOGUE_BN_RELU"]
@@ -287,15 +233,6 @@ _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
 # Autotuning reruns a launch per config: safe for STATS, which only writes its output and partials.
 _conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KEY,
                                         prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act_kernel)
-
-
-def _fixed_config(m: int, kg: int, red: int, stem: bool = False) -> dict:
-    """The config when autotuning is off: the interpreter (big tiles: per-op overhead dominates) and
-    deterministic mode (another process could tune another tile, so another summation order)."""
-    if INTERPRETED:
-        return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, kg), BLOCK_K=clamp_block(128, red))
-    cfg = _fit(dict(BLOCK_M=STATS_BLOCK_M, BLOCK_N=128, BLOCK_K=64), kg, red, stem)
-    return dict(cfg, num_warps=8, num_stages=3)  # 4 warps spilled with the BN prologue + STATS (sm_90)
 
 
 # ----------------------------------------------------------------------------------------------
