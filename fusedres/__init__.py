@@ -9,8 +9,17 @@ from . import functional, ops, reference
 from ._dispatch import FusedResFallbackError, FusedResFallbackWarning
 from .blocks import FusedBasicBlock, FusedBottleneck
 from .convert import convert, summary
-from .models import (ResNet, cifar_resnet, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
-                     wide_resnet50_2)
+from .models import (
+    ResNet,
+    cifar_resnet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    wide_resnet50_2,
+)
 from .reference import PadChannelsShortcut
 
 __version__ = "0.1.0"  # the one version source (pyproject.toml reads it)

@@ -18,7 +18,6 @@ from .functional import BNFold, bn_scale_shift, conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut
 from .training import Shortcut, train_forward
 
-
 # The norm layers the kernels implement. nn.SyncBatchNorm synchronizes its batch statistics over its
 # process group when torch.distributed is initialized with more than one rank (see sync_group).
 FUSED_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)

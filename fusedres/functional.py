@@ -15,9 +15,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _dispatch, _validate as check
+from . import (
+    _dispatch,
+    ops,  # noqa: F401  (registers torch.ops.fusedres.*)
+)
+from . import _validate as check
 from ._autocast import cast_for_autocast
-from . import ops  # noqa: F401  (registers torch.ops.fusedres.*)
 from .kernels._launch import stats_dtype
 from .kernels.conv import BNFold
 from .reference import bn_scale_shift_reference, conv_bn_act_reference

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, device_guard, dot_precision, empty_activation, stats_dtype, upcast_dot
 from ._conv_configs import STATS_BLOCK_M, _fit, _fixed_config, _prune_configs, gpu_configs  # noqa: F401
+from ._launch import INTERPRETED, device_guard, dot_precision, empty_activation, stats_dtype, upcast_dot
 from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mean_m2
 
 

@@ -59,7 +59,8 @@ def test_conv_bn_act_parity(name, residual, relu, dtype, fmt, device):
     assert out.dtype == dtype
     assert_close(out, ref, dtype)
     if x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and FORMATS[fmt] == torch.channels_last:
-        assert out.is_contiguous(memory_format=torch.channels_last), "channels_last input must give channels_last output"
+        assert out.is_contiguous(memory_format=torch.channels_last), \
+            "channels_last input must give channels_last output"
     if FORMATS[fmt] == torch.contiguous_format:
         assert out.is_contiguous(), "NCHW-contiguous input must give NCHW-contiguous output"
 

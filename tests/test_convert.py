@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import fusedres
-from fusedres.reference import BasicBlock as RefBasicBlock, Bottleneck as RefBottleneck, conv1x1, conv3x3
+from fusedres.reference import BasicBlock as RefBasicBlock
+from fusedres.reference import Bottleneck as RefBottleneck
+from fusedres.reference import conv1x1, conv3x3
 from helpers import assert_close, randomize_bn
 
 FUSED = (fusedres.FusedBasicBlock, fusedres.FusedBottleneck)
