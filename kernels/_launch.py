@@ -1,5 +1,6 @@
 """Host helpers shared by the launchers: interpreter detection, tile sizes, output layout."""
 import contextlib
+import struct
 
 import torch
 import triton
@@ -58,3 +59,16 @@ def dot_precision(x: torch.Tensor) -> str:
 def upcast_dot(x: torch.Tensor) -> bool:
     """The interpreter's bf16 tl.dot is wrong (DESIGN.md section 5): dot in fp32 there instead."""
     return INTERPRETED and x.dtype == torch.bfloat16
+
+
+def pad_channels_nhwc(t: torch.Tensor, cpad: int) -> torch.Tensor:
+    """[A, C, B, D] (any layout) -> a new dense [A, B, D, cpad] tensor, t in NHWC order with channels
+    C.. zero: the stem paths' one small copy (a 7x7 filter row becomes one contiguous run)."""
+    return torch.nn.functional.pad(t.permute(0, 2, 3, 1), (0, cpad - t.shape[1])).contiguous()
+
+
+def fp32_hi_lo(value: float):
+    """value as two fp32-exact floats whose sum carries ~48 bits. Triton passes a Python float as an
+    fp32 scalar, which would round fp64 BN's eps and momentum (0.1 -> 0.10000000149)."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]

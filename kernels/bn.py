@@ -3,13 +3,11 @@
 All work on [pixels, channels] tiles of logical [N, C, P, Q] tensors through their strides
 (see ``_tiles``); per-channel math is fp32 (fp64 for fp64 activations).
 """
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation
+from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation, fp32_hi_lo
 from ._tiles import add_residual_relu_store, pixel_channel_tile, tile_ptrs
 
 
@@ -71,7 +69,7 @@ def _bn_finalize_kernel(
     nbt_ptr,                      # num_batches_tracked, already incremented (CUMULATIVE: momentum=None)
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr, var_ptr,  # [K] outputs (var: biased batch variance)
     T, M, K, TILE_M,              # tiles, pixels per channel, channels, pixels per full tile
-    eps, eps_lo, momentum, momentum_lo,  # each a float as fp32 hi + lo parts (see _hi_lo): exact for fp64
+    eps, eps_lo, momentum, momentum_lo,  # each a float as fp32 hi + lo parts (see fp32_hi_lo): exact for fp64
     HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -260,13 +258,6 @@ def _split(rows: int, col_blocks: int, row_bytes: int = 0, chunk=None, gpu=not I
     return chunk, min(32, chunk & -chunk, triton.next_power_of_2(rows))
 
 
-def _hi_lo(value: float):
-    """value as two fp32-exact parts whose sum carries ~48 bits: Triton passes a Python float as an
-    fp32 scalar, which would round fp64 BN's momentum and eps (0.1 -> 0.10000000149)."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
-
-
 def _finalize_blocks(t: int, k: int):
     return (clamp_block(64, t, 1), clamp_block(128, k, 1)) if INTERPRETED else (clamp_block(32, t, 1),
                                                                                 clamp_block(64, k, 1))
@@ -303,7 +294,7 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, runnin
             *(running_out if update and running_out is not None else
               (running_mean if update else dummy, running_var if update else dummy)),
             num_batches_tracked if (update and momentum is None) else dummy,
-            mean, invstd, scale, shift, var, t, m, k, tile_m, *_hi_lo(eps), *_hi_lo(momentum or 0.0),
+            mean, invstd, scale, shift, var, t, m, k, tile_m, *fp32_hi_lo(eps), *fp32_hi_lo(momentum or 0.0),
             HAS_AFFINE=gamma is not None, UPDATE_RUNNING=update, CUMULATIVE=momentum is None,
             BLOCK_T=block_t, BLOCK_K=block_k)
     return (mean, invstd, scale, shift, var) if return_var else (mean, invstd, scale, shift)

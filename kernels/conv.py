@@ -17,7 +17,6 @@ Epilogue, all in fp32 (fp64 for fp64 inputs), then one cast and store:
     y = relu(y)                                           APPLY_RELU, NaN-propagating like torch.relu
     STATS: per-tile per-channel mean and M2 of acc into [num_m_tiles, K] fp32 (training BN statistics)
 """
-import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -25,7 +24,16 @@ import triton
 import triton.language as tl
 
 from ._conv_configs import STATS_BLOCK_M, _fit, _fixed_config, _prune_configs, gpu_configs  # noqa: F401
-from ._launch import INTERPRETED, device_guard, dot_precision, empty_activation, stats_dtype, upcast_dot
+from ._launch import (
+    INTERPRETED,
+    device_guard,
+    dot_precision,
+    empty_activation,
+    fp32_hi_lo,
+    pad_channels_nhwc,
+    stats_dtype,
+    upcast_dot,
+)
 from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mean_m2
 
 
@@ -254,12 +262,6 @@ class BNFold(NamedTuple):
     conv_bias: Optional[torch.Tensor] = None
 
 
-def _split_eps(eps: float):
-    """eps as two fp32 kernel arguments whose sum is eps to ~48 bits (float arguments are fp32)."""
-    hi = struct.unpack("f", struct.pack("f", eps))[0]
-    return hi, float(eps - hi)
-
-
 def _dense(t):
     return None if t is None else t.contiguous()  # the kernel reads per-channel vectors at stride 1
 
@@ -268,20 +270,12 @@ def _affine_args(scale, shift):
     """(scale, shift, mean, var, bias, eps_hi, eps_lo) kernel arguments for a given pair or a BNFold."""
     if isinstance(scale, BNFold):
         return (_dense(scale.weight), _dense(scale.bias), _dense(scale.running_mean), _dense(scale.running_var),
-                _dense(scale.conv_bias), *_split_eps(scale.eps))
+                _dense(scale.conv_bias), *fp32_hi_lo(scale.eps))
     return _dense(scale), _dense(shift), None, None, None, 0.0, 0.0
 
 
 # The stem path pads C <= 4 input channels to this many (8-byte fp16/bf16 loads, 16-byte fp32).
 STEM_CPAD = 4
-
-
-def _stem_operands(t):
-    """[A, C, B, D] -> dense [A, B, D, STEM_CPAD] with zero channels C.. (one small copy): the stem path's
-    input (NHWC) or weight ([K, R, S, Cpad])."""
-    out = t.new_zeros((t.shape[0], t.shape[2], t.shape[3], STEM_CPAD))
-    out[..., :t.shape[1]] = t.permute(0, 2, 3, 1)
-    return out
 
 
 def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
@@ -308,7 +302,7 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     stem_cpad = STEM_CPAD if (c <= STEM_CPAD and groups == 1 and dilation[1] == 1 and prologue is None
                               and shortcut is None and s * STEM_CPAD <= 128 and m > 0 and k > 0) else 0
     if stem_cpad:
-        x, weight, cg = _stem_operands(x), _stem_operands(weight), s * stem_cpad
+        x, weight, cg = pad_channels_nhwc(x, STEM_CPAD), pad_channels_nhwc(weight, STEM_CPAD), s * stem_cpad
         if config is not None:
             config = dict(config, BLOCK_K=triton.next_power_of_2(cg))
     # Autotuning may pick another tile (so another summation order) in another process: under

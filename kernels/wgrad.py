@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, clamp_block, device_guard, dot_precision, stats_dtype, upcast_dot
+from ._launch import INTERPRETED, clamp_block, device_guard, dot_precision, pad_channels_nhwc, stats_dtype, upcast_dot
 from ._tiles import mma
 from .bn import sum_rows
 
@@ -247,10 +247,7 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
         # The stem (C=3): a zero-padded dense NHWC copy with 4 channels (4/3 of the input, once) makes each
         # filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
         stem_cp, stem_sp = 4, triton.next_power_of_2(s)
-        x4 = torch.empty((n, stem_cp, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-        x4[:, c:] = 0
-        x4[:, :c] = x
-        x, ncol = x4, r * stem_sp * stem_cp
+        x, ncol = pad_channels_nhwc(x, stem_cp).permute(0, 3, 1, 2), r * stem_sp * stem_cp
     cfg = dict(config) if config is not None else wgrad_config(m, kg, cg, ncol)
     bm = GPU_BLOCK_M if cfg is None else cfg["BLOCK_M"]
     # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.

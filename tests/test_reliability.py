@@ -328,10 +328,11 @@ INT64_SCRIPT = textwrap.dedent(r"""
 
     G = 2 ** 30
     case = sys.argv[1]
+    # Inputs of 5 channels: 4 or fewer would take the stem path, which reads a dense padded copy instead.
     if case == "pixel_strides":        # n * s_n, h * s_h, w * s_w past 2**31 (int64 rows: pixel_rows)
-        check(*conv(huge((3, 4, 2, 3), (G + 1, 1, 12, 4))), "input batch stride")
-        check(*conv(huge((1, 4, 3, 2), (4 * 3 * 2, 1, G + 3, 4))), "input row stride")
-        check(*conv(huge((1, 4, 2, 3), (4 * 3 * 2, 1, 12, G + 5))), "input column stride")
+        check(*conv(huge((3, 5, 2, 3), (G + 1, 1, 15, 5))), "input batch stride")
+        check(*conv(huge((1, 5, 3, 2), (5 * 3 * 2, 1, G + 3, 5))), "input row stride")
+        check(*conv(huge((1, 5, 2, 3), (5 * 3 * 2, 1, 15, G + 5))), "input column stride")
         x = torch.randn(2, 4, 3, 3, device=dev)
         check(*conv(x, residual=huge((2, 6, 3, 3), (54, G // 2 + 1, 3, 1))), "residual channel stride")
         x3 = torch.randn(3, 4, 3, 3, device=dev)
@@ -343,11 +344,11 @@ INT64_SCRIPT = textwrap.dedent(r"""
         check(*conv(torch.randn(2, 4, 3, 3, device=dev), shortcut=huge((2, 5, 3, 3), (9, G // 2 + 1, 3, 1))),
               "shortcut channel stride")
     elif case == "training":    # a training step whose input sits past 2**31: forward, dgrad, wgrad, tail
-        block = fusedres.FusedBasicBlock(4, 4).to(dev).train()
-        ref = fusedres.reference.BasicBlock(4, 4).to(dev, torch.float64).train()
+        block = fusedres.FusedBasicBlock(5, 5).to(dev).train()   # 5 channels: not the C <= 4 stem path's copy
+        ref = fusedres.reference.BasicBlock(5, 5).to(dev, torch.float64).train()
         ref.load_state_dict(block.state_dict())
-        x = huge((3, 4, 3, 3), (G + 1, 1, 12, 4))
-        g = torch.randn(3, 4, 3, 3, device=dev)
+        x = huge((3, 5, 3, 3), (G + 1, 1, 15, 5))
+        g = torch.randn(3, 5, 3, 3, device=dev)
         xf, xr = x.detach().requires_grad_(), x.detach().double().requires_grad_()
         out, want = block(xf), ref(xr)
         out.backward(g)
