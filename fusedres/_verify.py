@@ -51,6 +51,7 @@ def verify_cpu(args) -> int:
 
     import fusedres
     from fusedres import _bench as B
+    from fusedres import _counts
     from fusedres._bench import environment, log, write_json
     from fusedres._shapes import twins
     from fusedres.reference import TOLERANCE, rel_err
@@ -108,6 +109,10 @@ def verify_cpu(args) -> int:
         _print_verify_table(list(rows.values()), dtypes, TOLERANCE, "eval-mode forward")
     if train_rows:
         _print_verify_table(train_rows, ["fp32"], TOLERANCE, "training step (batch statistics), fp32")
+    log("host work per ResNet-50 call (launches counted, not run) ...")
+    counts = _counts.resnet50_counts()
+    print("\nhost work per ResNet-50 call (batch 2, 32x32; aten ops dispatched, Triton launches):\n")
+    print(_counts.format_table(counts))
     wall = time.perf_counter() - t0
     n_rows = len(rows) + len(train_rows)
     verdict = "PASS" if not failed else f"FAIL ({failed} of {n_rows} rows out of tolerance)"
@@ -118,6 +123,8 @@ def verify_cpu(args) -> int:
     write_json(path, dict(kind="cpu-verification", env=env, model=args.model, batch=n, image_size=size,
                            dtypes=dtypes, tolerance={k: TOLERANCE[B.DTYPE_OF[k]] for k in dtypes},
                            rows=list(rows.values()), training_rows=train_rows, passed=not failed, wall_s=wall,
+                           host_counts={k: dict(aten_ops=c.aten_ops, triton_launches=c.triton_launches,
+                                                zero_fills=len(c.zeros)) for k, c in counts.items()},
                            models_s=kernel_s))
     print(f"wrote {path}")
     return 0 if not failed else 1
