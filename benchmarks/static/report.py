@@ -97,6 +97,16 @@ def budget_failures(rows: List[Dict]) -> List[str]:
             out.append(f"{where}: shared memory {r['smem']} B > {limit} B")
         if r["arch"] == 90 and r["has_dot"] and r["mma"] != "wgmma":
             out.append(f"{where}: dot compiles to {r['mma']}, not wgmma")
+        # Issue 10's loop shape: one pipelined loop holds the dot (the projection variant: the main GEMM's
+        # and the shortcut's, one accumulator), the pipeline never drains inside a loop, and no 64-bit
+        # division runs in a loop (the old wgrad called the divide routine 16 times per iteration).
+        max_loops = 2 if "HAS_SHORTCUT" in r.get("variant", "") else 1
+        if r["has_dot"] and (r.get("dot_loops") or 0) > max_loops:
+            out.append(f"{where}: {r['dot_loops']} loops hold the dot (budget {max_loops})")
+        if r.get("async_wait0_in_loop"):
+            out.append(f"{where}: async_wait num=0 inside a loop ({r['async_wait0_in_loop']})")
+        if r.get("div64_in_loop"):
+            out.append(f"{where}: 64-bit div/rem inside a loop ({r['div64_in_loop']})")
     return out
 
 
