@@ -48,16 +48,19 @@ def relu_nan(y):
 
 
 @triton.jit
-def add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, srn, src, srh, srw, RES_C,
-                            out_ptr, son, soc, soh, sow, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr):
+def add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
+                            stride_res_w, RES_C,
+                            out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
+                            HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr):
     """The common tail of every forward epilogue: + residual (first RES_C channels), ReLU, cast, store."""
     if HAS_RESIDUAL:
         # Channels >= RES_C read as zero: the option-A shortcut's zero-padded channels, never stored.
         r_mask = mask_m[:, None] & (mask_k & (offs_k < RES_C))[None, :]
-        y += tl.load(tile_ptrs(res_ptr, n, p, q, offs_k, srn, src, srh, srw), mask=r_mask, other=0.0).to(y.dtype)
+        y += tl.load(tile_ptrs(res_ptr, n, p, q, offs_k, stride_res_n, stride_res_c, stride_res_h, stride_res_w),
+                     mask=r_mask, other=0.0).to(y.dtype)
     if APPLY_RELU:
         y = relu_nan(y)
-    o_ptrs = tile_ptrs(out_ptr, n, p, q, offs_k, son, soc, soh, sow)
+    o_ptrs = tile_ptrs(out_ptr, n, p, q, offs_k, stride_out_n, stride_out_c, stride_out_h, stride_out_w)
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 

@@ -130,7 +130,8 @@ def _bn_act_kernel(
     yd_ptr, scale_d_ptr, shift_d_ptr,   # projection shortcut's raw conv output and BN (HAS_BN_SHORTCUT)
     res_ptr, out_ptr,                   # identity / option-A residual [N, RES_C, P, Q]; output
     M, P, Q, K, RES_C,
-    syn, syc, syh, syw, sdn, sdc, sdh, sdw, srn, src, srh, srw, son, soc, soh, sow,
+    stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_yd_n, stride_yd_c, stride_yd_h, stride_yd_w, stride_res_n,
+    stride_res_c, stride_res_h, stride_res_w, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
     HAS_BN_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -138,15 +139,18 @@ def _bn_act_kernel(
     n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
     shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(scale.dtype)
+    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
+                other=0.0).to(scale.dtype)
     y = y * scale[None, :] + shift[None, :]
     if HAS_BN_SHORTCUT:
         scale_d = tl.load(scale_d_ptr + offs_k, mask=mask_k, other=0.0)
         shift_d = tl.load(shift_d_ptr + offs_k, mask=mask_k, other=0.0)
-        yd = tl.load(tile_ptrs(yd_ptr, n, p, q, offs_k, sdn, sdc, sdh, sdw), mask=msk, other=0.0).to(scale.dtype)
+        yd = tl.load(tile_ptrs(yd_ptr, n, p, q, offs_k, stride_yd_n, stride_yd_c, stride_yd_h, stride_yd_w), mask=msk,
+                     other=0.0).to(scale.dtype)
         y += yd * scale_d[None, :] + shift_d[None, :]
-    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, srn, src, srh, srw, RES_C,
-                            out_ptr, son, soc, soh, sow, HAS_RESIDUAL, APPLY_RELU)
+    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
+                            stride_res_w, RES_C,
+                            out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, APPLY_RELU)
 
 
 @triton.jit
@@ -157,12 +161,15 @@ def relu_grad(grad, mask_src):
 
 
 @triton.jit
-def load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, sgn, sgc, sgh, sgw, smn, smc, smh, smw,
+def load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
+                    stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
                     HAS_MASK: tl.constexpr):
     """A gradient tile, gated by the ReLU output mask_ptr > 0 when HAS_MASK."""
-    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, sgn, sgc, sgh, sgw), mask=msk, other=0.0)
+    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, stride_g_n, stride_g_c, stride_g_h, stride_g_w), mask=msk,
+                other=0.0)
     if HAS_MASK:
-        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, smn, smc, smh, smw), mask=msk, other=0.0))
+        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, stride_mask_n, stride_mask_c, stride_mask_h,
+                                           stride_mask_w), mask=msk, other=0.0))
     return g
 
 
@@ -173,7 +180,8 @@ def _bn_bwd_reduce_kernel(
     y2_ptr, mean2_ptr, invstd2_ptr,  # a second BN fed by the same gradient (HAS_Y2: projection shortcut)
     parts_ptr,                     # [T, 2 or 3, K] per-tile partial sums of g, g*xhat (, g*xhat2)
     M, P, Q, K,
-    sgn, sgc, sgh, sgw, smn, smc, smh, smw, syn, syc, syh, syw, s2n, s2c, s2h, s2w,
+    stride_g_n, stride_g_c, stride_g_h, stride_g_w, stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
+    stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_y2_n, stride_y2_c, stride_y2_h, stride_y2_w,
     HAS_MASK: tl.constexpr, HAS_Y2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per-tile partials of the BN backward reductions: sum(g) and sum(g * xhat), g = relu-gated grad."""
@@ -181,9 +189,11 @@ def _bn_bwd_reduce_kernel(
     n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
-    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, sgn, sgc, sgh, sgw, smn, smc, smh, smw,
+    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
+                        stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
                         HAS_MASK).to(mean.dtype)
-    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(mean.dtype)
+    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
+                other=0.0).to(mean.dtype)
     part = parts_ptr + pid_m.to(tl.int64) * ((3 if HAS_Y2 else 2) * K) + offs_k
     tl.store(part, tl.sum(g, axis=0), mask=mask_k)
     tl.store(part + K, tl.sum(tl.where(msk, g * (y - mean[None, :]) * invstd[None, :], 0.0), axis=0),
@@ -191,7 +201,8 @@ def _bn_bwd_reduce_kernel(
     if HAS_Y2:
         mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
         invstd2 = tl.load(invstd2_ptr + offs_k, mask=mask_k, other=0.0)
-        y2 = tl.load(tile_ptrs(y2_ptr, n, p, q, offs_k, s2n, s2c, s2h, s2w), mask=msk, other=0.0).to(mean.dtype)
+        y2 = tl.load(tile_ptrs(y2_ptr, n, p, q, offs_k, stride_y2_n, stride_y2_c, stride_y2_h, stride_y2_w), mask=msk,
+                     other=0.0).to(mean.dtype)
         tl.store(part + 2 * K,
                  tl.sum(tl.where(msk, g * (y2 - mean2[None, :]) * invstd2[None, :], 0.0), axis=0), mask=mask_k)
 
@@ -202,7 +213,8 @@ def _bn_bwd_apply_kernel(
     gamma_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_gx_ptr,  # [K]
     M, P, Q, K,
     COUNT,                               # pixels the sums are over (more than M under synchronized BN)
-    sgn, sgc, sgh, sgw, smn, smc, smh, smw, syn, syc, syh, syw, son, soc, soh, sow,
+    stride_g_n, stride_g_c, stride_g_h, stride_g_w, stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
+    stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
     HAS_MASK: tl.constexpr, HAS_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dy = gamma * invstd * (g - sum(g)/COUNT - xhat * sum(g*xhat)/COUNT), the batch-statistics BN backward."""
@@ -214,12 +226,15 @@ def _bn_bwd_apply_kernel(
         a = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) * invstd
     mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / COUNT
     mean_gx = tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / COUNT
-    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, sgn, sgc, sgh, sgw, smn, smc, smh, smw,
+    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
+                        stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
                         HAS_MASK).to(mean.dtype)
-    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, syn, syc, syh, syw), mask=msk, other=0.0).to(mean.dtype)
+    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
+                other=0.0).to(mean.dtype)
     xhat = (y - mean[None, :]) * invstd[None, :]
     dy = a[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
-    tl.store(tile_ptrs(dy_ptr, n, p, q, offs_k, son, soc, soh, sow), dy.to(dy_ptr.dtype.element_ty), mask=msk)
+    tl.store(tile_ptrs(dy_ptr, n, p, q, offs_k, stride_out_n, stride_out_c, stride_out_h, stride_out_w),
+             dy.to(dy_ptr.dtype.element_ty), mask=msk)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,12 +61,12 @@ def _conv_bn_act_kernel(
     M, H, W, P, Q,          # M = N*P*Q output pixels; input H x W; output P x Q
     CG, KG,                 # input and output channels per group
     RES_C, CD,              # residual channels (<= K); shortcut input channels
-    sxn, sxc, sxh, sxw,     # strides of x
-    swk, swc, swr, sws,     # strides of w
-    son, soc, soh, sow,     # strides of out
-    srn, src, srh, srw,     # strides of residual
-    sdn, sdc, sdh, sdw,     # strides of xd
-    swdk, swdc,             # strides of wd (output, input channel)
+    stride_x_n, stride_x_c, stride_x_h, stride_x_w,     # strides of x
+    stride_w_k, stride_w_c, stride_w_r, stride_w_s,     # strides of w
+    stride_out_n, stride_out_c, stride_out_h, stride_out_w,     # strides of out
+    stride_res_n, stride_res_c, stride_res_h, stride_res_w,     # strides of residual
+    stride_sc_n, stride_sc_c, stride_sc_h, stride_sc_w,     # strides of xd
+    stride_wd_k, stride_wd_c,             # strides of wd (output, input channel)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_d,               # shortcut conv stride (both axes)
     eps_hi, eps_lo, eps_d_hi, eps_d_lo,  # BN eps as fp32 hi + lo parts (float args are fp32; fp64 needs both)
@@ -107,8 +107,8 @@ def _conv_bn_act_kernel(
         w_cols = w_ptr + offs_k.to(tl.int64) * (R * S * STEM_CPAD)
         num_k = R
     else:
-        x_rows = x_ptr + (n * sxn + (g * CG).to(tl.int64) * sxc + h0 * sxh + w0 * sxw)
-        w_cols = w_ptr + offs_k.to(tl.int64) * swk
+        x_rows = x_ptr + (n * stride_x_n + (g * CG).to(tl.int64) * stride_x_c + h0 * stride_x_h + w0 * stride_x_w)
+        w_cols = w_ptr + offs_k.to(tl.int64) * stride_w_k
         num_k = R * S * tl.cdiv(CG, BLOCK_K)
     h0 = h0.to(tl.int32)
     w0 = w0.to(tl.int32)
@@ -134,8 +134,8 @@ def _conv_bn_act_kernel(
             cc = c0 + offs_c
             mask_c = cc < CG
             a_mask = valid_1x1[:, None] & mask_c[None, :]
-            a = tl.load(x_rows[:, None] + cc[None, :] * sxc, mask=a_mask, other=0.0)
-            b_ptrs = w_cols[None, :] + cc[:, None] * swc
+            a = tl.load(x_rows[:, None] + cc[None, :] * stride_x_c, mask=a_mask, other=0.0)
+            b_ptrs = w_cols[None, :] + cc[:, None] * stride_w_c
         else:
             cc = c0 + offs_c
             mask_c = cc < CG
@@ -143,9 +143,10 @@ def _conv_bn_act_kernel(
             w_in = w0 + dw
             valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
             a_mask = valid[:, None] & mask_c[None, :]
-            a_tap = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw
-            a = tl.load(x_rows[:, None] + (a_tap + cc[None, :] * sxc), mask=a_mask, other=0.0)
-            b_ptrs = w_cols[None, :] + (r.to(tl.int64) * swr + s.to(tl.int64) * sws + cc[:, None] * swc)
+            a_tap = dh.to(tl.int64) * stride_x_h + dw.to(tl.int64) * stride_x_w
+            a = tl.load(x_rows[:, None] + (a_tap + cc[None, :] * stride_x_c), mask=a_mask, other=0.0)
+            b_ptrs = w_cols[None, :] + (r.to(tl.int64) * stride_w_r + s.to(tl.int64) * stride_w_s
+                                        + cc[:, None] * stride_w_c)
         if PROLOGUE_BN_RELU:
             s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
@@ -180,13 +181,13 @@ def _conv_bn_act_kernel(
         scale_d, shift_d = channel_affine(offs_k, mask_k, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
                                           eps_d_hi, eps_d_lo, acc_dtype)
         y = y + shift_d[None, :]
-        ad_rows = xd_ptr + (n * sdn + (p * stride_d) * sdh + (q * stride_d) * sdw)
-        bd_cols = wd_ptr + offs_k.to(tl.int64) * swdk
+        ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
+        bd_cols = wd_ptr + offs_k.to(tl.int64) * stride_wd_k
         for c0 in range(0, CD, BLOCK_K):
             cc = c0 + offs_c
             mask_c = cc < CD
-            a = tl.load(ad_rows[:, None] + cc[None, :] * sdc, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            b = tl.load(bd_cols[None, :] + cc[:, None] * swdc, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+            a = tl.load(ad_rows[:, None] + cc[None, :] * stride_sc_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+            b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
             b = (b.to(acc_dtype) * scale_d[None, :]).to(wd_ptr.dtype.element_ty)
             y = mma(a, b, y, DOT_PRECISION, UPCAST_DOT)
 
@@ -197,8 +198,9 @@ def _conv_bn_act_kernel(
         tl.store(part_mean_ptr + part, t_mean, mask=mask_k)
         tl.store(part_m2_ptr + part, t_m2, mask=mask_k)
 
-    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, srn, src, srh, srw, RES_C,
-                            out_ptr, son, soc, soh, sow, HAS_RESIDUAL, APPLY_RELU)
+    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
+                            stride_res_w, RES_C,
+                            out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, APPLY_RELU)
 
 
 @triton.jit
@@ -308,7 +310,7 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     # Autotuning may pick another tile (so another summation order) in another process: under
     # torch.use_deterministic_algorithms(True) a fixed config keeps results bitwise reproducible.
     if config is None and (INTERPRETED or torch.are_deterministic_algorithms_enabled()):
-        config = _fixed_config(m, kg, max(cg, cd), bool(stem_cpad))
+        config = _fixed_config(m, kg, max(cg, cd), bool(stem_cpad), shortcut is not None, stats)
     block_m = STATS_BLOCK_M if config is None else config["BLOCK_M"]
     part_mean = part_m2 = None
     if stats:

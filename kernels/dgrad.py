@@ -47,8 +47,10 @@ def _conv_dgrad_kernel(
     rmask_ptr,     # ReLU output gating res (HAS_RES_MASK), same shape and strides as res
     M, HP, WP,     # this phase: M = N*HP*WP pixels h = PH0 + stride_h*i, w = PW0 + stride_w*j
     PH0, PW0, P, Q, CG, KG, RES_C, C, TILE0,
-    sdn, sdc, sdh, sdw, swk, swc, swr, sws, sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
-    smn, smc, smh, smw,
+    stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w, stride_w_k, stride_w_c, stride_w_r, stride_w_s, stride_dx_n,
+    stride_dx_c, stride_dx_h, stride_dx_w, stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_res_n, stride_res_c,
+    stride_res_h, stride_res_w,
+    stride_rmask_n, stride_rmask_c, stride_rmask_h, stride_rmask_w,
     stride_h, stride_w, RES_STRIDE,
     R0, RSTEP, NR, PB, PD,   # taps along h: r = R0 + j*RSTEP reads dy row i + PB - j*PD (NR taps)
     S0, SSTEP, NS, QB, QD,   # the same along w
@@ -77,12 +79,12 @@ def _conv_dgrad_kernel(
     pi = i + PB  # dy row and column of the first tap; tap j steps back by PD (QD)
     qj = j + QB
     if IDX64:
-        dy_rows = dy_ptr + n * sdn + (g * KG).to(tl.int64) * sdc + pi * sdh + qj * sdw
-        w_cols = w_ptr + (g * KG).to(tl.int64) * swk + offs_cg.to(tl.int64) * swc
+        dy_rows = dy_ptr + n * stride_dy_n + (g * KG).to(tl.int64) * stride_dy_c + pi * stride_dy_h + qj * stride_dy_w
+        w_cols = w_ptr + (g * KG).to(tl.int64) * stride_w_k + offs_cg.to(tl.int64) * stride_w_c
         offs_kk = offs_kk.to(tl.int64)
     else:
-        dy_rows = dy_ptr + (n * sdn + (g * KG) * sdc + pi * sdh + qj * sdw)
-        w_cols = w_ptr + ((g * KG) * swk + offs_cg * swc)
+        dy_rows = dy_ptr + (n * stride_dy_n + (g * KG) * stride_dy_c + pi * stride_dy_h + qj * stride_dy_w)
+        w_cols = w_ptr + ((g * KG) * stride_w_k + offs_cg * stride_w_c)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     # One loop over (tap row jr, tap column js, K block k0), k0 fastest, counters advanced without division.
     k0 = 0
@@ -95,13 +97,14 @@ def _conv_dgrad_kernel(
         kk = k0 + offs_kk
         mask_kk = kk < KG
         if IDX64:
-            back = jr.to(tl.int64) * PD * sdh + js.to(tl.int64) * QD * sdw
+            back = jr.to(tl.int64) * PD * stride_dy_h + js.to(tl.int64) * QD * stride_dy_w
         else:
-            back = jr * PD * sdh + js * QD * sdw
-        a = tl.load(dy_rows[:, None] + (kk * sdc)[None, :] - back,
+            back = jr * PD * stride_dy_h + js * QD * stride_dy_w
+        a = tl.load(dy_rows[:, None] + (kk * stride_dy_c)[None, :] - back,
                     mask=valid[:, None] & mask_kk[None, :], other=0.0)
-        tap = (R0 + jr * RSTEP) * swr + (S0 + js * SSTEP) * sws
-        b = tl.load(w_cols[None, :] + (kk * swk)[:, None] + tap, mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
+        tap = (R0 + jr * RSTEP) * stride_w_r + (S0 + js * SSTEP) * stride_w_s
+        b = tl.load(w_cols[None, :] + (kk * stride_w_k)[:, None] + tap, mask=mask_kk[:, None] & mask_c[None, :],
+                    other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         k0 += BLOCK_K
         wrap = k0 >= KG
@@ -119,7 +122,8 @@ def _conv_dgrad_kernel(
         shift = tl.load(in_shift_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
-        y = tl.load(_ptrs(y_ptr, n, h, w, offs_c, syn, syc, syh, syw), mask=msk, other=0.0).to(acc_dtype)
+        y = tl.load(_ptrs(y_ptr, n, h, w, offs_c, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
+                    other=0.0).to(acc_dtype)
         acc = relu_grad(acc, y * scale[None, :] + shift[None, :])  # same fp32 expression as the forward prologue
         # Reduce what is stored (rounded to the activation dtype), so that the BN backward applied to
         # the stored gradient removes exactly its own mean and xhat components.
@@ -132,12 +136,15 @@ def _conv_dgrad_kernel(
         r_msk = (mask_m & on_grid)[:, None] & (mask_c & (offs_c < RES_C))[None, :]
         hr = h // RES_STRIDE
         wr = w // RES_STRIDE
-        res = tl.load(_ptrs(res_ptr, n, hr, wr, offs_c, srn, src, srh, srw), mask=r_msk, other=0.0).to(acc_dtype)
+        res = tl.load(_ptrs(res_ptr, n, hr, wr, offs_c, stride_res_n, stride_res_c, stride_res_h, stride_res_w),
+                      mask=r_msk, other=0.0).to(acc_dtype)
         if HAS_RES_MASK:
-            res = relu_grad(res, tl.load(_ptrs(rmask_ptr, n, hr, wr, offs_c, smn, smc, smh, smw), mask=r_msk,
+            res = relu_grad(res, tl.load(_ptrs(rmask_ptr, n, hr, wr, offs_c, stride_rmask_n, stride_rmask_c,
+                                               stride_rmask_h, stride_rmask_w), mask=r_msk,
                                          other=0.0))
         acc += res
-    tl.store(_ptrs(dx_ptr, n, h, w, offs_c, sxn, sxc, sxh, sxw), acc.to(dx_ptr.dtype.element_ty), mask=msk)
+    tl.store(_ptrs(dx_ptr, n, h, w, offs_c, stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w),
+             acc.to(dx_ptr.dtype.element_ty), mask=msk)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def _conv_wgrad_kernel(
     part_ptr,      # [SPLIT, K * C/groups * R * S] fp32 (fp64) partials, each laid out like the weight's memory
     M, H, W, P, Q, CG, KG, NCOL,  # M = N*P*Q pixels; channels per group; NCOL = CG*R*S columns
     ROWS_PER_SPLIT, SPLIT, NUMEL,  # pixels per split (a multiple of BLOCK_M); splits; weight numel
-    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swk, swc, swr, sws,
+    stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w, stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_w_k,
+    stride_w_c, stride_w_r, stride_w_s,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, PROLOGUE_BN_RELU: tl.constexpr,
     TAP_PER_TILE: tl.constexpr,    # CG % BLOCK_N == 0: every column of a tile has the same tap
@@ -84,15 +85,15 @@ def _conv_wgrad_kernel(
     offs_c = g * CG + c
     k_idx = g * KG + offs_kg
     if STEM_CP > 0:
-        k_off = k_idx * sdc
-        col_off = (r * dil_h - pad_h) * sxh + (s * dil_w - pad_w) * STEM_CP + c
+        k_off = k_idx * stride_dy_c
+        col_off = (r * dil_h - pad_h) * stride_x_h + (s * dil_w - pad_w) * STEM_CP + c
     elif IDX64:
-        k_off = k_idx.to(tl.int64) * sdc
-        col_off = offs_c.to(tl.int64) * sxc + (r * dil_h - pad_h).to(tl.int64) * sxh \
-            + (s * dil_w - pad_w).to(tl.int64) * sxw
+        k_off = k_idx.to(tl.int64) * stride_dy_c
+        col_off = offs_c.to(tl.int64) * stride_x_c + (r * dil_h - pad_h).to(tl.int64) * stride_x_h \
+            + (s * dil_w - pad_w).to(tl.int64) * stride_x_w
     else:
-        k_off = k_idx * sdc
-        col_off = offs_c * sxc + (r * dil_h - pad_h) * sxh + (s * dil_w - pad_w) * sxw
+        k_off = k_idx * stride_dy_c
+        col_off = offs_c * stride_x_c + (r * dil_h - pad_h) * stride_x_h + (s * dil_w - pad_w) * stride_x_w
     if PROLOGUE_BN_RELU:
         s_in = tl.load(in_scale_ptr + offs_c, mask=mask_n, other=0.0)
         t_in = tl.load(in_shift_ptr + offs_c, mask=mask_n, other=0.0)
@@ -124,11 +125,12 @@ def _conv_wgrad_kernel(
             dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element
         else:
             dy_mask = mask_m[:, None] & mask_k[None, :]
-        dyt = tl.load(dy_ptr + (n * sdn + p * sdh + q * sdw)[:, None] + k_off[None, :], mask=dy_mask, other=0.0)
+        dyt = tl.load(dy_ptr + (n * stride_dy_n + p * stride_dy_h + q * stride_dy_w)[:, None] + k_off[None, :],
+                      mask=dy_mask, other=0.0)
         if STEM_CP > 0:
-            x_rows = n * sxn + hb * sxh + wb * STEM_CP  # a multiple of STEM_CP: aligned vector loads
+            x_rows = n * stride_x_n + hb * stride_x_h + wb * STEM_CP  # a multiple of STEM_CP: aligned vector loads
         else:
-            x_rows = n * sxn + hb * sxh + wb * sxw
+            x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
         xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
         if PROLOGUE_BN_RELU:
             # ReLU as one NaN-propagating max (like torch.relu), not a compare and a select
@@ -146,7 +148,8 @@ def _conv_wgrad_kernel(
         p = tl.where(cp, p - P, p)
         n += dn + cp.to(n.dtype)
 
-    idx = k_idx.to(tl.int64)[:, None] * swk + (c.to(tl.int64) * swc + r * swr + s * sws)[None, :]
+    idx = (k_idx.to(tl.int64)[:, None] * stride_w_k
+           + (c.to(tl.int64) * stride_w_c + r * stride_w_r + s * stride_w_s)[None, :])
     if STEM_CP > 0:
         mask_n = mask_n & (c < CG)
     tl.store(part_ptr + split.to(tl.int64) * NUMEL + idx, acc, mask=mask_k[:, None] & mask_n[None, :])
