@@ -9,8 +9,7 @@ from ._launch import INTERPRETED, clamp_block
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch. Few on purpose: every shipped config must
 # pass the parity tests on the GPU (a config-specific miscompile would otherwise hide), and each compiles
 # without register spills at the ResNet-50 shapes in every variant once _SPILLS below is pruned (static check,
-# triton 3.6 and 3.9; no 2-warp
-# tiles: they compile to mma.sync, not wgmma, on sm_90).
+# triton 3.6 and 3.9; no 2-warp tiles: they compile to mma.sync, not wgmma, on sm_90).
 _TILES = {
     90: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
          (64, 64, 32, 4, 5), (128, 64, 64, 8, 3)],
