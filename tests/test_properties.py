@@ -252,6 +252,14 @@ def nudged(t, gen):
     return t * (1 + r * 2.0 ** -23)
 
 
+def nudge_(model, gen):
+    """Every floating parameter and buffer of ``model`` moved by one ulp at random, in place."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dtype.is_floating_point:
+                t.copy_(nudged(t, gen))
+
+
 def train_step(model, x, grad_out, dtype):
     """Output, input gradient, parameter gradients and buffers of one forward + backward."""
     # detach() keeps x's strides (clone() would densify a sliced view): the block sees the layout.
@@ -275,10 +283,7 @@ def train_errors(fused, ref, x, grad_out, seed=0):
     for i, eager in enumerate(eagers):
         x_i = x
         if i:
-            with torch.no_grad():
-                for t in list(eager.parameters()) + list(eager.buffers()):
-                    if t.dtype.is_floating_point:
-                        t.copy_(nudged(t, gen))
+            nudge_(eager, gen)
             x_i = nudged(x.float(), gen)
         got["eager"].append(train_step(eager, x_i, grad_out, torch.float32))
     errors = {}

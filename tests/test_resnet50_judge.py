@@ -19,7 +19,7 @@ from judges import ATOL, FACTOR
 
 import fusedres
 from helpers import randomize_bn, rel_err
-from test_properties import nudged, train_step
+from test_properties import nudge_, nudged, train_step
 
 DRAWS = 3
 EAGER_RUNS = 4
@@ -46,10 +46,7 @@ def resnet50_draw(seed):
         if i == 1:  # the same step through channels_last kernels: another summation order
             eager, x_i = eager.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
         elif i:
-            with torch.no_grad():
-                for t in list(eager.parameters()) + list(eager.buffers()):
-                    if t.dtype.is_floating_point:
-                        t.copy_(nudged(t, gen))
+            nudge_(eager, gen)
             x_i = nudged(x, gen)
         eager_errs.append(_errors(want, train_step(eager, x_i, grad_out, torch.float32)))
     return fused_errs, eager_errs
