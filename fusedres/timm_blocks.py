@@ -114,8 +114,7 @@ class _ConvBNTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, geo, bn_state):
         stride, padding, dilation, groups = geo
-        y, part_mean, part_m2, tile_m = kernels.conv_bn_act(x, weight, None, None, stride, padding, dilation, groups,
-                                                            stats=True)
+        y, part_mean, part_m2, tile_m = kernels.conv.conv_bn_stats(x, weight, stride, padding, dilation, groups)
         mean, invstd, scale, shift = bn_k.bn_finalize(part_mean, part_m2, tile_m, y.shape[0] * y.shape[2] * y.shape[3],
                                                       gamma, beta, *bn_state)
         ctx.geo = geo

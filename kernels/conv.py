@@ -280,9 +280,17 @@ def _affine_args(scale, shift):
 STEM_CPAD = 4
 
 
+class ConvStats(NamedTuple):
+    """What the training forward's conv returns (``conv_bn_stats``)."""
+    out: torch.Tensor        # [N, K, P, Q] raw conv output, x's dtype and memory format
+    part_mean: torch.Tensor  # [T, K] per-tile channel means (stats dtype)
+    part_m2: torch.Tensor    # [T, K] per-tile sums of squared deviations from them
+    tile_m: int              # pixels per full tile (BLOCK_M); the last tile may hold fewer
+
+
 def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                residual=None, relu=False, shortcut=None, prologue=None, stats=False, config=None):
-    """Launch the fused conv. Tensors in, new tensors out; inputs are assumed validated.
+                residual=None, relu=False, shortcut=None, prologue=None, config=None):
+    """Launch the fused conv. Tensors in, a new tensor out; inputs are assumed validated.
 
     x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] (either may be None: 1 / 0; both
     None: the raw conv output), or scale a BNFold (shift None): eval BN folded inside the kernel.
@@ -290,10 +298,23 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     shortcut: optional (xd [N, CD, HD, WD], wd [K, CD, 1, 1], scale_d [K] or BNFold, shift_d [K] or None,
     stride_d).
     prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift).
-    stats: also return per-tile BN partials: (out, part_mean [T, K], part_m2 [T, K], BLOCK_M).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages) to bypass autotuning.
     Returns [N, K, P, Q] in x's dtype and memory format (channels_last in, channels_last out).
     """
+    return _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu, shortcut, prologue,
+                 False, config).out
+
+
+def conv_bn_stats(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, prologue=None,
+                  config=None) -> ConvStats:
+    """The training forward's conv: the raw output and its per-tile BN partials (the STATS epilogue).
+    prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift)."""
+    return _conv(x, weight, None, None, stride, padding, dilation, groups, None, False, None, prologue, True, config)
+
+
+def _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu, shortcut, prologue, stats,
+          config) -> ConvStats:
+    """The launch of conv_bn_act / conv_bn_stats: a ConvStats whose partials are None without stats."""
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
     p = out_size(h, r, stride[0], padding[0], dilation[0])
@@ -318,7 +339,7 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
         part_mean = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
         part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
     if m == 0 or k == 0:
-        return (out, part_mean, part_m2, block_m) if stats else out
+        return ConvStats(out, part_mean, part_m2, block_m)
     if residual is None:
         res, res_c, res_strides = out, 0, (0, 0, 0, 0)  # dummy pointer, never read
     else:
@@ -350,20 +371,4 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
             (_conv_stats_autotuned if stats else _conv_bn_act_autotuned)[grid](*args, **flags)
         else:
             _conv_bn_act_kernel[grid](*args, **flags, **config)
-    return (out, part_mean, part_m2, block_m) if stats else out
-
-
-class ConvStats(NamedTuple):
-    """What the training forward's conv returns (``conv_bn_stats``)."""
-    out: torch.Tensor        # [N, K, P, Q] raw conv output, x's dtype and memory format
-    part_mean: torch.Tensor  # [T, K] per-tile channel means (stats dtype)
-    part_m2: torch.Tensor    # [T, K] per-tile sums of squared deviations from them
-    tile_m: int              # pixels per full tile (BLOCK_M); the last tile may hold fewer
-
-
-def conv_bn_stats(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, prologue=None,
-                  config=None) -> ConvStats:
-    """The training forward's conv: the raw output and its per-tile BN partials, one return shape.
-    prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift)."""
-    return ConvStats(*conv_bn_act(x, weight, None, None, stride, padding, dilation, groups, prologue=prologue,
-                                  stats=True, config=config))
+    return ConvStats(out, part_mean, part_m2, block_m)

@@ -247,16 +247,25 @@ def dgrad_config(m: int, cg: int, kg: int):
     return None
 
 
-def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=None, residual=None, out=None,
-               config=None):
+def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, residual=None, out=None, config=None):
     """Gradient w.r.t. the conv input, [N, C, H, W] in dy's memory format.
 
-    bn_relu: (y, scale, shift, mean, invstd) when the conv input was relu(scale*y + shift): the result is
-      then the ReLU-gated gradient w.r.t. bn(y), and (result, sum_g, sum_gxhat) is returned.
     residual: (res, relu_out or None, res_stride): adds res (gated by relu_out > 0) at stride res_stride.
     out: write into this tensor (it may be res itself: in-place accumulation is safe).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages).
     """
+    return _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, None, residual, out, config).dx
+
+
+def conv_dgrad_bn(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, residual=None, out=None,
+                  config=None) -> "DgradBN":
+    """``conv_dgrad`` through a previous BN + ReLU: bn_relu = (y, scale, shift, mean, invstd) when the conv
+    input was relu(scale*y + shift). Returns the ReLU-gated gradient w.r.t. bn(y) and that BN's sums."""
+    return _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, residual, out, config)
+
+
+def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, residual, out, config):
+    """The launches of conv_dgrad / conv_dgrad_bn: a DgradBN, whose sums are None without bn_relu."""
     n, c, h, w = x_shape
     k, cg, r, s = weight.shape
     p, q = dy.shape[2:]
@@ -293,12 +302,12 @@ def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=N
                 _conv_dgrad_kernel[grid](*args, **flags, **cfg)
         tile0 += t
     if bn_relu is None:
-        return dx
+        return DgradBN(dx, None, None)
     if tile0 == 0:
         zeros = torch.zeros(c, device=dy.device, dtype=parts.dtype)
-        return dx, zeros, zeros.clone()
+        return DgradBN(dx, zeros, zeros.clone())
     sum_g, sum_gx = sum_rows(parts).view(2, c).unbind(0)
-    return dx, sum_g, sum_gx
+    return DgradBN(dx, sum_g, sum_gx)
 
 
 class DgradBN(NamedTuple):
@@ -306,9 +315,3 @@ class DgradBN(NamedTuple):
     dx: torch.Tensor         # [N, C, H, W], dy's memory format
     sum_g: torch.Tensor      # [C] sum of the gated gradient
     sum_gxhat: torch.Tensor  # [C] sum of the gated gradient times xhat
-
-
-def conv_dgrad_bn(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu) -> DgradBN:
-    """``conv_dgrad`` through a previous BN + ReLU, one return shape: bn_relu = (y, scale, shift, mean,
-    invstd) when the conv input was relu(scale*y + shift)."""
-    return DgradBN(*conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu=bn_relu))

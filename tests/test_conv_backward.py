@@ -88,8 +88,8 @@ def test_dgrad_epilogues(name, small, device):
     hr = (h + 1) // 2
     res = torch.randn(n, c // 2, hr, hr, device=device, dtype=dtype)
     rmask = torch.randn_like(res)
-    dx, sum_g, sum_gx = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, bn_relu=(y, scale, shift, mean, invstd),
-                                            residual=(res, rmask, 2), config=SMALL["dgrad"] if small else None)
+    dx, sum_g, sum_gx = conv_bwd.conv_dgrad_bn(dy, w, x.shape, *geo, (y, scale, shift, mean, invstd),
+                                               residual=(res, rmask, 2), config=SMALL["dgrad"] if small else None)
     stride, pad, dil, g = geo
     full = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
     gate = y.double() * scale.double()[:, None, None] + shift.double()[:, None, None] > 0
@@ -157,8 +157,7 @@ def test_every_autotune_config(kind, cfg, device):
     scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     if kind == "dgrad":
         y, mean, invstd = torch.randn_like(x), torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
-        out, sum_g, _ = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, bn_relu=(y, scale, shift, mean, invstd),
-                                            config=config)
+        out, sum_g, _ = conv_bwd.conv_dgrad_bn(dy, w, x.shape, *geo, (y, scale, shift, mean, invstd), config=config)
         full = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
         want = torch.where(y.double() * scale.double()[:, None, None] + shift.double()[:, None, None] > 0, full, 0.0)
         assert_close(sum_g, want.sum((0, 2, 3)), dtype, "sum of g")

@@ -132,7 +132,7 @@ def test_stem_path_statistics(device):
     """The training stem (STATS, no scale) on the stem path: raw output and per-tile partials."""
     x = torch.randn(2, 3, 15, 15, device=device)
     w = torch.randn(8, 3, 7, 7, device=device) / 10
-    y, pm, pm2, block_m = kernels.conv_bn_act(x, w, None, None, (2, 2), (3, 3), stats=True)
+    y, pm, pm2, block_m = kernels.conv.conv_bn_stats(x, w, (2, 2), (3, 3))
     ref = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=3)
     assert_close(y, ref, torch.float32)
     rows = ref.permute(0, 2, 3, 1).reshape(-1, 8)
