@@ -90,9 +90,9 @@ def _conv_bn_act_kernel(
     g = tl.program_id(1)
 
     offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M)
-    offs_kg = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
-    offs_k = g * KG + offs_kg                                                # global output channel
-    mask_k = offs_kg < KG
+    offs_ng = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
+    offs_n = g * KG + offs_ng                                                # global output channel
+    mask_n = offs_ng < KG
     offs_c = tl.arange(0, BLOCK_K).to(tl.int64)  # channel * channel-stride can pass 2**31 (NCHW)
 
     # Row bases: each output pixel's input offset and coordinates at tap (0, 0); a tap adds a scalar.
@@ -104,11 +104,11 @@ def _conv_bn_act_kernel(
         # block each, instead of R*S, and constexpr strides and masks let the loads vectorize.
         tl.static_assert(BLOCK_K >= S * STEM_CPAD)
         x_rows = x_ptr + ((n * H + h0) * W + w0) * STEM_CPAD
-        w_cols = w_ptr + offs_k.to(tl.int64) * (R * S * STEM_CPAD)
+        w_cols = w_ptr + offs_n.to(tl.int64) * (R * S * STEM_CPAD)
         num_k = R
     else:
         x_rows = x_ptr + (n * stride_x_n + (g * CG).to(tl.int64) * stride_x_c + h0 * stride_x_h + w0 * stride_x_w)
-        w_cols = w_ptr + offs_k.to(tl.int64) * stride_w_k
+        w_cols = w_ptr + offs_n.to(tl.int64) * stride_w_k
         num_k = R * S * tl.cdiv(CG, BLOCK_K)
     h0 = h0.to(tl.int32)
     w0 = w0.to(tl.int32)
@@ -152,7 +152,7 @@ def _conv_bn_act_kernel(
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
             a_act = relu_nan(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :])
             a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
-        b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         if STEM_CPAD:
             r += 1
@@ -169,7 +169,7 @@ def _conv_bn_act_kernel(
 
     y = acc
     if HAS_SCALE:
-        scale, shift = channel_affine(offs_k, mask_k, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
+        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
                                       eps_hi, eps_lo, acc_dtype)
         y = acc * scale[None, :] + shift[None, :]
 
@@ -178,57 +178,57 @@ def _conv_bn_act_kernel(
         # launch. One accumulator: y continues as the accumulator of the shortcut GEMM, whose BN scale is
         # folded into the B tile's columns (in fp32, then cast to the operand dtype): two live 128x128
         # accumulators would spill.
-        scale_d, shift_d = channel_affine(offs_k, mask_k, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
+        scale_d, shift_d = channel_affine(offs_n, mask_n, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
                                           eps_d_hi, eps_d_lo, acc_dtype)
         y = y + shift_d[None, :]
         ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
-        bd_cols = wd_ptr + offs_k.to(tl.int64) * stride_wd_k
+        bd_cols = wd_ptr + offs_n.to(tl.int64) * stride_wd_k
         for c0 in range(0, CD, BLOCK_K):
             cc = c0 + offs_c
             mask_c = cc < CD
             a = tl.load(ad_rows[:, None] + cc[None, :] * stride_sc_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             b = (b.to(acc_dtype) * scale_d[None, :]).to(wd_ptr.dtype.element_ty)
             y = mma(a, b, y, DOT_PRECISION, UPCAST_DOT)
 
     if STATS:
         cnt = tl.sum(mask_m.to(acc_dtype), axis=0)
         t_mean, t_m2 = tile_mean_m2(acc, mask_m, cnt)
-        part = pid_m.to(tl.int64) * (KG * tl.num_programs(1)) + offs_k
-        tl.store(part_mean_ptr + part, t_mean, mask=mask_k)
-        tl.store(part_m2_ptr + part, t_m2, mask=mask_k)
+        part = pid_m.to(tl.int64) * (KG * tl.num_programs(1)) + offs_n
+        tl.store(part_mean_ptr + part, t_mean, mask=mask_n)
+        tl.store(part_m2_ptr + part, t_m2, mask=mask_n)
 
-    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
+    add_residual_relu_store(y, n, p, q, offs_n, mask_m, mask_n, res_ptr, stride_res_n, stride_res_c, stride_res_h,
                             stride_res_w, RES_C,
                             out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, APPLY_RELU)
 
 
 @triton.jit
-def channel_affine(offs_k, mask_k, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
+def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
                    dtype: tl.constexpr):
     """Per-output-channel (scale, shift) in ``dtype``. Given (var_ptr None): loaded, None meaning 1 / 0.
     Eval BN folded here, the formula of reference.bn_scale_shift_reference: scale = gamma / sqrt(var + eps),
     shift = beta - mean * scale (+ scale * conv bias); statistics of any dtype are upcast first."""
     if var_ptr is not None:
-        var = tl.load(var_ptr + offs_k, mask=mask_k, other=1.0).to(dtype)
+        var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(dtype)
         if dtype == tl.float64:
             scale = 1.0 / tl.sqrt(var + eps_hi + eps_lo)  # fp64 sqrt and division are IEEE
         else:
             scale = tl.div_rn(tl.full(var.shape, 1.0, dtype), tl.sqrt_rn(var + eps_hi))
         if scale_ptr is not None:
-            scale = scale * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
-        shift = -tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0).to(dtype) * scale
+            scale = scale * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+        shift = -tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(dtype) * scale
         if shift_ptr is not None:
-            shift = shift + tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+            shift = shift + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
         if bias_ptr is not None:
-            shift = shift + scale * tl.load(bias_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+            shift = shift + scale * tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
     else:
-        scale = tl.full(offs_k.shape, 1.0, dtype)
-        shift = tl.zeros(offs_k.shape, dtype)
+        scale = tl.full(offs_n.shape, 1.0, dtype)
+        shift = tl.zeros(offs_n.shape, dtype)
         if scale_ptr is not None:
-            scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+            scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
         if shift_ptr is not None:
-            shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0).to(dtype)
+            shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
     return scale, shift
 
 
