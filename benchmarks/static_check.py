@@ -23,12 +23,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 from static import layers, report  # noqa: E402
 from static.driver import Launch, compile_only  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from fusedres._bench import DTYPE_OF  # noqa: E402
+
 # The CI subset, bf16, both archs, every config: the stem (7x7, 3 channels) and a projection block
 # (1x1 and 3x3 convs, the shortcut GEMM) in eval and training, and a stride-2 projection block in eval.
 # (Its training pass would double the CI time: ~5 CPU-minutes per triton version instead of ~3.)
@@ -75,7 +75,7 @@ def _run_one(a, lc, mode: str, dt: str, records: list, tags: dict) -> None:
     tags.update(layer=lc.key, mode=mode, dtype=dt, phase="fwd")
     batch = a.batch_eval if mode == "eval" else a.batch_train
     try:
-        layers.run_layer(lc, mode, DTYPES[dt], batch, channels_last=not a.nchw,
+        layers.run_layer(lc, mode, DTYPE_OF[dt], batch, channels_last=not a.nchw,
                          on_phase=lambda ph: tags.update(phase=ph))
     except Exception as exc:  # noqa: BLE001 - a host-side failure is a row, not a crash
         records.append(Launch("(host)", {}, {}, {}, error=f"{type(exc).__name__}: {exc}", tags=dict(tags)))
