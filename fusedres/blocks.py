@@ -88,6 +88,11 @@ def layer_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return None
 
 
+def pairs_reason(pairs) -> Optional[str]:
+    """Why the first of these (conv, bn) pairs cannot be fused, or None when every one can."""
+    return next((r for r in (layer_reason(conv, bn) for conv, bn in pairs) if r is not None), None)
+
+
 def unfusable_reason(block: nn.Module) -> Optional[str]:
     """Why this block's layers cannot run on the fused kernels (None when they can)."""
     children = dict(block.named_children())
@@ -98,11 +103,7 @@ def unfusable_reason(block: nn.Module) -> Optional[str]:
             return (f"its downsample ({type(block.downsample).__name__}) is not a 1x1 conv (no bias, no padding) + "
                     f"BatchNorm2d projection")
         pairs.append(projection)
-    for conv, bn in pairs:
-        reason = layer_reason(conv, bn)
-        if reason is not None:
-            return reason
-    return None
+    return pairs_reason(pairs)
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:

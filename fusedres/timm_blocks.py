@@ -29,8 +29,8 @@ from .blocks import (
     _FusedBlockMixin,
     _projection,
     eval_bn,
-    layer_reason,
     packed_weight,
+    pairs_reason,
     sync_group,
 )
 from .kernels import bn as bn_k
@@ -90,11 +90,7 @@ def timm_block_reason(block: nn.Module) -> Optional[str]:
             return (f"its downsample ({type(ds).__name__}) is not a 1x1 conv + BN projection, optionally after "
                     f"AvgPool2d(2, 2) (resnet-D)")
         pairs.append(proj[1:])
-    for conv, bn in pairs:
-        reason = layer_reason(conv, bn)
-        if reason is not None:
-            return reason
-    return None
+    return pairs_reason(pairs)
 
 
 class _AvgThenConv:
