@@ -1,5 +1,6 @@
 """One rank of tests/test_distributed.py: fused training over a gloo process group, checked against
 eager BatchNorm over the whole global batch in float64 (what nn.SyncBatchNorm computes)."""
+import os
 import sys
 
 import torch
@@ -61,9 +62,13 @@ def main(rank: int, world: int, port: int, mode: str) -> None:
             check(name, b, c)
         else:
             assert torch.equal(b, c), name
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
-    print(f"rank {rank} OK")
+    print(f"rank {rank} OK", flush=True)
 
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    # Skip the interpreter's teardown: gloo's threads have aborted it ("terminate called without an
+    # active exception") after a passing run, once in a loaded full-suite run.
+    os._exit(0)
