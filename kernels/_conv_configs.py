@@ -4,7 +4,7 @@ from typing import Optional
 
 import triton
 
-from ._launch import INTERPRETED, clamp_block
+from ._launch import INTERPRETED, clamp_block, target_arch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch. Few on purpose: every shipped config must
 # pass the parity tests on the GPU (a config-specific miscompile would otherwise hide), and each compiles
@@ -33,11 +33,6 @@ _FIXED = {(90, "shortcut"): (64, 128, 64, 4, 4), (80, "stem_stats"): (128, 32, 3
 STATS_BLOCK_M = 128
 
 
-def _arch() -> int:
-    target = triton.runtime.driver.active.get_current_target()
-    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80
-
-
 def _fit(kw: dict, kg: int, red: int, stem: bool = False) -> dict:
     """Shrink tiles to the problem (4-channel ResNeXt groups); the stem path's BLOCK_K holds a filter row."""
     bk = triton.next_power_of_2(red) if stem else clamp_block(kw["BLOCK_K"], red)
@@ -55,7 +50,7 @@ def _prune_configs(configs, named_args, **kwargs):
     """This arch's configs minus the variant's spilling tiles, shrunk to the problem, deduplicated."""
     kg, red = named_args["KG"], max(named_args["CG"], named_args["CD"])
     stem = bool(kwargs.get("STEM_CPAD"))
-    arch = _arch()
+    arch = target_arch()
     key = (arch, _variant(stem, bool(kwargs.get("HAS_SHORTCUT")), bool(kwargs.get("STATS"))))
     allowed = {_sig(c.kwargs, c) for c in gpu_configs(arch)}
     spills = _SPILLS.get(key, set())
@@ -103,5 +98,5 @@ def _fixed_config(m: int, kg: int, red: int, stem: bool = False, shortcut: bool 
     if INTERPRETED:
         return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, kg), BLOCK_K=clamp_block(128, red))
     # 8 warps by default: 4 spilled with the BN prologue + STATS (sm_90)
-    bm, bn, bk, w, s = _FIXED.get((_arch(), _variant(stem, shortcut, stats)), (STATS_BLOCK_M, 128, 64, 8, 3))
+    bm, bn, bk, w, s = _FIXED.get((target_arch(), _variant(stem, shortcut, stats)), (STATS_BLOCK_M, 128, 64, 8, 3))
     return dict(_fit(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), kg, red, stem), num_warps=w, num_stages=s)

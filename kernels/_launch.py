@@ -72,3 +72,10 @@ def fp32_hi_lo(value: float):
     fp32 scalar, which would round fp64 BN's eps and momentum (0.1 -> 0.10000000149)."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
+
+
+def target_arch() -> int:
+    """The compile target's config family: 90 (Hopper and newer) or 80. Read from the active driver, so the
+    static check's compile-only driver selects an arch's configs exactly as a real card does."""
+    target = triton.runtime.driver.active.get_current_target()
+    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80

@@ -22,7 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, clamp_block, device_guard, dot_precision, pad_channels_nhwc, stats_dtype, upcast_dot
+from ._launch import (
+    INTERPRETED,
+    clamp_block,
+    device_guard,
+    dot_precision,
+    pad_channels_nhwc,
+    stats_dtype,
+    target_arch,
+    upcast_dot,
+)
 from ._tiles import mma
 from .bn import sum_rows
 
@@ -173,11 +182,6 @@ _TILES = {
 }
 
 
-def _arch() -> int:
-    target = triton.runtime.driver.active.get_current_target()
-    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80
-
-
 def gpu_configs(arch: int = None):
     """Every config the wgrad autotuner may pick on an arch (all of them when arch is None)."""
     tiles = sorted({t for ts in _TILES.values() for t in ts}) if arch is None else _TILES[arch]
@@ -187,7 +191,8 @@ def gpu_configs(arch: int = None):
 
 def _prune(configs, named_args, **_):
     """This arch's configs, tiles shrunk to the problem, TAP_PER_TILE set per tile, deduplicated."""
-    allowed = {(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in gpu_configs(_arch())}
+    arch_configs = gpu_configs(target_arch())
+    allowed = {(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in arch_configs}
     cg, out, seen = named_args["CG"], [], set()
     for cfg in configs:
         kw = cfg.kwargs
