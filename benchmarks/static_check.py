@@ -6,8 +6,9 @@
     python benchmarks/static_check.py --layers layer1.0 --archs 90 --enforce --extra-config 256,128,64,4,3
 
 One row per (layer class, kernel, config, arch, triton version): registers, spill bytes, shared memory,
-CTAs/SM, wgmma vs mma.sync, cp.async/TMA operand loads, scf.for loops around the dot, waits that drain
-the pipeline inside a loop, 64-bit div/rem inside loops, SASS instructions per MFLOP of the main loop.
+CTAs/SM, wgmma vs mma.sync and its N, cp.async/TMA operand loads, scf.for loops around the dot, waits that
+drain the pipeline inside a loop, 64-bit div/rem, calls and 2-byte scalar global loads inside loops, SASS
+instructions per MFLOP of the main loop, programs per launch (and which pass of a BN reduction it is).
 Written to <out>/static.json and <out>/static.md. Compiled evidence only: nothing here is timed.
 """
 import argparse
@@ -51,7 +52,8 @@ def parse_args(argv=None):
                    "BLOCK_M/N/K (the forward conv), bypassing its pruning (e.g. to see a budget fail)")
     p.add_argument("--budget", action="store_true", help="the CI subset, with --enforce")
     p.add_argument("--enforce", action="store_true", help="exit 1 when a compiled row breaks a budget")
-    p.add_argument("--no-sass", action="store_true", help="skip the disassembly (faster; no main-loop columns)")
+    p.add_argument("--no-sass", action="store_true", help="skip the disassembly (faster; no main-loop columns) "
+                   "except for the kernels a budget needs it for (wgrad)")
     p.add_argument("--report-only", action="store_true", help="with --budget: list broken budgets, exit 0")
     p.add_argument("--out", default="static-results")
     p.add_argument("--name", default="", help="file name stem of the outputs (default static or budget)")
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = collect(a)
     paths = report.write(rows, a.out, a.name or ("budget" if a.budget else "static"))
-    bad = report.budget_failures(rows)
+    bad = report.budget_failures(rows) + (report.coverage_failures(rows) if a.budget else [])
     cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ("ru_utime", "ru_stime"))
     print(f"static check (triton {triton.__version__}): {len(rows)} rows in {time.time() - t0:.0f} s "

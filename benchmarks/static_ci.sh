@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Static GPU budgets (issue 9), no GPU needed: compile the CI subset of kernel variants for sm_90 and
+# Static GPU budgets (issues 9 and 10), no GPU needed: compile the CI subset of kernel variants for sm_90 and
 # sm_80 with the GPU image's triton (3.6, in .venv-static36, created here) and with the newest triton
 # (the python on PATH: the venv CI activated), both at once; exit 1 when a budget is broken.
-#   bash benchmarks/static_ci.sh                 # enforce: every variant compiles, no spills, smem fits, wgmma
+#   bash benchmarks/static_ci.sh                 # enforce: every variant compiles, no spills, smem fits, wgmma,
+#                                                # loop shape, and issue 10's wgrad / stem / BN-reduction budgets
 #   bash benchmarks/static_ci.sh --report-only   # list broken budgets, exit 0
 # Tables: static-results/budget-triton<version>.{json,md}.
 set -euo pipefail

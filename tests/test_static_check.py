@@ -101,3 +101,149 @@ def test_budget_rules():
     msgs = report.budget_failures(loops)
     assert len(msgs) == 4 and "3 loops hold the dot" in msgs[0] and "num=0" in msgs[2] and "64-bit" in msgs[3]
     assert report.budget_failures([dict(ok, dot_loops=2, variant="1x1 HAS_SHORTCUT")]) == []  # main + shortcut
+
+
+@pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
+def test_stem_budget_flags_unpadded_stem_and_passes_shipped_one():
+    """The stem conv compiled through its real launcher, with channels padded (shipped) and not (STEM_CPAD=3:
+    2-byte loads): the 2-byte-load budget must fire on the second only."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, SELFTEST, "90", "stem"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    padded, unpadded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "STEM_CPAD=4" in padded["variant"] and "STEM_CPAD=3" in unpadded["variant"], (padded, unpadded)
+    assert padded["b16_loads_in_loop"] == 0 and padded["failures"] == [], padded
+    assert unpadded["b16_loads_in_loop"] > 0, unpadded
+    assert any("2-byte scalar global loads" in f for f in unpadded["failures"]), unpadded
+
+
+PTX = """
+\tmov.u32 %r1, 0;
+$L__BB0_1:
+\t@%p1 ld.global.b16 { %rs1 }, [ %rd1 + 0 ];
+\tld.global.nc.L1::evict_last.u16 %rs7, [ %rd1 + 0 ];
+\t@%p1 ld.global.v4.b16 { %rs2, %rs3, %rs4, %rs5 }, [ %rd2 + 0 ];
+\tcp.async.ca.shared.global [ %r1 + 0 ], [ %rd3 + 0 ], 0x8, %r2;
+\tdiv.s64 %rd9, %rd8, %rd7;
+\tcall.uni (retval0), __internal_helper, (param0);
+\twgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%f1, %f2}, %rd4, %rd5, 1, 1, 1, 0, 0;
+\t@%p2 bra $L__BB0_1;
+\tld.global.b16 { %rs6 }, [ %rd1 + 0 ];
+\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1, %f2}, %rd4, %rd5, 1, 1, 1, 0, 0;
+.b8 1                                   // DW_AT_call_file
+"""
+
+
+def test_ptx_loop_loads_calls_and_wgmma_n():
+    analyze, _ = _static()
+    s = analyze.ptx_summary(PTX)
+    # in the loop: two scalar 2-byte loads (not the vector one, not the 8-byte cp.async), one call, one div
+    assert (s["b16_loads_in_loop"], s["calls_in_loop"], s["div64_in_loop"]) == (2, 1, 1), s
+    assert s["wgmma_n"] == 32 and s["operand_loads"] == "cp.async"
+    assert analyze.ptx_summary(PTX.replace("0x8", "0x2"))["b16_loads_in_loop"] == 3
+
+
+SASS_CALLS = """
+.L_x_1:
+        /*0010*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0020*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64) ;
+        /*0030*/               @P2 CALL.REL.NOINC `(.L_x_2) ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_sass_counts_routine_calls_not_local_jumps():
+    analyze, _ = _static()
+    s = analyze.sass_summary(SASS_CALLS)
+    assert s["main_loop_calls"] == 1 and s["sass_wgmma_n"] == 32 and s["main_loop_instrs"] == 4
+
+
+def _row(report, **kw):
+    row = dict(layer="l", mode="train", phase="bwd", dtype="bf16", kernel="k", variant="", config="c", arch=90,
+               triton="x", error="", spill_bytes=0, smem=1000, has_dot=True, mma="wgmma")
+    row.update(kw)
+    return row
+
+
+def test_wgrad_budgets():
+    _, report = _static()
+    ok = _row(report, kernel=report.WGRAD_KERNEL, wgmma_n=64, sass_wgmma_n=64, calls_in_loop=0, main_loop_calls=0,
+              instr_per_mflop=report.WGRAD_MAX_INSTR_PER_MFLOP)
+    assert report.WGRAD_MAX_INSTR_PER_MFLOP == 3367 and report.budget_failures([ok]) == []
+    cases = [(dict(main_loop_calls=16), "call inside the main loop"), (dict(calls_in_loop=1), "call inside"),
+             (dict(wgmma_n=32, sass_wgmma_n=32), "wgmma N 32 < 64"), (dict(sass_wgmma_n=16), "wgmma N 16"),
+             (dict(instr_per_mflop=10101.0), "per MFLOP 10101.0 > 3367"),
+             (dict(instr_per_mflop=None), "per MFLOP None")]  # no SASS: the budget cannot pass unmeasured
+    for change, msg in cases:
+        fails = report.budget_failures([dict(ok, **change)])
+        assert len(fails) == 1 and msg in fails[0], (change, fails)
+    # N and instructions per MFLOP are sm_90 budgets (sm_80 issues mma.sync); the call budget is not
+    sm80 = dict(ok, arch=80, mma="mma.sync", wgmma_n=None, sass_wgmma_n=None, instr_per_mflop=5000.0)
+    assert report.budget_failures([sm80]) == []
+    assert len(report.budget_failures([dict(sm80, main_loop_calls=1)])) == 1
+
+
+def test_stem_budget_applies_to_stem_variants_only():
+    _, report = _static()
+    for variant in ("7x7 STEM_CPAD=4", "7x7 STEM_CP=4 STEM_SP=8"):
+        assert report.budget_failures([_row(report, variant=variant, b16_loads_in_loop=0)]) == []
+        fails = report.budget_failures([_row(report, variant=variant, b16_loads_in_loop=12)])
+        assert len(fails) == 1 and "12 2-byte scalar global loads" in fails[0]
+    assert report.budget_failures([_row(report, variant="3x3", b16_loads_in_loop=12)]) == []
+
+
+def test_bn_reduction_budget():
+    _, report = _static()
+    bn = _row(report, kernel="_sum_rows_kernel", has_dot=False, mma="none", reduction_rows=25088, column_blocks=1)
+    assert report.budget_failures([dict(bn, bn_pass="pass 1", programs=262)]) == []
+    fails = report.budget_failures([dict(bn, bn_pass="pass 1", programs=100)])
+    assert len(fails) == 1 and "100 programs < 132 SMs" in fails[0]
+    assert report.budget_failures([dict(bn, bn_pass="pass 1", programs=108, arch=80)]) == []  # an A100's 108 SMs
+    assert "< 108 SMs" in report.budget_failures([dict(bn, bn_pass="pass 1", programs=107, arch=80)])[0]
+    assert len(report.budget_failures([dict(bn, bn_pass="one pass", programs=1)])) == 1
+    # exempt: the merge pass, a one-pass launch the launcher's split keeps small, a launch whose finest
+    # (8-row chunk) split cannot fill the card; an unclassified launch fails
+    assert report.budget_failures([dict(bn, bn_pass="pass 2", programs=1)]) == []
+    assert report.budget_failures([dict(bn, bn_pass="one pass (small)", programs=32)]) == []
+    assert report.budget_failures([dict(bn, bn_pass="pass 1", programs=100, reduction_rows=196,
+                                        column_blocks=4)]) == []
+    assert "not classified" in report.budget_failures([dict(bn, programs=None)])[0]
+
+
+def test_bn_passes_follow_the_launchers_split():
+    _, report = _static()
+    from fusedres.kernels import bn
+
+    def launch(kernel, grid, ints, const, ptr):
+        return report.Launch(kernel, const, {}, ints, grid=grid, elem_bytes={ptr: 4})
+
+    T = dict(BLOCK_T=32, BLOCK_L=256)
+    sum1 = launch("_sum_rows_kernel", (16, 17), dict(T=262, L=4096, ROWS=16), T, "src_ptr")
+    sum2 = launch("_sum_rows_kernel", (16, 1), dict(T=17, L=4096, ROWS=17), T, "src_ptr")
+    one = launch("_sum_rows_kernel", (144, 1), dict(T=53, L=36864, ROWS=53), T, "src_ptr")
+    big_one = launch("_sum_rows_kernel", (16, 1), dict(T=262, L=4096, ROWS=262), T, "src_ptr")
+    K = dict(BLOCK_T=16, BLOCK_K=64)
+    fin1 = launch("_bn_chunk_stats_kernel", (262, 1), dict(T=12544, M=1605632, K=64, CHUNK=48), K, "part_mean_ptr")
+    fin2 = launch("_bn_finalize_kernel", (1,), dict(T=262, M=1605632, K=64), K, "part_mean_ptr")
+    kinds = report.bn_passes([sum1, sum2, one, big_one, fin1, fin2])
+    assert [kinds[id(r)] for r in (sum1, sum2, one, big_one, fin1, fin2)] == \
+        ["pass 1", "pass 2", "one pass (small)", "one pass", "pass 1", "pass 2"]
+    # the pass-1 grids are what bn._split gives at these shapes (the launcher's own logic)
+    assert bn._split(262, 16, 256 * 4, gpu=True)[0] == 16 and bn._split(12544, 1, 2 * 64 * 4, gpu=True)[0] == 48
+    big = _row(report, kernel="_sum_rows_kernel", has_dot=False, mma="none", bn_pass=kinds[id(big_one)],
+               programs=16, reduction_rows=262, column_blocks=16)
+    assert "16 programs < 132 SMs (one pass)" in report.budget_failures([big])[0]
+
+
+def test_budget_subset_must_hold_the_budgeted_rows():
+    _, report = _static()
+    rows = [_row(report, kernel=report.WGRAD_KERNEL, variant="7x7 STEM_CP=4 STEM_SP=8"),
+            _row(report, kernel="_conv_bn_act_kernel", variant="7x7 STEM_CPAD=4"),
+            _row(report, kernel="_bn_chunk_stats_kernel"), _row(report, kernel="_sum_rows_kernel", bn_pass="pass 1")]
+    assert report.coverage_failures(rows) == []
+    missing = report.coverage_failures(rows[1:])
+    assert len(missing) == 2 and "no wgrad rows" in missing[0] and "stem wgrad" in missing[1]

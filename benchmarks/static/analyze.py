@@ -13,9 +13,10 @@ from typing import Dict, List, Optional, Tuple
 import triton
 
 # Per-SM limits used for the CTAs/SM column and the shared-memory budget.
+# sms: the card a budget sizes a launch for (H100 SXM: 132; A100: 108).
 ARCH_LIMITS = {
-    90: dict(regs=65536, smem_cta=232448, smem_sm=233472, threads=2048, ctas=32),
-    80: dict(regs=65536, smem_cta=166912, smem_sm=167936, threads=2048, ctas=32),
+    90: dict(regs=65536, smem_cta=232448, smem_sm=233472, threads=2048, ctas=32, sms=132),
+    80: dict(regs=65536, smem_cta=166912, smem_sm=167936, threads=2048, ctas=32, sms=108),
 }
 RESERVED_SMEM = 1024  # per CTA, reserved by the driver on sm_80 and later
 
@@ -66,6 +67,9 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_x_\d+)\)")
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
 _HMMA = re.compile(r"\bHMMA\.168(\d+)")  # HMMA.16816 -> m16 n8 k16, HMMA.1688 -> m16 n8 k8
+# A call of a routine, e.g. CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64): not one whose target is a
+# local label (ptxas on sm_80 leaves a loop by a predicated CALL.REL.NOINC to the label after it: a jump).
+_ROUTINE_CALL = re.compile(r"\bCALL\b(?!.*`\(\.L_x_\d+\))")
 
 
 def sass(cubin: bytes) -> str:
@@ -122,7 +126,9 @@ def sass_summary(text: str) -> Dict:
                         any(_mma_flops_per_warp(op) > 0 for op in ops[a:b + 1]) for a, b in loops)
         if inner and (best is None or n_mma > best[2]):
             best = (lo, hi, n_mma)
+    hgmma_n = [int(m[2]) for m in map(_HGMMA.search, ops) if m]
     out = dict(mma="wgmma" if n_hgmma else ("mma.sync" if n_hmma else "none"), sass_instrs=len(ops),
+               sass_wgmma_n=min(hgmma_n) if hgmma_n else None,
                sass_stl=sum(1 for op in ops if re.search(r"\bSTL\b", op)),
                main_loop="none", main_loop_instrs=0, main_loop_mma=0, instr_per_mflop=None, main_loop_calls=0,
                main_loop_stl=0)
@@ -137,7 +143,7 @@ def sass_summary(text: str) -> Dict:
         flops = sum(_mma_flops_per_warp(op) for op in body)
         out.update(main_loop_instrs=len(body), main_loop_mma=n_mma,
                    instr_per_mflop=round(len(body) / (flops / 1e6), 1),
-                   main_loop_calls=sum(1 for op in body if op.startswith("CALL") or " CALL" in op),
+                   main_loop_calls=sum(1 for op in body if _ROUTINE_CALL.search(op)),
                    main_loop_stl=sum(1 for op in body if re.search(r"\bSTL\b", op)))
     return out
 
@@ -147,10 +153,27 @@ def sass_summary(text: str) -> Dict:
 _PTX_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
 _PTX_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)")
 _DIV64 = re.compile(r"\b(?:div|rem)\.[su]64\b")
+_PRED = r"^(?:@!?%\w+\s+)?"  # an optional guard predicate before the opcode
+_CALL = re.compile(_PRED + r"call(?:\.uni)?\b")  # (the debug sections' "DW_AT_call_*" comments are not opcodes)
+_LD_GLOBAL = re.compile(_PRED + r"ld\.global((?:\.[\w:]+)*)\s")
+_CP_ASYNC_2B = re.compile(_PRED + r"cp\.async\.c[ag]\.shared(?:::\w+)?\.global\S*\s+"
+                          r"\[[^\]]*\],\s*\[[^\]]*\],\s*(?:0x)?2\b")
+_WGMMA_SHAPE = re.compile(r"\bwgmma\.mma_async\S*?\.m(\d+)n(\d+)k(\d+)\b")
+
+
+def _two_byte_load(line: str) -> bool:
+    """A scalar (non-vector) 2-byte global load: ld.global[.nc/.L1::...].b16/u16/s16/f16/bf16, or a
+    cp.async of 2 bytes (not a legal cp-size today: counted in case a backend ever emits one)."""
+    m = _LD_GLOBAL.match(line)
+    if m:
+        mods = m[1]
+        return bool(re.search(r"\.(?:b|u|s|f|bf)16$", mods)) and not re.search(r"\.v\d+\b", mods)
+    return bool(_CP_ASYNC_2B.match(line))
 
 
 def ptx_summary(text: str) -> Dict:
-    """64-bit div/rem inside loops, and how the dot operands are loaded (TMA, cp.async or plain loads)."""
+    """64-bit div/rem, calls and 2-byte scalar global loads inside loops, how the dot operands are loaded
+    (TMA, cp.async or plain loads), and the smallest wgmma N."""
     lines = [ln.strip() for ln in text.splitlines()]
     labels = {}
     for i, ln in enumerate(lines):
@@ -164,6 +187,9 @@ def ptx_summary(text: str) -> Dict:
             for j in range(labels[m[1]], i + 1):
                 in_loop[j] = True
     div_loop = sum(1 for i, ln in enumerate(lines) if in_loop[i] and _DIV64.search(ln))
+    calls_loop = sum(1 for i, ln in enumerate(lines) if in_loop[i] and _CALL.match(ln))
+    b16_loop = sum(1 for i, ln in enumerate(lines) if in_loop[i] and _two_byte_load(ln))
+    wgmma_n = [int(m[2]) for m in _WGMMA_SHAPE.finditer(text)]
     if "cp.async.bulk.tensor" in text:
         loads = "tma"
     elif re.search(r"\bcp\.async\.(?:ca|cg)\b", text):
@@ -171,7 +197,8 @@ def ptx_summary(text: str) -> Dict:
     else:
         loads = "ld.global"
     mma = "wgmma" if "wgmma.mma_async" in text else ("mma.sync" if re.search(r"\bmma\.sync\b", text) else "none")
-    return dict(div64_in_loop=div_loop, div64_total=len(_DIV64.findall(text)), operand_loads=loads, ptx_mma=mma)
+    return dict(div64_in_loop=div_loop, div64_total=len(_DIV64.findall(text)), operand_loads=loads, ptx_mma=mma,
+                calls_in_loop=calls_loop, b16_loads_in_loop=b16_loop, wgmma_n=min(wgmma_n) if wgmma_n else None)
 
 
 # --- TTGIR ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Autotuned launches compile every config that survives the autotuner's own prunin
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -75,6 +75,8 @@ class Launch:
     compiled: Any = None
     error: str = ""
     tags: Dict[str, Any] = field(default_factory=dict)
+    grid: Tuple[int, ...] = ()  # the launch grid as the launcher passed it (a callable grid evaluated)
+    elem_bytes: Dict[str, int] = field(default_factory=dict)  # element size of each tensor argument
 
 
 @contextlib.contextmanager
@@ -100,7 +102,8 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         const = {n: bound[n] for n in names if n in bound and _is_constexpr(self, n)}
         config = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
         ints = {n: v for n, v in bound.items() if type(v) is int and n not in const}
-        rec = Launch(self.__name__, const, config, ints, tags=dict(tags))
+        rec = Launch(self.__name__, const, config, ints, tags=dict(tags), grid=_grid_of(grid, bound),
+                     elem_bytes={n: v.element_size() for n, v in bound.items() if isinstance(v, torch.Tensor)})
         try:
             rec.compiled = _ORIG_JIT_RUN(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a failed compile is a result, reported per row
@@ -128,6 +131,15 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         JITFunction.run = _ORIG_JIT_RUN
         Autotuner.run = _ORIG_AUTOTUNE_RUN
         _driver._active = prev
+
+
+def _grid_of(grid, bound) -> Tuple[int, ...]:
+    """The grid a launch runs, as triton evaluates it (a callable gets the bound arguments and config)."""
+    try:
+        g = grid(bound) if callable(grid) else grid
+        return tuple(int(v) for v in (g if isinstance(g, (tuple, list)) else (g,)))
+    except Exception:  # noqa: BLE001 - an unevaluable grid leaves the programs column empty
+        return ()
 
 
 def _stand_in(arg):

@@ -12,11 +12,30 @@ from .driver import Launch
 SHAPE_KEYS = ("M", "H", "W", "P", "Q", "CG", "KG", "CD", "C", "K", "T", "L", "stride_h")
 _CACHE: Dict[str, Dict] = {}  # analysis per compiled-kernel hash: identical code is analysed once
 
+# Issue 10's wgrad budgets. Its main-loop cost has no PTX equivalent (ptxas rewrites the loop: the 64-bit
+# divide is one PTX instruction but a CALL of ~70 SASS instructions, address math is re-associated), so
+# these kernels are disassembled even under --no-sass (~25 cubins in the CI subset: a second or two).
+WGRAD_KERNEL = "_conv_wgrad_kernel"
+SASS_KERNELS = frozenset({WGRAD_KERNEL})
+# Main-loop SASS instructions per MFLOP before the rewrite (ee19f73: 16 CALLs of the 64-bit divide per
+# iteration, N=32 wgmma): a median of ~10101 as counted here (sass_summary; ~2500 per warpgroup, the
+# convention of benchmarks/RESULTS.md). The budget: 3x fewer, on sm_90 (the arch the baseline is from).
+WGRAD_BASELINE_INSTR_PER_MFLOP = 10101
+WGRAD_MAX_INSTR_PER_MFLOP = round(WGRAD_BASELINE_INSTR_PER_MFLOP / 3)
+WGRAD_MIN_WGMMA_N = 64  # the old wgrad issued 64x32x16 (64x16x16 at the stem): half-width wgmma
+
+# The BN reductions of kernels/bn.py (bn_finalize, sum_rows), split in two passes by bn._split.
+BN_REDUCTIONS = frozenset({"_bn_chunk_stats_kernel", "_bn_finalize_kernel", "_sum_rows_kernel"})
+_BN_PASS2 = {"_bn_chunk_stats_kernel": "_bn_finalize_kernel", "_sum_rows_kernel": "_sum_rows_kernel"}
+MIN_CHUNK_ROWS = 8  # bn._split's chunks are a multiple of 8 rows (its BLOCK_T 8..32 divides them)
+
 
 def _variant(const: Dict, dtype: str) -> str:
     """The constexpr switches that change the code (true flags, filter size), not the tile sizes."""
     parts = [f"{const['R']}x{const['S']}"] if "R" in const and "S" in const else []
     parts += [k for k, v in const.items() if v is True and not k.startswith("BLOCK")]
+    # the stem paths' channel padding (forward STEM_CPAD, wgrad STEM_CP/STEM_SP): ints, not flags
+    parts += [f"{k}={v}" for k, v in const.items() if k.startswith("STEM_") and type(v) is int and v]
     if dtype == "fp32" and const.get("DOT_PRECISION"):
         parts.append(const["DOT_PRECISION"])
     return " ".join(parts)
@@ -55,24 +74,70 @@ def analyse(compiled, sass: bool = True) -> Dict:
     return dict(_CACHE[h])
 
 
+def _bn_reduction(rec: Launch):
+    """(rows, column blocks, bytes of one row per program) of a BN reduction launch: bn._split's arguments."""
+    c, i = rec.constexprs, rec.ints
+    if rec.kernel == "_sum_rows_kernel":
+        return i["T"], triton.cdiv(i["L"], c["BLOCK_L"]), c["BLOCK_L"] * rec.elem_bytes.get("src_ptr", 4)
+    return i["T"], triton.cdiv(i["K"], c["BLOCK_K"]), 2 * c["BLOCK_K"] * rec.elem_bytes.get("part_mean_ptr", 4)
+
+
+def _is_pass1(rec: Launch) -> bool:
+    """The parallel first pass of a split reduction (over chunks of rows)."""
+    return rec.kernel == "_bn_chunk_stats_kernel" or (rec.kernel == "_sum_rows_kernel" and
+                                                        rec.ints.get("ROWS", 0) < rec.ints.get("T", 0))
+
+
+def bn_passes(records: List[Launch]) -> Dict[int, str]:
+    """Per BN reduction launch (by id): "pass 1", "pass 2" (the merge that follows a pass 1, over its
+    chunks), "one pass", or "one pass (small)": one pass because the launcher's own split logic
+    (``bn._split``, called here, so this tracks the code) finds one program's read at most
+    ``bn._ONE_PASS_BYTES``, about what a second launch costs."""
+    from fusedres.kernels import bn  # the launcher's module, as the fused paths import it
+
+    out, prev = {}, None
+    for rec in records:
+        if rec.kernel in BN_REDUCTIONS and not rec.error:
+            if _is_pass1(rec):
+                kind = "pass 1"
+            elif (prev is not None and _is_pass1(prev) and _BN_PASS2[prev.kernel] == rec.kernel and prev.grid
+                  and (prev.grid[0] if prev.kernel == "_bn_chunk_stats_kernel" else prev.grid[1]) == rec.ints["T"]):
+                kind = "pass 2"
+            else:
+                rows, cols, row_bytes = _bn_reduction(rec)
+                chunk, _ = bn._split(rows, cols, row_bytes, gpu=True)
+                small = chunk >= rows and cols < bn._GPU_PROGRAMS
+                kind = "one pass (small)" if small else "one pass"
+            out[id(rec)] = kind
+        prev = rec
+    return out
+
+
 def make_rows(records: List[Launch], arch: int, sass: bool = True) -> List[Dict]:
-    """One row per distinct (layer, mode, phase, kernel, variant, shape, config); repeats are counted."""
+    """One row per distinct (layer, mode, phase, kernel, variant, shape, config, programs); repeats are
+    counted. sass=False still disassembles SASS_KERNELS (their budgets need SASS)."""
     rows: Dict[tuple, Dict] = {}
+    passes = bn_passes(records)
     for rec in records:
         meta = rec.compiled.metadata if rec.compiled is not None else None
         row = dict(layer=rec.tags.get("layer", "?"), mode=rec.tags.get("mode", "?"),
                    phase=rec.tags.get("phase", "?"), dtype=rec.tags.get("dtype", "?"), kernel=rec.kernel,
                    variant=_variant(rec.constexprs, rec.tags.get("dtype", "")), shape=_shape(rec.ints),
                    config=_config(rec.constexprs, meta), arch=arch, triton=triton.__version__,
-                   num_warps=meta.num_warps if meta else rec.config.get("num_warps"), error=rec.error)
-        key = tuple(row[k] for k in ("layer", "mode", "phase", "dtype", "kernel", "variant", "shape", "config"))
+                   num_warps=meta.num_warps if meta else rec.config.get("num_warps"), error=rec.error,
+                   programs=_prod(rec.grid) if rec.grid else None)
+        if id(rec) in passes:
+            row["bn_pass"] = passes[id(rec)]
+            row["reduction_rows"], row["column_blocks"] = _bn_reduction(rec)[:2]
+        key = tuple(row.get(k) for k in ("layer", "mode", "phase", "dtype", "kernel", "variant", "shape", "config",
+                                         "programs", "bn_pass"))
         if key in rows:
             rows[key]["launches"] += 1
             continue
         row["launches"] = 1
         if rec.compiled is not None:
             try:
-                row.update(analyse(rec.compiled, sass))
+                row.update(analyse(rec.compiled, sass or rec.kernel in SASS_KERNELS))
                 row["ctas_per_sm"], row["occupancy_limit"] = analyze.ctas_per_sm(arch, row["regs"], row["smem"],
                                                                                  row["num_warps"])
             except Exception as exc:  # noqa: BLE001 - an analysis failure is reported on its row
@@ -81,8 +146,15 @@ def make_rows(records: List[Launch], arch: int, sass: bool = True) -> List[Dict]
     return list(rows.values())
 
 
+def _prod(vals) -> int:
+    out = 1
+    for v in vals:
+        out *= v
+    return out
+
+
 def budget_failures(rows: List[Dict]) -> List[str]:
-    """The budgets of issue 9, one message per broken (row, budget)."""
+    """The budgets of issues 9 and 10, one message per broken (row, budget)."""
     out = []
     for r in rows:
         where = f"{r['layer']} {r['mode']}/{r['phase']} {r['dtype']} {r['kernel']} [{r['variant']}] " \
@@ -107,7 +179,70 @@ def budget_failures(rows: List[Dict]) -> List[str]:
             out.append(f"{where}: async_wait num=0 inside a loop ({r['async_wait0_in_loop']})")
         if r.get("div64_in_loop"):
             out.append(f"{where}: 64-bit div/rem inside a loop ({r['div64_in_loop']})")
+        if r["kernel"] == WGRAD_KERNEL:
+            out += [f"{where}: {m}" for m in _wgrad_failures(r)]
+        # The stem paths pad 3 channels to 4 so a filter row is one aligned run: 8-byte loads, never 2.
+        if any(p.startswith("STEM_C") for p in r.get("variant", "").split()) and r.get("b16_loads_in_loop"):
+            out.append(f"{where}: {r['b16_loads_in_loop']} 2-byte scalar global loads inside the main loop")
+        if r["kernel"] in BN_REDUCTIONS:
+            out += [f"{where}: {m}" for m in _bn_failures(r)]
     return out
+
+
+def coverage_failures(rows: List[Dict]) -> List[str]:
+    """The CI subset must hold, per arch, the rows issue 10's budgets are about: a budget over no rows
+    passes silently (a renamed kernel or constexpr, a layer dropped from the subset)."""
+    out = []
+    for arch in sorted({r["arch"] for r in rows}):
+        rs = [r for r in rows if r["arch"] == arch and not r.get("error")]
+        need = {
+            "wgrad": [r for r in rs if r["kernel"] == WGRAD_KERNEL],
+            "forward stem (STEM_CPAD)": [r for r in rs if r["kernel"] == "_conv_bn_act_kernel"
+                                         and "STEM_CPAD=" in r["variant"]],
+            "stem wgrad (STEM_CP)": [r for r in rs if r["kernel"] == WGRAD_KERNEL and "STEM_CP=" in r["variant"]],
+            "BN finalize, pass 1": [r for r in rs if r["kernel"] == "_bn_chunk_stats_kernel"],
+            "sum_rows": [r for r in rs if r["kernel"] == "_sum_rows_kernel" and r.get("bn_pass")],
+        }
+        out += [f"sm_{arch}: no {what} rows in the budget subset" for what, got in need.items() if not got]
+    return out
+
+
+def _wgrad_failures(r: Dict) -> List[str]:
+    """Issue 10's wgrad: no call (the 64-bit divide routine) in the loop; on sm_90 wgmma N >= 64 and
+    main-loop SASS instructions per MFLOP 3x under the old kernel's."""
+    out = []
+    if r.get("calls_in_loop") or r.get("main_loop_calls"):
+        out.append(f"call inside the main loop (PTX {r.get('calls_in_loop')}, SASS {r.get('main_loop_calls')})")
+    if r["arch"] != 90:
+        return out
+    ns = [n for n in (r.get("wgmma_n"), r.get("sass_wgmma_n")) if n is not None]
+    if not ns or min(ns) < WGRAD_MIN_WGMMA_N:
+        out.append(f"wgmma N {min(ns) if ns else 'none'} < {WGRAD_MIN_WGMMA_N}")
+    ipm = r.get("instr_per_mflop")
+    if ipm is None or ipm > WGRAD_MAX_INSTR_PER_MFLOP:
+        out.append(f"main-loop SASS instructions per MFLOP {ipm} > {WGRAD_MAX_INSTR_PER_MFLOP} "
+                   f"(baseline {WGRAD_BASELINE_INSTR_PER_MFLOP} / 3)")
+    return out
+
+
+def _bn_failures(r: Dict) -> List[str]:
+    """BN reductions: at least one program per SM in every launch that carries the reduction's bulk.
+    Exempt, as genuinely small:
+    - "pass 2": the fixed-order merge of pass 1's partials, one program per column block by design; its
+      input is pass 1's output, one row per pass-1 chunk (pass 1's own programs are budgeted);
+    - "one pass (small)": the launcher (bn._split) keeps one pass because one program reads at most
+      bn._ONE_PASS_BYTES, about what the second launch of a split would cost;
+    - a launch with fewer MIN_CHUNK_ROWS-row chunks x column blocks than SMs: the finest split bn._split
+      makes cannot fill the card (e.g. 196 tiles x 4 channel blocks at ResNet-50 layer3, 100 programs)."""
+    sms = analyze.ARCH_LIMITS[r["arch"]]["sms"]
+    kind, programs = r.get("bn_pass"), r.get("programs")
+    if programs is None or kind is None:
+        return [f"BN reduction launch not classified (grid {programs}, pass {kind})"]
+    if kind in ("pass 2", "one pass (small)") or programs >= sms:
+        return []
+    if triton.cdiv(r["reduction_rows"], MIN_CHUNK_ROWS) * r["column_blocks"] < sms:
+        return []
+    return [f"{programs} programs < {sms} SMs ({kind})"]
 
 
 COLUMNS = [("layer", "layer"), ("mode", "mode"), ("phase", "fwd/bwd"), ("dtype", "dtype"), ("kernel", "kernel"),
@@ -115,8 +250,10 @@ COLUMNS = [("layer", "layer"), ("mode", "mode"), ("phase", "fwd/bwd"), ("dtype",
            ("triton", "triton"), ("regs", "regs"), ("spill_bytes", "spill B"), ("smem", "smem B"),
            ("ctas_per_sm", "CTAs/SM"), ("occupancy_limit", "bound by"), ("mma", "mma"),
            ("operand_loads", "dot loads"), ("dot_loops", "for-loops w/ dot"), ("async_wait0_in_loop", "wait0 in loop"),
-           ("div64_in_loop", "div64 in loop"), ("main_loop", "main loop"), ("main_loop_instrs", "main-loop instrs"),
-           ("instr_per_mflop", "instr/MFLOP"), ("launches", "launches"), ("error", "error")]
+           ("div64_in_loop", "div64 in loop"), ("calls_in_loop", "calls in loop"), ("wgmma_n", "wgmma N"),
+           ("b16_loads_in_loop", "2-B loads in loop"), ("main_loop", "main loop"),
+           ("main_loop_instrs", "main-loop instrs"), ("instr_per_mflop", "instr/MFLOP"), ("programs", "programs"),
+           ("bn_pass", "BN pass"), ("launches", "launches"), ("error", "error")]
 
 
 def markdown(rows: List[Dict]) -> str:
@@ -144,8 +281,8 @@ def summary_markdown(rows: List[Dict]) -> str:
         groups.setdefault(tuple(r[k] for k in ("layer", "mode", "phase", "dtype", "kernel", "variant", "arch",
                                                "triton")), []).append(r)
     lines = ["| layer | mode | fwd/bwd | dtype | kernel | variant | sm | triton | configs | spilling (max B) | regs | "
-             "smem B | CTAs/SM | mma | dot loads | for-loops w/ dot | wait0 in loop | div64 in loop | instr/MFLOP | "
-             "errors |", "|" + "---|" * 20]
+             "smem B | CTAs/SM | mma | dot loads | for-loops w/ dot | wait0 in loop | div64 in loop | calls in loop | "
+             "wgmma N | 2-B loads in loop | instr/MFLOP | programs | errors |", "|" + "---|" * 24]
     for key, rs in groups.items():
         ok = [r for r in rs if not r.get("error")]
         spill = [r["spill_bytes"] for r in ok if r["spill_bytes"] > 0]
@@ -153,7 +290,9 @@ def summary_markdown(rows: List[Dict]) -> str:
                  _span(r["regs"] for r in ok), _span(r["smem"] for r in ok), _span(r.get("ctas_per_sm") for r in ok),
                  "/".join(sorted({r["mma"] for r in ok})), "/".join(sorted({r["operand_loads"] for r in ok})),
                  _span(r["dot_loops"] for r in ok), _span(r["async_wait0_in_loop"] for r in ok),
-                 _span(r["div64_in_loop"] for r in ok), _span(r.get("instr_per_mflop") for r in ok),
+                 _span(r["div64_in_loop"] for r in ok), _span(r.get("calls_in_loop") for r in ok),
+                 _span(r.get("wgmma_n") for r in ok), _span(r.get("b16_loads_in_loop") for r in ok),
+                 _span(r.get("instr_per_mflop") for r in ok), _span(r.get("programs") for r in ok),
                  str(len(rs) - len(ok))]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,10 +1,14 @@
-"""The budget check on two tiny known kernels: one that must spill, one that must not.
+"""The budget check on tiny known kernels: one that must spill, one that must not; and the stem budget.
 
-    python benchmarks/static/selftest.py [ARCH]   -> JSON: [{"config": ..., "failures": [...]}, ...]
+    python benchmarks/static/selftest.py [ARCH]        -> JSON: [{"config": ..., "failures": [...]}, ...]
+    python benchmarks/static/selftest.py [ARCH] stem   -> the same for the forward stem, padded and not
 
 A 256x256 fp32 accumulator over 128 threads needs 512 registers per thread (> 255): it spills on
-every arch. A 64x64 tile does not. tests/test_static_check.py runs this in a subprocess (its own
-process has TRITON_INTERPRET=1, under which nothing is compiled for a GPU).
+every arch. A 64x64 tile does not. The stem conv (3 channels, 7x7/2) compiles twice through the real
+launcher: as shipped (channels padded to STEM_CPAD = 4: 8-byte loads) and with STEM_CPAD set to 3 (no
+padding: each filter row is a 2-byte-aligned run of 21 values, loaded 2 bytes at a time), which the
+stem budget must flag. tests/test_static_check.py runs this in a subprocess (its own process has
+TRITON_INTERPRET=1, under which nothing is compiled for a GPU).
 """
 import json
 import os
@@ -47,7 +51,28 @@ def rows(arch: int = 90):
     return report.make_rows(records, arch)
 
 
+def stem_rows(arch: int = 90):
+    """The forward stem conv at a small batch, as shipped and unpadded (see the module docstring)."""
+    from fusedres.kernels import conv
+
+    x = torch.empty((8, 3, 64, 64), device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    w = torch.empty((64, 3, 7, 7), device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    shipped = conv.STEM_CPAD
+    with compile_only(arch) as (records, tags):
+        tags.update(layer="selftest-stem", mode="eval", phase="fwd", dtype="bf16")
+        try:
+            for cpad in (shipped, 3):
+                conv.STEM_CPAD = cpad  # read by the launcher at each call
+                conv.conv_bn_act(x, w, stride=(2, 2), padding=(3, 3),
+                                 config=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3))
+        finally:
+            conv.STEM_CPAD = shipped
+    return report.make_rows(records, arch, sass=False)
+
+
 if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    print(json.dumps([dict(config=r["config"], spill_bytes=r.get("spill_bytes"), mma=r.get("mma"),
-                           failures=report.budget_failures([r])) for r in rows(arch)]))
+    stem = len(sys.argv) > 2 and sys.argv[2] == "stem"
+    print(json.dumps([dict(config=r["config"], variant=r.get("variant"), spill_bytes=r.get("spill_bytes"),
+                           mma=r.get("mma"), b16_loads_in_loop=r.get("b16_loads_in_loop"), error=r.get("error"),
+                           failures=report.budget_failures([r])) for r in (stem_rows if stem else rows)(arch)]))
