@@ -2,6 +2,7 @@
 pruning to a problem, and the fixed config used when autotuning is off."""
 from typing import Optional
 
+import torch
 import triton
 
 from ._launch import INTERPRETED, clamp_block, target_arch
@@ -17,17 +18,19 @@ _TILES = {
     # sm_80 spills: (128, 64, 64, 4, 4) 16-24 B; (64, 64, 64, 4, 4) 8 B with the projection
 }
 # Tiles that spill in one variant only (static check at the ResNet-50 shapes, triton 3.6 and 3.9), matched on the
-# listed tile or the tile fitted to the problem: the projection shortcut's second accumulation on sm_90 (40-208 B),
-# the stem's padded-row loads on sm_80 (triton 3.6: 8 B eval, 24 B STATS).
+# listed tile or the tile fitted to the problem: the fp32 projection (two fp32 operand pipelines; bf16/fp16 fit every
+# tile since its per-channel fold moved out of the accumulator's layout), the stem's padded-row loads on sm_80
+# (triton 3.6: 8 B eval, 24 B STATS).
 _SPILLS = {
-    (90, "shortcut"): {(128, 64, 64, 4, 4), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3)},
+    (90, "shortcut_fp32"): {(128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},   # 64-264 B
+    (80, "shortcut_fp32"): {(128, 64, 64, 8, 3), (64, 128, 64, 4, 4)},   # 16-40 B
     (80, "stem"): {(128, 64, 32, 8, 4)},
     (80, "stem_stats"): {(128, 64, 32, 8, 3), (128, 64, 32, 8, 4)},
 }
 # A variant whose every tile spills tunes over these instead (0 spills on both tritons; BLOCK_M = STATS_BLOCK_M).
 _REPLACE = {(80, "stem_stats"): [(128, 32, 32, 4, 3), (128, 64, 32, 4, 3)]}
 # The deterministic-mode tile of a variant whose default one (128x128x64 w8 s3, fitted) spills.
-_FIXED = {(90, "shortcut"): (64, 128, 64, 4, 4), (80, "stem_stats"): (128, 32, 32, 4, 3)}
+_FIXED = {(80, "stem_stats"): (128, 32, 32, 4, 3)}
 # STATS convs: BLOCK_M is fixed, so the per-tile BN partials are sized before the launch; the rest is tuned
 # over the 8-warp tiles (128x64x64 at 4 warps spilled 32 B with the BN prologue on triton 3.9).
 STATS_BLOCK_M = 128
@@ -39,11 +42,13 @@ def _fit(kw: dict, kg: int, red: int, stem: bool = False) -> dict:
     return dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], kg), BLOCK_K=bk)
 
 
-def _variant(stem: bool, shortcut: bool, stats: bool) -> str:
+def _variant(stem: bool, shortcut: bool, stats: bool, fp32: bool = False) -> str:
     """The key of a kernel variant in _SPILLS / _REPLACE / _FIXED."""
     if stem:
         return "stem_stats" if stats else "stem"
-    return "shortcut" if shortcut else ""
+    if shortcut:
+        return "shortcut_fp32" if fp32 else "shortcut"
+    return ""
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -51,7 +56,9 @@ def _prune_configs(configs, named_args, **kwargs):
     kg, red = named_args["KG"], max(named_args["CG"], named_args["CD"])
     stem = bool(kwargs.get("STEM_CPAD"))
     arch = target_arch()
-    key = (arch, _variant(stem, bool(kwargs.get("HAS_SHORTCUT")), bool(kwargs.get("STATS"))))
+    x = named_args.get("x_ptr")
+    fp32 = getattr(x, "dtype", None) == torch.float32
+    key = (arch, _variant(stem, bool(kwargs.get("HAS_SHORTCUT")), bool(kwargs.get("STATS")), fp32))
     allowed = {_sig(c.kwargs, c) for c in gpu_configs(arch)}
     spills = _SPILLS.get(key, set())
     out = _fitted([c for c in configs if _sig(c.kwargs, c) in allowed], kg, red, stem, spills)

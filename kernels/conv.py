@@ -12,7 +12,8 @@ Epilogue, all in fp32 (fp64 for fp64 inputs), then one cast and store:
     y = scale[k] * acc + shift[k]                         per-channel affine (none: y = acc), either given,
                                                           or eval BN folded here from gamma, beta, running
                                                           mean/var and eps (no host-side math per call)
-    y += scale_d[k] * (xd conv1x1 wd)[k] + shift_d[k]     HAS_SHORTCUT: projection shortcut, a 2nd GEMM
+    y += scale_d[k] * (xd conv1x1 wd)[k] + shift_d[k]     HAS_SHORTCUT: projection shortcut, a 2nd GEMM into
+                                                          the same accumulator (see the epilogue)
     y += residual[k]   for k < RES_C                      HAS_RESIDUAL: identity / option-A shortcut
     y = relu(y)                                           APPLY_RELU, NaN-propagating like torch.relu
     STATS: per-tile per-channel mean and M2 of acc into [num_m_tiles, K] fp32 (training BN statistics)
@@ -58,6 +59,7 @@ def _conv_bn_act_kernel(
     in_shift_ptr,  # [C] prologue BN offset of the input (PROLOGUE_BN_RELU)
     part_mean_ptr,  # [num_m_tiles, K] fp32 per-tile channel means of acc (STATS)
     part_m2_ptr,    # [num_m_tiles, K] fp32 per-tile channel sums of squared deviations (STATS)
+    fold_ptr,       # [4, K] scratch (HAS_SHORTCUT): the projection's per-channel ratio, offset, multiplier, live
     M, H, W, P, Q,          # M = N*P*Q output pixels; input H x W; output P x Q
     CG, KG,                 # input and output channels per group
     RES_C, CD,              # residual channels (<= K); shortcut input channels
@@ -167,29 +169,45 @@ def _conv_bn_act_kernel(
             s = tl.where(next_r, 0, s)
             r = tl.where(next_r, r + 1, r)
 
-    y = acc
-    if HAS_SCALE:
-        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
-                                      eps_hi, eps_lo, acc_dtype)
-        y = acc * scale[None, :] + shift[None, :]
-
     if HAS_SHORTCUT:
         # Projection shortcut (1x1 conv, stride stride_d, no padding, its own BN) so the block tail is one
-        # launch. One accumulator: y continues as the accumulator of the shortcut GEMM, whose BN scale is
-        # folded into the B tile's columns (in fp32, then cast to the operand dtype): two live 128x128
-        # accumulators would spill.
-        scale_d, shift_d = channel_affine(offs_n, mask_n, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
-                                          eps_d_hi, eps_d_lo, acc_dtype)
-        y = y + shift_d[None, :]
+        # launch, on one accumulator whose operands go from memory to the MMA untouched (cp.async, pipelined):
+        #   scale * acc + shift + scale_d * acc_d + shift_d = mult * (ratio * acc + offset + acc_d)
+        # The per-channel (ratio, offset, mult) are computed once per program in a 1-D layout (one value per
+        # thread), passed through a [4, K] scratch, and read back in the accumulator's layout: computed there,
+        # the two BN folds (32 values per thread each at 128x128) spilled, as did two live accumulators or
+        # scale_d folded into each B tile. Programs of one pid_n write identical values, so they may race.
+        tl.static_assert(not STATS)  # STATS reads the raw main accumulator
+        offs_f = g * KG + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # its own arange: its own (1-D) layout
+        mask_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N) < KG
+        ratio, offset, mult, live = projection_fold(
+            offs_f, mask_f, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
+            scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, eps_d_hi, eps_d_lo, HAS_SCALE, acc_dtype)
+        k_all = KG * tl.num_programs(1)
+        tl.store(fold_ptr + offs_f, ratio, mask=mask_f)
+        tl.store(fold_ptr + k_all + offs_f, offset, mask=mask_f)
+        tl.store(fold_ptr + 2 * k_all + offs_f, mult, mask=mask_f)
+        tl.store(fold_ptr + 3 * k_all + offs_f, live.to(mult.dtype), mask=mask_f)
+        tl.debug_barrier()  # the CTA's stores are visible to all its threads
+        ratio = tl.load(fold_ptr + offs_n, mask=mask_n, other=0.0)
+        offset = tl.load(fold_ptr + k_all + offs_n, mask=mask_n, other=0.0)
+        acc = acc * ratio[None, :] + offset[None, :]
         ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
         bd_cols = wd_ptr + offs_n.to(tl.int64) * stride_wd_k
+        live_d = tl.load(fold_ptr + 3 * k_all + offs_n, mask=mask_n, other=0.0) != 0  # shortcut columns read
         for c0 in range(0, CD, BLOCK_K):
             cc = c0 + offs_c
             mask_c = cc < CD
             a = tl.load(ad_rows[:, None] + cc[None, :] * stride_sc_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            b = (b.to(acc_dtype) * scale_d[None, :]).to(wd_ptr.dtype.element_ty)
-            y = mma(a, b, y, DOT_PRECISION, UPCAST_DOT)
+            b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & live_d[None, :], other=0.0)
+            acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+        y = acc * tl.load(fold_ptr + 2 * k_all + offs_n, mask=mask_n, other=0.0)[None, :]
+    elif HAS_SCALE:
+        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
+                                      eps_hi, eps_lo, acc_dtype)
+        y = acc * scale[None, :] + shift[None, :]
+    else:
+        y = acc
 
     if STATS:
         cnt = tl.sum(mask_m.to(acc_dtype), axis=0)
@@ -204,11 +222,8 @@ def _conv_bn_act_kernel(
 
 
 @triton.jit
-def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
-                   dtype: tl.constexpr):
-    """Per-output-channel (scale, shift) in ``dtype``. Given (var_ptr None): loaded, None meaning 1 / 0.
-    Eval BN folded here, the formula of reference.bn_scale_shift_reference: scale = gamma / sqrt(var + eps),
-    shift = beta - mean * scale (+ scale * conv bias); statistics of any dtype are upcast first."""
+def channel_scale(offs_n, mask_n, scale_ptr, var_ptr, eps_hi, eps_lo, dtype: tl.constexpr):
+    """The multiplier half of channel_affine: scale_ptr's values (None: 1), or eval BN's gamma / sqrt(var + eps)."""
     if var_ptr is not None:
         var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(dtype)
         if dtype == tl.float64:
@@ -217,19 +232,59 @@ def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias
             scale = tl.div_rn(tl.full(var.shape, 1.0, dtype), tl.sqrt_rn(var + eps_hi))
         if scale_ptr is not None:
             scale = scale * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+    elif scale_ptr is not None:
+        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+    else:
+        scale = tl.full(offs_n.shape, 1.0, dtype)
+    return scale
+
+
+@triton.jit
+def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
+                   dtype: tl.constexpr):
+    """Per-output-channel (scale, shift) in ``dtype``. Given (var_ptr None): loaded, None meaning 1 / 0.
+    Eval BN folded here, the formula of reference.bn_scale_shift_reference: scale = gamma / sqrt(var + eps),
+    shift = beta - mean * scale (+ scale * conv bias); statistics of any dtype are upcast first."""
+    scale = channel_scale(offs_n, mask_n, scale_ptr, var_ptr, eps_hi, eps_lo, dtype)
+    if var_ptr is not None:
         shift = -tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(dtype) * scale
         if shift_ptr is not None:
             shift = shift + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
         if bias_ptr is not None:
             shift = shift + scale * tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+    elif shift_ptr is not None:
+        shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+    else:
+        shift = tl.zeros(offs_n.shape, dtype)
+    return scale, shift
+
+
+@triton.jit
+def projection_fold(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
+                    scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, eps_d_hi, eps_d_lo,
+                    HAS_SCALE: tl.constexpr, dtype: tl.constexpr):
+    """(ratio, offset, mult, live) per channel, with
+        mult * (ratio * acc + offset + live * acc_d) = scale * acc + shift + scale_d * acc_d + shift_d.
+    mult is scale_d, or 1 where the shortcut is skipped: |scale_d| < 2**-64, 0 included (its term is then
+    below the main term's fp32 resolution unless the shortcut's raw conv is 2**40 times larger; a NaN
+    scale_d stays live, so it propagates)."""
+    if HAS_SCALE:
+        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
+                                      eps_hi, eps_lo, dtype)
     else:
         scale = tl.full(offs_n.shape, 1.0, dtype)
         shift = tl.zeros(offs_n.shape, dtype)
-        if scale_ptr is not None:
-            scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-        if shift_ptr is not None:
-            shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-    return scale, shift
+    scale_d, shift_d = channel_affine(offs_n, mask_n, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
+                                      eps_d_hi, eps_d_lo, dtype)
+    live = ~(tl.abs(scale_d) < 5.421010862427522e-20)
+    mult = tl.where(live, scale_d, 1.0)
+    if dtype == tl.float64:
+        ratio = scale / mult  # fp64 division is IEEE
+        offset = (shift + shift_d) / mult
+    else:
+        ratio = tl.div_rn(scale, mult)
+        offset = tl.div_rn(shift + shift_d, mult)
+    return ratio, offset, mult, live
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,15 +400,18 @@ def _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, 
     else:
         res, res_c, res_strides = residual, residual.shape[1], residual.stride()
     if shortcut is None:
-        xd, wd, stride_d, xd_strides, wd_strides = None, None, 1, (0, 0, 0, 0), (0, 0)
+        xd, wd, stride_d, xd_strides, wd_strides, fold = None, None, 1, (0, 0, 0, 0), (0, 0), None
         aff_d = (None, None, None, None, None, 0.0, 0.0)
     else:
         xd, wd, sc_d, sh_d, stride_d = shortcut
         xd_strides, wd_strides = xd.stride(), wd.stride()[:2]
         aff_d = _affine_args(sc_d, sh_d)
+        fold = torch.empty((4, k), device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else
+                           torch.float32)  # the projection's per-channel scratch (see the kernel)
     sc, sh, mean, var, bias, eps_hi, eps_lo = _affine_args(scale, shift)
     in_scale, in_shift = (None, None) if prologue is None else prologue
     args = (x, weight, sc, sh, mean, var, bias, out, res, xd, wd, *aff_d[:4], in_scale, in_shift, part_mean, part_m2,
+            fold,
             m, h, w, p, q, cg, kg, res_c, cd,
             *x.stride(), *weight.stride(), *out.stride(), *res_strides, *xd_strides, *wd_strides,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], stride_d,

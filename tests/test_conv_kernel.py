@@ -82,6 +82,29 @@ def test_projection_shortcut_in_epilogue(stride, dtype, device):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_projection_with_extreme_bn_scales(dtype, device):
+    """The projection rescales its one accumulator by scale / scale_d between the two GEMMs: zero, negative,
+    tiny and far-apart per-channel scales (zero_init_residual's gamma = 0 on the main branch, a dead shortcut
+    channel) must still give scale * main + scale_d * shortcut."""
+    torch.manual_seed(5)
+    n, cin, planes = 2, 12, 16
+    x = torch.randn(n, cin, 8, 8, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    y1 = torch.randn(n, planes, 4, 4, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    w2 = torch.randn(planes, planes, 3, 3, device=device, dtype=dtype) / 12
+    wd = torch.randn(planes, cin, 1, 1, device=device, dtype=dtype) / 4
+    f32 = dict(device=device, dtype=torch.float32)
+    s2 = torch.tensor([0, 0, 1, 1, -2, 1e3, 1e-3, 1, 3, 1e-30, 1, 0.5, 1, 2, 1, -1], **f32)
+    sd = torch.tensor([1, 0, 0, -1, 0.5, 1e-3, 1e3, 1e-30, 3, 1, 1e-20, -0.5, 2, 1, 1, 1], **f32)
+    b2, bd = torch.randn(planes, **f32), torch.randn(planes, **f32)
+    kw = dict(shortcut_input=x, shortcut_weight=wd, shortcut_scale=sd, shortcut_shift=bd, shortcut_stride=2)
+    out = Fz.conv_bn_act(y1, w2, s2, b2, 1, 1, relu=False, **kw)
+    ref = conv_bn_act_reference(y1, w2, s2, b2, 1, 1, relu=False, **kw)
+    assert torch.isfinite(out).all()
+    for c in range(planes):  # per channel: the 1e3-scaled channel would hide the others in one norm
+        assert_close(out[:, c], ref[:, c], dtype, what=f"channel {c} (scale {s2[c]:g}, shortcut scale {sd[c]:g})")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_option_a_residual_is_a_strided_view_with_fewer_channels(dtype, device):
     """Option A: the residual is x[:, :, ::2, ::2] with C < K channels; the rest are zero."""
