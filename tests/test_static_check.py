@@ -97,9 +97,11 @@ def test_budget_rules():
     msgs = report.budget_failures(broken)
     assert len(msgs) == 5 and "spills 8 B" in msgs[0] and "not wgmma" in msgs[2] and "does not compile" in msgs[3]
     assert report.budget_failures([dict(ok, arch=80, mma="mma.sync")]) == []  # wgmma is an sm_90 budget
-    loops = [dict(ok, dot_loops=3), dict(ok, dot_loops=2), dict(ok, async_wait0_in_loop=1), dict(ok, div64_in_loop=2)]
+    loops = [dict(ok, dot_loops=3), dict(ok, dot_loops=2), dict(ok, async_wait0_in_loop=1), dict(ok, div64_in_loop=2),
+             dict(ok, wgmma_wait0_in_loop=1)]
     msgs = report.budget_failures(loops)
-    assert len(msgs) == 4 and "3 loops hold the dot" in msgs[0] and "num=0" in msgs[2] and "64-bit" in msgs[3]
+    assert len(msgs) == 5 and "3 loops hold the dot" in msgs[0] and "num=0" in msgs[2] and "64-bit" in msgs[3]
+    assert "wgmma wait pendings=0" in msgs[4]
     assert report.budget_failures([dict(ok, dot_loops=2, variant="1x1 HAS_SHORTCUT")]) == []  # main + shortcut
 
 

@@ -177,6 +177,8 @@ def budget_failures(rows: List[Dict]) -> List[str]:
             out.append(f"{where}: {r['dot_loops']} loops hold the dot (budget {max_loops})")
         if r.get("async_wait0_in_loop"):
             out.append(f"{where}: async_wait num=0 inside a loop ({r['async_wait0_in_loop']})")
+        if r.get("wgmma_wait0_in_loop"):  # an operand written to shared memory in the loop: MMA and loads serialize
+            out.append(f"{where}: wgmma wait pendings=0 inside a loop ({r['wgmma_wait0_in_loop']})")
         if r.get("div64_in_loop"):
             out.append(f"{where}: 64-bit div/rem inside a loop ({r['div64_in_loop']})")
         if r["kernel"] == WGRAD_KERNEL:
