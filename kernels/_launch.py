@@ -62,8 +62,14 @@ def upcast_dot(x: torch.Tensor) -> bool:
 
 
 def pad_channels_nhwc(t: torch.Tensor, cpad: int) -> torch.Tensor:
-    """[A, C, B, D] (any layout) -> a new dense [A, B, D, cpad] tensor, t in NHWC order with channels
-    C.. zero: the stem paths' one small copy (a 7x7 filter row becomes one contiguous run)."""
+    """[A, C, B, D] (any layout) -> a new tensor whose memory is dense [A, B, D, cpad] (NHWC, channels C..
+    zero), for the stem paths' kernels, which read it through its data pointer and NHWC strides only: a 7x7
+    filter row becomes one contiguous run. One aten op for a channels_last t (the pad keeps its layout; the
+    result is [A, cpad, B, D] channels_last), two otherwise (a permuted view, then the pad: [A, B, D, cpad])."""
+    if t.is_contiguous(memory_format=torch.channels_last) and t.shape[1] > 1:
+        out = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, cpad - t.shape[1]))
+        if out.is_contiguous(memory_format=torch.channels_last):
+            return out
     return torch.nn.functional.pad(t.permute(0, 2, 3, 1), (0, cpad - t.shape[1])).contiguous()
 
 

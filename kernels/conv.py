@@ -77,6 +77,7 @@ def _conv_bn_act_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, APPLY_RELU: tl.constexpr,
     PROLOGUE_BN_RELU: tl.constexpr, STATS: tl.constexpr,
     STEM_CPAD: tl.constexpr,       # 0, or the padded channel count of the stem path (see the main loop)
+    EVEN_C: tl.constexpr,          # CG % BLOCK_K == 0: no channel mask in the main loop (_even_c, per launch)
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 operands (follows cudnn.allow_tf32)
     UPCAST_DOT: tl.constexpr,      # interpreter + bf16: its bf16 tl.dot is wrong, dot in fp32 instead
     ACC_FP64: tl.constexpr,        # fp64 inputs accumulate in fp64 (gradcheck, references)
@@ -111,6 +112,9 @@ def _conv_bn_act_kernel(
     else:
         x_rows = x_ptr + (n * stride_x_n + (g * CG).to(tl.int64) * stride_x_c + h0 * stride_x_h + w0 * stride_x_w)
         w_cols = w_ptr + offs_n.to(tl.int64) * stride_w_k
+        # Loop-invariant operand pointers: a step adds one scalar (tap and channel-block offset) to each.
+        a_base = x_rows[:, None] + offs_c[None, :] * stride_x_c
+        b_base = w_cols[None, :] + offs_c[:, None] * stride_w_c
         num_k = R * S * tl.cdiv(CG, BLOCK_K)
     h0 = h0.to(tl.int32)
     w0 = w0.to(tl.int32)
@@ -132,23 +136,23 @@ def _conv_bn_act_kernel(
             a_mask = (mask_m & (h >= 0) & (h < H))[:, None] & mask_c[None, :] & (w_el >= 0) & (w_el < W)
             a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
             b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
-        elif R * S == 1:  # a plain GEMM over channel blocks: no tap to track
-            cc = c0 + offs_c
-            mask_c = cc < CG
-            a_mask = valid_1x1[:, None] & mask_c[None, :]
-            a = tl.load(x_rows[:, None] + cc[None, :] * stride_x_c, mask=a_mask, other=0.0)
-            b_ptrs = w_cols[None, :] + cc[:, None] * stride_w_c
         else:
             cc = c0 + offs_c
-            mask_c = cc < CG
-            dw = s * dil_w
-            w_in = w0 + dw
-            valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
-            a_mask = valid[:, None] & mask_c[None, :]
-            a_tap = dh.to(tl.int64) * stride_x_h + dw.to(tl.int64) * stride_x_w
-            a = tl.load(x_rows[:, None] + (a_tap + cc[None, :] * stride_x_c), mask=a_mask, other=0.0)
-            b_ptrs = w_cols[None, :] + (r.to(tl.int64) * stride_w_r + s.to(tl.int64) * stride_w_s
-                                        + cc[:, None] * stride_w_c)
+            mask_c = (cc < CG) | EVEN_C  # EVEN_C (CG % BLOCK_K == 0): no channel mask to compute
+            c_off = c0.to(tl.int64)
+            if R * S == 1:  # a plain GEMM over channel blocks: no tap to track
+                a_mask = valid_1x1[:, None] & mask_c[None, :]
+                a_off = c_off * stride_x_c
+                b_off = c_off * stride_w_c
+            else:
+                dw = s * dil_w
+                w_in = w0 + dw
+                valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
+                a_mask = valid[:, None] & mask_c[None, :]
+                a_off = dh.to(tl.int64) * stride_x_h + dw.to(tl.int64) * stride_x_w + c_off * stride_x_c
+                b_off = r.to(tl.int64) * stride_w_r + s.to(tl.int64) * stride_w_s + c_off * stride_w_c
+            a = tl.load(a_base + a_off, mask=a_mask, other=0.0)
+            b_ptrs = b_base + b_off
         if PROLOGUE_BN_RELU:
             s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
@@ -293,11 +297,19 @@ def projection_fold(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bia
 
 _KEY = ["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_SCALE", "HAS_RESIDUAL", "HAS_SHORTCUT",
         "PROLOGUE_BN_RELU"]
+
+
+def _even_c(args) -> bool:
+    """EVEN_C: every channel block of the main loop is full (not the stem path, whose blocks are filter rows)."""
+    return not args["STEM_CPAD"] and args["CG"] % args["BLOCK_K"] == 0
+
+
+_conv_bn_act = triton.heuristics({"EVEN_C": _even_c})(_conv_bn_act_kernel)  # set per launch from the tile
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
-                                         prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act_kernel)
+                                         prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act)
 # Autotuning reruns a launch per config: safe for STATS, which only writes its output and partials.
 _conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KEY,
-                                        prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act_kernel)
+                                        prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,5 +440,5 @@ def _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, 
         if config is None:
             (_conv_stats_autotuned if stats else _conv_bn_act_autotuned)[grid](*args, **flags)
         else:
-            _conv_bn_act_kernel[grid](*args, **flags, **config)
+            _conv_bn_act[grid](*args, **flags, **config)
     return ConvStats(out, part_mean, part_m2, block_m)

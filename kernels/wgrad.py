@@ -259,7 +259,7 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
         # The stem (C=3): a zero-padded dense NHWC copy with 4 channels (4/3 of the input, once) makes each
         # filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
         stem_cp, stem_sp = 4, triton.next_power_of_2(s)
-        x, ncol = pad_channels_nhwc(x, stem_cp).permute(0, 3, 1, 2), r * stem_sp * stem_cp
+        x, ncol = pad_channels_nhwc(x, stem_cp), r * stem_sp * stem_cp
     cfg = dict(config) if config is not None else wgrad_config(m, kg, cg, ncol)
     bm = GPU_BLOCK_M if cfg is None else cfg["BLOCK_M"]
     # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.
@@ -275,8 +275,10 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     def grid(meta):
         return (triton.cdiv(kg, meta["BLOCK_K"]) * triton.cdiv(ncol, meta["BLOCK_N"]), groups * split)
 
+    # the stem's padded copy is read as dense NHWC with stem_cp channels, whatever its logical shape
+    x_strides = (h * w * stem_cp, 1, w * stem_cp, stem_cp) if stem_cp else x.stride()
     args = (dy, x, in_scale, in_shift, part, m, h, w, p, q, cg, kg, ncol, rows_per_split, split, dw.numel(),
-            *dy.stride(), *x.stride(), *dw.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0],
+            *dy.stride(), *x_strides, *dw.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0],
             dilation[1])
     flags = dict(R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CP=stem_cp, STEM_SP=stem_sp, IDX64=idx64,
                  DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy))
