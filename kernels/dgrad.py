@@ -65,6 +65,7 @@ def _conv_dgrad_kernel(
     S0, SSTEP, NS, QB, QD,   # the same along w
     BN_RELU_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_RES_MASK: tl.constexpr,
     IDX64: tl.constexpr,     # some offset may pass 2**31: loop index math in int64
+    EVEN_K: tl.constexpr,    # KG % BLOCK_K == 0: no K mask in the loop (_even_k, per launch)
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -94,6 +95,9 @@ def _conv_dgrad_kernel(
     else:
         dy_rows = dy_ptr + (n * stride_dy_n + (g * KG) * stride_dy_c + pi * stride_dy_h + qj * stride_dy_w)
         w_cols = w_ptr + ((g * KG) * stride_w_k + offs_cg * stride_w_c)
+    # Loop-invariant operand pointers: a step adds one scalar (tap and K-block offset) to each.
+    a_base = dy_rows[:, None] + (offs_kk * stride_dy_c)[None, :]
+    b_base = w_cols[None, :] + (offs_kk * stride_w_k)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     # One loop over (tap row jr, tap column js, K block k0), k0 fastest, counters advanced without division.
     k0 = 0
@@ -103,17 +107,17 @@ def _conv_dgrad_kernel(
         hp = pi - jr * PD
         wq = qj - js * QD
         valid = mask_m & (hp >= 0) & (hp < P) & (wq >= 0) & (wq < Q)
-        kk = k0 + offs_kk
-        mask_kk = kk < KG
+        mask_kk = (k0 + offs_kk < KG) | EVEN_K
         if IDX64:
-            back = jr.to(tl.int64) * PD * stride_dy_h + js.to(tl.int64) * QD * stride_dy_w
+            a_off = k0.to(tl.int64) * stride_dy_c - jr.to(tl.int64) * PD * stride_dy_h \
+                - js.to(tl.int64) * QD * stride_dy_w
+            b_off = k0.to(tl.int64) * stride_w_k + (R0 + jr * RSTEP).to(tl.int64) * stride_w_r \
+                + (S0 + js * SSTEP).to(tl.int64) * stride_w_s
         else:
-            back = jr * PD * stride_dy_h + js * QD * stride_dy_w
-        a = tl.load(dy_rows[:, None] + (kk * stride_dy_c)[None, :] - back,
-                    mask=valid[:, None] & mask_kk[None, :], other=0.0)
-        tap = (R0 + jr * RSTEP) * stride_w_r + (S0 + js * SSTEP) * stride_w_s
-        b = tl.load(w_cols[None, :] + (kk * stride_w_k)[:, None] + tap, mask=mask_kk[:, None] & mask_c[None, :],
-                    other=0.0)
+            a_off = k0 * stride_dy_c - jr * PD * stride_dy_h - js * QD * stride_dy_w
+            b_off = k0 * stride_w_k + (R0 + jr * RSTEP) * stride_w_r + (S0 + js * SSTEP) * stride_w_s
+        a = tl.load(a_base + a_off, mask=valid[:, None] & mask_kk[None, :], other=0.0)
+        b = tl.load(b_base + b_off, mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         k0 += BLOCK_K
         wrap = k0 >= KG
@@ -231,13 +235,18 @@ def _prune(configs, named_args, **_):
     return out
 
 
+def _even_k(args) -> bool:
+    return args["KG"] % args["BLOCK_K"] == 0
+
+
+_conv_dgrad = triton.heuristics({"EVEN_K": _even_k})(_conv_dgrad_kernel)  # set per launch from the tile
 # Per-shape config cache (the autotuner's, keyed below). The result may alias the residual (in-place
 # accumulation): the autotuner restores dx after every timed run, so each config sees the same input.
 _conv_dgrad_autotuned = triton.autotune(
     configs=gpu_configs(), key=["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_RELU_GRAD", "HAS_RESIDUAL",
                                 "HAS_RES_MASK", "IDX64"],
     prune_configs_by={"early_config_prune": _prune}, restore_value=["dx_ptr"],
-)(_conv_dgrad_kernel)
+)(_conv_dgrad)
 
 
 def dgrad_config(m: int, cg: int, kg: int):
@@ -304,7 +313,7 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
             if cfg is None:
                 _conv_dgrad_autotuned[grid](*args, **flags)
             else:
-                _conv_dgrad_kernel[grid](*args, **flags, **cfg)
+                _conv_dgrad[grid](*args, **flags, **cfg)
         tile0 += t
     if bn_relu is None:
         return DgradBN(dx, None, None)
