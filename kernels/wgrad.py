@@ -4,9 +4,10 @@ dw[k, c, r, s] = sum over the N*P*Q output pixels m of dy[m, k] * x_act[pixel(m)
 GEMM: rows = the KG output channels, columns = the CG*R*S (r, s, c) triples with c fastest (the
 memory order of a channels_last weight), reduction = pixels. Each program owns a [BLOCK_K, BLOCK_N]
 tile of dw and a contiguous range of pixels (split-K over SPLIT programs; the fp32 partials are
-summed in a fixed order afterwards, so results are deterministic). The tile is computed transposed,
-x_act^T @ dy, so x (activated in registers by the prologue) is the MMA's A operand, which wgmma reads from
-registers; as the B operand it went through shared memory and the pipeline drained (wgmma wait 0) every step.
+summed in a fixed order afterwards, so results are deterministic). With 16-bit operands (X_AS_A) the tile
+is computed transposed, x_act^T @ dy, so x (activated in registers by the prologue) is the MMA's A operand,
+which wgmma reads from registers; as the B operand it went through shared memory and the pipeline drained
+(wgmma wait 0) every step. fp32 operands keep x as B: held as the A operand they spilled (56-408 B, sm_90).
 
 The pixel (n, p, q) of each row is decoded once and then advanced incrementally by BLOCK_M (no
 division in the loop), in int32 unless an offset can pass 2**31 (IDX64). When a column tile stays
@@ -54,6 +55,7 @@ def _conv_wgrad_kernel(
     STEM_CP: tl.constexpr,         # > 0: x is a dense NHWC copy padded to STEM_CP channels (C <= 4, the stem)
     STEM_SP: tl.constexpr,         # S rounded up to a power of two (STEM_CP > 0)
     IDX64: tl.constexpr,           # some offset may pass 2**31: index math in int64
+    X_AS_A: tl.constexpr,          # compute dw^T = x^T dy (x the MMA's register operand): 16-bit operands
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,         # pixels per step (the reduction)
     BLOCK_K: tl.constexpr,         # output channels per tile (rows of dw)
@@ -123,7 +125,10 @@ def _conv_wgrad_kernel(
     dp = (BLOCK_M // Q) % P
     dn = BLOCK_M // (P * Q)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=part_ptr.dtype.element_ty)  # dw^T: x is the MMA's A operand
+    if X_AS_A:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=part_ptr.dtype.element_ty)  # dw^T
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=part_ptr.dtype.element_ty)
     for _ in range(start, end, BLOCK_M):
         mask_m = offs_m < end
         hb = p * stride_h
@@ -149,7 +154,10 @@ def _conv_wgrad_kernel(
             if not TAP_PER_TILE:
                 xt = tl.where(x_mask, xt, 0.0)  # zero padding of the activated tensor
             xt = xt.to(dy_ptr.dtype.element_ty)
-        acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
+        if X_AS_A:
+            acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
+        else:
+            acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
         offs_m += BLOCK_M
         q += dq
         cq = q >= Q
@@ -159,11 +167,15 @@ def _conv_wgrad_kernel(
         p = tl.where(cp, p - P, p)
         n += dn + cp.to(n.dtype)
 
-    idx = (k_idx.to(tl.int64)[None, :] * stride_w_k
-           + (c.to(tl.int64) * stride_w_c + r * stride_w_r + s * stride_w_s)[:, None])
+    k_part = k_idx.to(tl.int64) * stride_w_k
+    col_part = c.to(tl.int64) * stride_w_c + r * stride_w_r + s * stride_w_s
     if STEM_CP > 0:
         mask_n = mask_n & (c < CG)
-    tl.store(part_ptr + split.to(tl.int64) * NUMEL + idx, acc, mask=mask_n[:, None] & mask_k[None, :])
+    part = part_ptr + split.to(tl.int64) * NUMEL
+    if X_AS_A:
+        tl.store(part + col_part[:, None] + k_part[None, :], acc, mask=mask_n[:, None] & mask_k[None, :])
+    else:
+        tl.store(part + k_part[:, None] + col_part[None, :], acc, mask=mask_k[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +293,7 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
             *dy.stride(), *x_strides, *dw.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0],
             dilation[1])
     flags = dict(R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CP=stem_cp, STEM_SP=stem_sp, IDX64=idx64,
+                 X_AS_A=dy.element_size() == 2,
                  DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy))
     with device_guard(dy):
         if cfg is None:
