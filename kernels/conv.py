@@ -226,8 +226,11 @@ def _conv_bn_act_kernel(
 
 
 @triton.jit
-def channel_scale(offs_n, mask_n, scale_ptr, var_ptr, eps_hi, eps_lo, dtype: tl.constexpr):
-    """The multiplier half of channel_affine: scale_ptr's values (None: 1), or eval BN's gamma / sqrt(var + eps)."""
+def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
+                   dtype: tl.constexpr):
+    """Per-output-channel (scale, shift) in ``dtype``. Given (var_ptr None): loaded, None meaning 1 / 0.
+    Eval BN folded here, the formula of reference.bn_scale_shift_reference: scale = gamma / sqrt(var + eps),
+    shift = beta - mean * scale (+ scale * conv bias); statistics of any dtype are upcast first."""
     if var_ptr is not None:
         var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(dtype)
         if dtype == tl.float64:
@@ -236,30 +239,18 @@ def channel_scale(offs_n, mask_n, scale_ptr, var_ptr, eps_hi, eps_lo, dtype: tl.
             scale = tl.div_rn(tl.full(var.shape, 1.0, dtype), tl.sqrt_rn(var + eps_hi))
         if scale_ptr is not None:
             scale = scale * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-    elif scale_ptr is not None:
-        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-    else:
-        scale = tl.full(offs_n.shape, 1.0, dtype)
-    return scale
-
-
-@triton.jit
-def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
-                   dtype: tl.constexpr):
-    """Per-output-channel (scale, shift) in ``dtype``. Given (var_ptr None): loaded, None meaning 1 / 0.
-    Eval BN folded here, the formula of reference.bn_scale_shift_reference: scale = gamma / sqrt(var + eps),
-    shift = beta - mean * scale (+ scale * conv bias); statistics of any dtype are upcast first."""
-    scale = channel_scale(offs_n, mask_n, scale_ptr, var_ptr, eps_hi, eps_lo, dtype)
-    if var_ptr is not None:
         shift = -tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(dtype) * scale
         if shift_ptr is not None:
             shift = shift + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
         if bias_ptr is not None:
             shift = shift + scale * tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-    elif shift_ptr is not None:
-        shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
     else:
+        scale = tl.full(offs_n.shape, 1.0, dtype)
         shift = tl.zeros(offs_n.shape, dtype)
+        if scale_ptr is not None:
+            scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+        if shift_ptr is not None:
+            shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
     return scale, shift
 
 
