@@ -54,12 +54,13 @@ def _variant(stem: bool, shortcut: bool, stats: bool, fp32: bool = False) -> str
 
 def _prune_configs(configs, named_args, **kwargs):
     """This arch's configs minus the variant's spilling tiles, shrunk to the problem, deduplicated."""
+    named_args = {**named_args, **kwargs}  # the launcher passes its arguments by keyword
     kg, red = named_args["KG"], max(named_args["CG"], named_args["CD"])
-    stem = bool(kwargs.get("STEM_CPAD"))
+    stem = bool(named_args.get("STEM_CPAD"))
     arch = target_arch()
     x = named_args.get("x_ptr")
     fp32 = getattr(x, "dtype", None) == torch.float32
-    key = (arch, _variant(stem, bool(kwargs.get("HAS_SHORTCUT")), bool(kwargs.get("STATS")), fp32))
+    key = (arch, _variant(stem, bool(named_args.get("HAS_SHORTCUT")), bool(named_args.get("STATS")), fp32))
     allowed = {_sig(c.kwargs, c) for c in gpu_configs(arch)}
     spills = _SPILLS.get(key, set())
     out = _fitted([c for c in configs if _sig(c.kwargs, c) in allowed], kg, red, stem, spills)

@@ -37,6 +37,13 @@ def empty_activation(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=memory_format_of(like))
 
 
+def stride_args(name: str, t, dims: str = "nchw") -> dict:
+    """The keyword arguments stride_<name>_<dim> of a kernel launch: a tensor's leading strides (or a tuple
+    of strides), one per letter of ``dims``; zeros for None (a pointer the kernel never reads)."""
+    st = (0,) * len(dims) if t is None else (t if isinstance(t, tuple) else t.stride())
+    return {f"stride_{name}_{d}": v for d, v in zip(dims, st)}
+
+
 def device_guard(x: torch.Tensor):
     """Launch on the tensor's device (cuda:1 must work), on its current stream."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -59,6 +66,11 @@ def dot_precision(x: torch.Tensor) -> str:
 def upcast_dot(x: torch.Tensor) -> bool:
     """The interpreter's bf16 tl.dot is wrong (DESIGN.md section 5): dot in fp32 there instead."""
     return INTERPRETED and x.dtype == torch.bfloat16
+
+
+# The stem paths (forward and wgrad) pad C <= 4 input channels to this many (8-byte fp16/bf16 loads, 16-byte
+# fp32): a filter row of the padded NHWC copy is one contiguous, aligned run.
+STEM_CPAD = 4
 
 
 def pad_channels_nhwc(t: torch.Tensor, cpad: int) -> torch.Tensor:

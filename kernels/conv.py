@@ -27,12 +27,14 @@ import triton.language as tl
 from ._conv_configs import STATS_BLOCK_M, _fit, _fixed_config, _prune_configs, gpu_configs  # noqa: F401
 from ._launch import (
     INTERPRETED,
+    STEM_CPAD,
     device_guard,
     dot_precision,
     empty_activation,
     fp32_hi_lo,
     pad_channels_nhwc,
     stats_dtype,
+    stride_args,
     upcast_dot,
 )
 from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mean_m2
@@ -322,20 +324,39 @@ class BNFold(NamedTuple):
     conv_bias: Optional[torch.Tensor] = None
 
 
+class ProjectionShortcut(NamedTuple):
+    """The projection shortcut fused into a conv's epilogue: scale_d * conv1x1(input, weight, stride) + shift_d,
+    or its eval BN (``bn``) folded in the kernel. The first five fields are in the order of the plain 5-tuple
+    ``conv_bn_act`` also accepts, whose ``scale`` may be a BNFold (see ``of``)."""
+    input: torch.Tensor                    # xd [N, CD, HD, WD]
+    weight: torch.Tensor                   # wd [K, CD, 1, 1]
+    scale: Optional[torch.Tensor] = None   # [K] multiplier (None: 1)
+    shift: Optional[torch.Tensor] = None   # [K] offset (None: 0)
+    stride: int = 1                        # both axes
+    bn: Optional[BNFold] = None            # instead of scale/shift
+
+    @classmethod
+    def of(cls, shortcut) -> Optional["ProjectionShortcut"]:
+        """A ProjectionShortcut from itself or a plain tuple in its field order, a BNFold in the scale slot
+        moved to ``bn``; None stays None."""
+        if shortcut is None:
+            return None
+        sc = cls(*shortcut)
+        return sc._replace(scale=None, bn=sc.scale) if isinstance(sc.scale, BNFold) else sc
+
+
 def _dense(t):
     return None if t is None else t.contiguous()  # the kernel reads per-channel vectors at stride 1
 
 
-def _affine_args(scale, shift):
-    """(scale, shift, mean, var, bias, eps_hi, eps_lo) kernel arguments for a given pair or a BNFold."""
-    if isinstance(scale, BNFold):
-        return (_dense(scale.weight), _dense(scale.bias), _dense(scale.running_mean), _dense(scale.running_var),
-                _dense(scale.conv_bias), *fp32_hi_lo(scale.eps))
-    return _dense(scale), _dense(shift), None, None, None, 0.0, 0.0
-
-
-# The stem path pads C <= 4 input channels to this many (8-byte fp16/bf16 loads, 16-byte fp32).
-STEM_CPAD = 4
+def _affine_args(scale, shift, bn: Optional[BNFold], suffix: str = "") -> dict:
+    """The kernel's per-channel affine arguments (scale, shift, mean, var, bias, eps; ``suffix`` "_d": the
+    shortcut's): a given scale/shift pair, or an eval BN to fold in the kernel."""
+    names = [f"{a}{suffix}_ptr" for a in ("scale", "shift", "mean", "var")] + [f"eps{suffix}_hi", f"eps{suffix}_lo"]
+    if bn is None:
+        return dict(zip(names, (_dense(scale), _dense(shift), None, None, 0.0, 0.0)))
+    return dict(zip(names, (_dense(bn.weight), _dense(bn.bias), _dense(bn.running_mean), _dense(bn.running_var),
+                            *fp32_hi_lo(bn.eps))))
 
 
 class ConvStats(NamedTuple):
@@ -347,31 +368,37 @@ class ConvStats(NamedTuple):
 
 
 def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                residual=None, relu=False, shortcut=None, prologue=None, config=None):
+                residual=None, relu=False, shortcut=None, prologue=None, config=None, *, bn=None):
     """Launch the fused conv. Tensors in, a new tensor out; inputs are assumed validated.
 
     x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] (either may be None: 1 / 0; both
-    None: the raw conv output), or scale a BNFold (shift None): eval BN folded inside the kernel.
+    None: the raw conv output). bn: a BNFold instead of scale/shift, eval BN folded inside the kernel (a
+    BNFold passed as ``scale``, shift None, is taken as ``bn``).
     residual: optional [N, RES_C, P, Q] with RES_C <= K, added to the first RES_C channels.
-    shortcut: optional (xd [N, CD, HD, WD], wd [K, CD, 1, 1], scale_d [K] or BNFold, shift_d [K] or None,
-    stride_d).
+    shortcut: optional ProjectionShortcut, or a plain tuple in its field order (xd [N, CD, HD, WD],
+    wd [K, CD, 1, 1], scale_d [K] or BNFold, shift_d [K] or None, stride_d).
     prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages) to bypass autotuning.
     Returns [N, K, P, Q] in x's dtype and memory format (channels_last in, channels_last out).
     """
-    return _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu, shortcut, prologue,
-                 False, config).out
+    if isinstance(scale, BNFold):
+        bn, scale = scale, None
+    return _conv(x, weight, bn=bn, scale=scale, shift=shift, stride=stride, padding=padding, dilation=dilation,
+                 groups=groups, residual=residual, relu=relu, shortcut=ProjectionShortcut.of(shortcut),
+                 prologue=prologue, stats=False, config=config).out
 
 
 def conv_bn_stats(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, prologue=None,
                   config=None) -> ConvStats:
     """The training forward's conv: the raw output and its per-tile BN partials (the STATS epilogue).
     prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift)."""
-    return _conv(x, weight, None, None, stride, padding, dilation, groups, None, False, None, prologue, True, config)
+    return _conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups, prologue=prologue,
+                 stats=True, config=config)
 
 
-def _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu, shortcut, prologue, stats,
-          config) -> ConvStats:
+def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, stride, padding, dilation, groups,
+          residual=None, relu=False, shortcut: Optional[ProjectionShortcut] = None, prologue=None, stats: bool,
+          config=None) -> ConvStats:
     """The launch of conv_bn_act / conv_bn_stats: a ConvStats whose partials are None without stats."""
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
@@ -379,7 +406,7 @@ def _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, 
     q = out_size(w, s, stride[1], padding[1], dilation[1])
     out = empty_activation(x, (n, k, p, q))
     m, kg = n * p * q, k // groups
-    cd = 0 if shortcut is None else shortcut[0].shape[1]
+    cd = 0 if shortcut is None else shortcut.input.shape[1]
     stem_cpad = STEM_CPAD if (c <= STEM_CPAD and groups == 1 and dilation[1] == 1 and prologue is None
                               and shortcut is None and s * STEM_CPAD <= 128 and m > 0 and k > 0) else 0
     if stem_cpad:
@@ -398,38 +425,32 @@ def _conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, 
         part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
     if m == 0 or k == 0:
         return ConvStats(out, part_mean, part_m2, block_m)
-    if residual is None:
-        res, res_c, res_strides = out, 0, (0, 0, 0, 0)  # dummy pointer, never read
-    else:
-        res, res_c, res_strides = residual, residual.shape[1], residual.stride()
-    if shortcut is None:
-        xd, wd, stride_d, xd_strides, wd_strides, fold = None, None, 1, (0, 0, 0, 0), (0, 0), None
-        aff_d = (None, None, None, None, None, 0.0, 0.0)
-    else:
-        xd, wd, sc_d, sh_d, stride_d = shortcut
-        xd_strides, wd_strides = xd.stride(), wd.stride()[:2]
-        aff_d = _affine_args(sc_d, sh_d)
-        fold = torch.empty((4, k), device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else
-                           torch.float32)  # the projection's per-channel scratch (see the kernel)
-    sc, sh, mean, var, bias, eps_hi, eps_lo = _affine_args(scale, shift)
-    in_scale, in_shift = (None, None) if prologue is None else prologue
-    args = (x, weight, sc, sh, mean, var, bias, out, res, xd, wd, *aff_d[:4], in_scale, in_shift, part_mean, part_m2,
-            fold,
-            m, h, w, p, q, cg, kg, res_c, cd,
-            *x.stride(), *weight.stride(), *out.stride(), *res_strides, *xd_strides, *wd_strides,
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], stride_d,
-            eps_hi, eps_lo, *aff_d[5:])
-    flags = dict(R=r, S=s, HAS_SCALE=scale is not None or shift is not None, HAS_RESIDUAL=residual is not None,
-                 HAS_SHORTCUT=shortcut is not None, APPLY_RELU=bool(relu), PROLOGUE_BN_RELU=prologue is not None,
-                 STATS=bool(stats), STEM_CPAD=stem_cpad, DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x),
-                 ACC_FP64=x.dtype == torch.float64)
+    sc = shortcut if shortcut is not None else ProjectionShortcut(None, None)
+    args = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=None if bn is None else _dense(bn.conv_bias), out_ptr=out,
+        res_ptr=out if residual is None else residual,  # a dummy pointer without a residual, never read
+        xd_ptr=sc.input, wd_ptr=sc.weight,
+        in_scale_ptr=None if prologue is None else prologue[0], in_shift_ptr=None if prologue is None else prologue[1],
+        part_mean_ptr=part_mean, part_m2_ptr=part_m2,
+        # the projection's per-channel scratch (see the kernel)
+        fold_ptr=None if shortcut is None else torch.empty((4, k), device=x.device, dtype=stats_dtype(x)),
+        M=m, H=h, W=w, P=p, Q=q, CG=cg, KG=kg, RES_C=0 if residual is None else residual.shape[1], CD=cd,
+        **stride_args("x", x), **stride_args("w", weight, "kcrs"), **stride_args("out", out),
+        **stride_args("res", residual), **stride_args("sc", sc.input), **stride_args("wd", sc.weight, "kc"),
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
+        dil_w=dilation[1], stride_d=sc.stride,
+        **_affine_args(scale, shift, bn), **_affine_args(sc.scale, sc.shift, sc.bn, "_d"),
+        R=r, S=s, HAS_SCALE=bn is not None or scale is not None or shift is not None,
+        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None, APPLY_RELU=bool(relu),
+        PROLOGUE_BN_RELU=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad, DOT_PRECISION=dot_precision(x),
+        UPCAST_DOT=upcast_dot(x), ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
     with device_guard(x):
         if config is None:
-            (_conv_stats_autotuned if stats else _conv_bn_act_autotuned)[grid](*args, **flags)
+            (_conv_stats_autotuned if stats else _conv_bn_act_autotuned)[grid](**args)
         else:
-            _conv_bn_act[grid](*args, **flags, **config)
+            _conv_bn_act[grid](**args, **config)
     return ConvStats(out, part_mean, part_m2, block_m)

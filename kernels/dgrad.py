@@ -29,6 +29,7 @@ from ._launch import (
     dot_precision,
     empty_activation,
     stats_dtype,
+    stride_args,
     target_arch,
     upcast_dot,
 )
@@ -176,6 +177,11 @@ def _axis_phases(size: int, out: int, k: int, stride: int, pad: int, dil: int):
     return phases
 
 
+# The kernel's tap arguments of one phase, as _axis_phases gives them per axis.
+_TAPS_H = ("R0", "RSTEP", "NR", "PB", "PD")
+_TAPS_W = ("S0", "SSTEP", "NS", "QB", "QD")
+
+
 def dgrad_phases(x_shape, w_shape, stride, padding, dilation):
     """[(h phase, w phase), (pixels along h, along w), h taps, w taps] for every non-empty phase."""
     _, _, h, w = x_shape
@@ -217,8 +223,9 @@ def gpu_configs(arch: int = None):
             for bn, bk, w, st in tiles]
 
 
-def _prune(configs, named_args, **_):
+def _prune(configs, named_args, **kwargs):
     """This arch's configs, tiles shrunk to the channels (no block wider than the problem), deduplicated."""
+    named_args = {**named_args, **kwargs}  # the launcher passes its arguments by keyword
     arch_configs = gpu_configs(target_arch())
     allowed = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in arch_configs}
     out, seen = [], set()
@@ -294,9 +301,14 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
     res, rmask, res_stride = residual if residual is not None else (dx, None, 1)
     rmask_t = rmask if rmask is not None else res
     idx64 = max(max_offset(t) for t in (dy, weight, dx, y, res, rmask_t)) >= 2**31 - 1
-    flags = dict(BN_RELU_GRAD=bn_relu is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
-                 IDX64=idx64, DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy),
-                 ACC_FP64=dy.dtype == torch.float64)
+    args = dict(dy_ptr=dy, w_ptr=weight, dx_ptr=dx, y_ptr=y, in_scale_ptr=in_scale, in_shift_ptr=in_shift,
+                mean_ptr=mean, invstd_ptr=invstd, parts_ptr=parts, res_ptr=res, rmask_ptr=rmask_t, P=p, Q=q, CG=cg,
+                KG=kg, RES_C=res.shape[1], C=c, **stride_args("dy", dy), **stride_args("w", weight, "kcrs"),
+                **stride_args("dx", dx), **stride_args("y", y), **stride_args("res", res),
+                **stride_args("rmask", rmask_t), stride_h=stride[0], stride_w=stride[1], RES_STRIDE=res_stride,
+                BN_RELU_GRAD=bn_relu is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
+                IDX64=idx64, DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy),
+                ACC_FP64=dy.dtype == torch.float64)
     tile0 = 0
     for ((ah, aw), (hp, wp), th, tw), t in zip(phases, tiles):
         if t == 0:
@@ -305,15 +317,13 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
         def grid(meta, t=t):
             return (t * triton.cdiv(cg, meta["BLOCK_N"]), groups)
 
-        args = (dy, weight, dx, y, in_scale, in_shift, mean, invstd, parts, res, rmask_t,
-                n * hp * wp, hp, wp, ah, aw, p, q, cg, kg, res.shape[1], c, tile0,
-                *dy.stride(), *weight.stride(), *dx.stride(), *y.stride(), *res.stride(), *rmask_t.stride(),
-                stride[0], stride[1], res_stride, *th, *tw)
+        phase = dict(M=n * hp * wp, HP=hp, WP=wp, PH0=ah, PW0=aw, TILE0=tile0, **dict(zip(_TAPS_H, th)),
+                     **dict(zip(_TAPS_W, tw)))
         with device_guard(dy):
             if cfg is None:
-                _conv_dgrad_autotuned[grid](*args, **flags)
+                _conv_dgrad_autotuned[grid](**args, **phase)
             else:
-                _conv_dgrad[grid](*args, **flags, **cfg)
+                _conv_dgrad[grid](**args, **phase, **cfg)
         tile0 += t
     if bn_relu is None:
         return DgradBN(dx, None, None)

@@ -32,6 +32,7 @@ from ._launch import (
     dot_precision,
     pad_channels_nhwc,
     stats_dtype,
+    stride_args,
     target_arch,
     upcast_dot,
 )
@@ -203,8 +204,9 @@ def gpu_configs(arch: int = None):
             for bk, bn, w, st in tiles]
 
 
-def _prune(configs, named_args, **_):
+def _prune(configs, named_args, **kwargs):
     """This arch's configs, tiles shrunk to the problem, TAP_PER_TILE set per tile, deduplicated."""
+    named_args = {**named_args, **kwargs}  # the launcher passes its arguments by keyword
     arch_configs = gpu_configs(target_arch())
     allowed = {(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in arch_configs}
     cg, out, seen = named_args["CG"], [], set()
@@ -289,17 +291,18 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
 
     # the stem's padded copy is read as dense NHWC with stem_cp channels, whatever its logical shape
     x_strides = (h * w * stem_cp, 1, w * stem_cp, stem_cp) if stem_cp else x.stride()
-    args = (dy, x, in_scale, in_shift, part, m, h, w, p, q, cg, kg, ncol, rows_per_split, split, dw.numel(),
-            *dy.stride(), *x_strides, *dw.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0],
-            dilation[1])
-    flags = dict(R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CP=stem_cp, STEM_SP=stem_sp, IDX64=idx64,
-                 X_AS_A=dy.element_size() == 2,
-                 DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy))
+    args = dict(dy_ptr=dy, x_ptr=x, in_scale_ptr=in_scale, in_shift_ptr=in_shift, part_ptr=part, M=m, H=h, W=w, P=p,
+                Q=q, CG=cg, KG=kg, NCOL=ncol, ROWS_PER_SPLIT=rows_per_split, SPLIT=split, NUMEL=dw.numel(),
+                **stride_args("dy", dy), **stride_args("x", x_strides), **stride_args("w", dw, "kcrs"),
+                stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
+                dil_w=dilation[1], R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CP=stem_cp,
+                STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, DOT_PRECISION=dot_precision(dy),
+                UPCAST_DOT=upcast_dot(dy))
     with device_guard(dy):
         if cfg is None:
-            _conv_wgrad_autotuned[grid](*args, **flags)
+            _conv_wgrad_autotuned[grid](**args)
         else:
-            _conv_wgrad_kernel[grid](*args, **flags, **cfg, TAP_PER_TILE=cg % cfg["BLOCK_N"] == 0)
+            _conv_wgrad_kernel[grid](**args, **cfg, TAP_PER_TILE=cg % cfg["BLOCK_N"] == 0)
     if not direct:
         sum_rows(part, out=torch.as_strided(dw, (dw.numel(),), (1,)))
     return dw

@@ -66,6 +66,22 @@ def test_projection_shortcut_bn_folded_in_kernel(dtype, device):
     assert_close(out, ref, dtype)
 
 
+def test_launcher_takes_bn_and_a_named_shortcut(device):
+    """kernels.conv_bn_act: ``bn=`` and a ProjectionShortcut (its own ``bn``) launch exactly what the positional
+    forms ops.py passes (a BNFold in the scale slot, a plain 5-tuple) launch."""
+    torch.manual_seed(3)
+    y1 = torch.randn(2, 16, 5, 5, device=device).to(memory_format=CL)
+    x = torch.randn(2, 12, 9, 9, device=device).to(memory_format=CL)
+    conv2, convd = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.Conv2d(12, 32, 1, stride=2, bias=False)
+    w2, wd = conv2.weight.detach().to(device), convd.weight.detach().to(device)
+    fold2, foldd = eval_bn(conv2, _bn(32, device=device)), eval_bn(convd, _bn(32, device=device))
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    named = kernels.conv_bn_act(y1, w2, None, None, *geo, None, True,
+                                kernels.ProjectionShortcut(x, wd, stride=2, bn=foldd), bn=fold2)
+    positional = kernels.conv_bn_act(y1, w2, fold2, None, *geo, None, True, (x, wd, foldd, None, 2))
+    assert torch.equal(named, positional)
+
+
 def test_bn_and_scale_together_is_an_error(device):
     conv, bn = nn.Conv2d(4, 8, 1, bias=False), _bn(8)
     x, w = torch.randn(1, 4, 3, 3), conv.weight.detach()

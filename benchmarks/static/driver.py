@@ -99,6 +99,7 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         if tf32 and bound.get("DOT_PRECISION") == "ieee" and _dtype_of(bound) == torch.float32:
             kwargs["DOT_PRECISION"] = bound["DOT_PRECISION"] = "tf32"
         args = tuple(_stand_in(a) for a in args)
+        kwargs = {k: _stand_in(v) for k, v in kwargs.items()}  # the launchers pass their arguments by keyword
         const = {n: bound[n] for n in names if n in bound and _is_constexpr(self, n)}
         config = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
         ints = {n: v for n, v in bound.items() if type(v) is int and n not in const}
