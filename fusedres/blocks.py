@@ -156,12 +156,15 @@ class _FusedBlockMixin:
             if isinstance(group, str):
                 _dispatch.fallback(type(self).__name__, group)
                 return super().forward(x)
-            return train_forward(type(self).__name__, x, self._units(), shortcut, self.recompute_last_conv, group)
+            return self._train(x, shortcut, group)
         *head, (conv, bn) = self._units()
         out = x
         for c, b in head:
             out = self._conv(out, c, b)
         return self._conv(out, conv, bn, **self._tail(x))
+
+    def _train(self, x: Tensor, shortcut: Shortcut, group: int) -> Tensor:
+        return train_forward(type(self).__name__, x, self._units(), shortcut, self.recompute_last_conv, group)
 
     def _conv(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, **tail) -> Tensor:
         return conv_bn_act(x, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,

@@ -2,34 +2,43 @@
 
 A chain is a block or the stem: units ``conv_i -> bn_i`` where each conv reads
 ``relu(bn_{i-1}(y_{i-1}))`` through its prologue (that activation is never stored), then a tail
-``relu(bn_L(y_L) + shortcut)``; a projection shortcut is one more layer, ``bn_d(conv_d(x))``, on the
-chain input. Per unit the forward is conv with the BN-statistics epilogue -> finalize (batch mean/var,
-new running statistics like nn.BatchNorm2d, scale/shift). Saved for backward: the chain input, the
-raw conv outputs, the chain output and per-channel statistics.
+``act(bn_L(y_L) * row_scale[n] + shortcut)``; a projection shortcut is one more layer, ``bn_d(conv_d(x))``,
+on the chain input. Per unit the forward is conv with the BN-statistics epilogue -> finalize (batch
+mean/var, new running statistics like nn.BatchNorm2d, scale/shift). Saved for backward: the chain input,
+the raw conv outputs, the chain output and per-channel statistics (``SavedChain``).
 
-Backward, from the tail down: BN reductions of the ReLU-gated gradient -> BN backward -> for each conv,
-wgrad (recomputing its input relu(bn(y)) in the prologue) and dgrad (whose epilogue gates by the
-previous ReLU and emits the previous BN's reductions; the first conv's dgrad adds the shortcut's
-gradient).
+The tail options (``ChainSpec.tail``): "relu" and "none" (the activation), and "attention": the tail is
+deferred to ``attention_tail``, because an attention module (SE, ECA) between the two needs the pooled
+branch. Then the chain returns the per-image mean of y_L instead of ``out``, with y_L and the tail BNs'
+mean and invstd as differentiable outputs, and its backward takes their gradients (``AttentionGrads``).
 
-The custom ops (``fusedres.ops``) carry only tensors, lists and numbers; the named tuples here give
-their flat argument and result lists names, with ``pack`` / ``unpack`` as the one place that knows
-the order. Nothing here calls back up through ``torch.ops``.
+Backward, from the tail down: BN reductions of the activation-gated gradient -> BN backward -> for each
+conv, wgrad (recomputing its input relu(bn(y)) in the prologue) and dgrad (whose epilogue gates by the
+previous ReLU and emits the previous BN's reductions; the first conv's dgrad adds the shortcut's gradient).
+
+The custom ops (``fusedres.ops``) carry only tensors, lists and numbers; the named tuples here give their
+flat argument and result lists names, with ``pack`` / ``unpack`` as the one place that knows the order.
+Nothing here calls back up through ``torch.ops``.
 """
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from . import _sync, kernels
 from .kernels import bn as bn_k
-from .kernels import conv_bwd
+from .kernels import tail as tail_k
 from .kernels._launch import empty_activation, stats_dtype
 from .kernels.conv import ConvStats, conv_bn_stats
+from .kernels.dgrad import conv_dgrad, conv_dgrad_bn
+from .kernels.wgrad import conv_wgrad
 
 PROJECTION = "projection"
 RESIDUAL_KINDS = ("identity", "A")   # the shortcut is (a strided view of) the chain input itself
 GEOMETRY_INTS = 7                    # per conv: stride h/w, padding h/w, dilation h/w, groups
+TAILS = ("relu", "none", "attention")  # the chain's end: act = ReLU / identity, or deferred (attention_tail)
+CUMULATIVE = -1.0                    # momentum=None (cumulative average) in the ops' float list
 
 
 def absent(like: Tensor) -> Tensor:
@@ -38,8 +47,8 @@ def absent(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def present(t: Tensor) -> Optional[Tensor]:
-    return None if t.dim() == 1 and t.numel() == 0 else t
+def present(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None or (t.dim() == 1 and t.numel() == 0) else t
 
 
 def geometry_of(conv) -> List[int]:
@@ -47,24 +56,63 @@ def geometry_of(conv) -> List[int]:
     return [*conv.stride, *conv.padding, *conv.dilation, conv.groups]
 
 
+class BNState(NamedTuple):
+    """One BN as the chain reads and updates it: the one encoding of a BN's state in the library.
+    running_mean/var None: batch statistics without an update (track_running_stats=False, or a BN that does
+    not update). momentum None: cumulative average, whose factor 1/num_batches reads ``num_batches``
+    (num_batches_tracked after this step's increment)."""
+    gamma: Optional[Tensor]
+    beta: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches: Optional[Tensor]
+    momentum: Optional[float]
+    eps: float
+
+    @classmethod
+    def of(cls, bn) -> "BNState":
+        """The state of an nn.BatchNorm2d in a training forward: it updates its running statistics when in
+        training mode and tracking them (nn.BatchNorm2d's rule)."""
+        update = bn.training and bn.track_running_stats and bn.running_mean is not None
+        momentum = None if bn.momentum is None else float(bn.momentum)
+        return cls(bn.weight, bn.bias, bn.running_mean if update else None, bn.running_var if update else None,
+                   bn.num_batches_tracked if update and momentum is None else None, momentum, float(bn.eps))
+
+    @property
+    def updates(self) -> bool:
+        return self.running_mean is not None
+
+    def running_update(self, new_mean: Tensor, new_var: Tensor) -> Optional[bn_k.RunningUpdate]:
+        """What bn_finalize needs to write the new running statistics to new_mean / new_var."""
+        if not self.updates:
+            return None
+        return bn_k.RunningUpdate(self.running_mean, self.running_var, new_mean, new_var, self.momentum,
+                                  self.num_batches)
+
+
 class ChainParams(NamedTuple):
-    """The chain's tensors, one entry per layer (the units' convs in order, then the projection's).
-    gammas/betas None: affine=False. running_means/vars None: batch statistics without an update
-    (track_running_stats=False, or a BN that does not update). num_batches: the already incremented
-    num_batches_tracked where momentum is None (cumulative average), else None."""
+    """The chain's tensor arguments, in the op's order. Lists hold one entry per layer (the units' convs in
+    order, then the projection's): the BNStates' tensors, column by column. row_scale: [N] per-sample
+    factor of the branch (stochastic depth's keep mask / keep probability), or None."""
     weights: List[Tensor]
     gammas: List[Optional[Tensor]]
     betas: List[Optional[Tensor]]
     running_means: List[Optional[Tensor]]
     running_vars: List[Optional[Tensor]]
     num_batches: List[Optional[Tensor]]
+    row_scale: Optional[Tensor]
+
+    @classmethod
+    def build(cls, weights: Sequence[Tensor], states: Sequence[BNState], row_scale: Optional[Tensor] = None):
+        return cls(list(weights), *([getattr(s, f) for s in states] for f in BNState._fields[:5]), row_scale)
 
 
 class ChainSpec(NamedTuple):
     """Everything about a chain that is not a tensor, in the ops' argument order.
-    geometry: GEOMETRY_INTS per layer; momentums: per BN, -1.0 for momentum=None; shortcut_kind: "none",
-    "identity", "A" (strided, zero-padded channels) or PROJECTION; recompute_last: do not save the last
-    unit's raw output, recompute it in backward; group: a fusedres._sync group number, or NO_GROUP."""
+    geometry: GEOMETRY_INTS per layer; momentums/eps: per BN (BNState's, momentum None as CUMULATIVE);
+    shortcut_kind: "none", "identity", "A" (strided, zero-padded channels) or PROJECTION; recompute_last: do
+    not save the last unit's raw output, recompute it in backward; group: a fusedres._sync group number, or
+    NO_GROUP; tail: one of TAILS."""
     geometry: List[int]
     momentums: List[float]
     eps: List[float]
@@ -72,6 +120,18 @@ class ChainSpec(NamedTuple):
     shortcut_stride: int
     recompute_last: bool
     group: int
+    tail: str
+
+    @classmethod
+    def build(cls, convs, states: Sequence[BNState], shortcut_kind: str, shortcut_stride: int = 1,
+              recompute_last: bool = False, group: int = _sync.NO_GROUP, tail: str = "relu") -> "ChainSpec":
+        return cls([g for c in convs for g in geometry_of(c)],
+                   [CUMULATIVE if s.momentum is None else s.momentum for s in states], [s.eps for s in states],
+                   shortcut_kind, shortcut_stride, recompute_last and tail != "attention", group, tail)
+
+    def bn_state(self, params: ChainParams, i: int) -> BNState:
+        momentum = None if self.momentums[i] == CUMULATIVE else self.momentums[i]
+        return BNState(*(col[i] for col in params[1:6]), momentum, self.eps[i])
 
     @property
     def num_layers(self) -> int:
@@ -115,7 +175,7 @@ class BNStats(NamedTuple):
 class ChainOutputs(NamedTuple):
     """The result of fusedres::train_chain. Packed as [out, yd, *ys, *flatten(stats), then per BN its
     new running mean and var]; a missing tensor is packed as ``absent``."""
-    out: Tensor                         # the chain output, relu(bn_L(y_L) + shortcut)
+    out: Tensor                         # the chain output; for an attention tail the per-image mean of y_L [N, K]
     yd: Optional[Tensor]                # the projection's raw conv output
     ys: List[Tensor]                    # the units' raw conv outputs (all but the last when recomputed)
     stats: List[BNStats]                # per BN
@@ -129,11 +189,58 @@ class ChainOutputs(NamedTuple):
                 *new]
 
     @classmethod
-    def unpack(cls, flat: Sequence[Tensor], num_layers: int) -> "ChainOutputs":
+    def unpack(cls, flat: Sequence[Optional[Tensor]], num_layers: int) -> "ChainOutputs":
+        """The packed result, or the gradients autograd hands its backward (None where there is none)."""
         saved = len(flat) - 2 - 6 * num_layers
         stats = BNStats.unflatten(flat[2 + saved:2 + saved + 4 * num_layers])
         new = [present(t) for t in flat[2 + saved + 4 * num_layers:]]
         return cls(flat[0], present(flat[1]), list(flat[2:2 + saved]), stats, new[0::2], new[1::2])
+
+    def differentiable(self, spec: ChainSpec) -> List[Tensor]:
+        """The outputs gradients flow through: ``out``; for an attention tail also y_L, yd and the tail
+        BNs' mean and invstd (attention_tail's inputs)."""
+        if spec.tail != "attention":
+            return [self.out]
+        tail_bns = [spec.num_units - 1] + ([spec.num_units] if self.yd is not None else [])
+        return [self.out, self.ys[-1], *([self.yd] if self.yd is not None else []),
+                *(t for i in tail_bns for t in (self.stats[i].mean, self.stats[i].invstd))]
+
+
+class SavedChain(NamedTuple):
+    """What the chain's backward reads, saved by the op's autograd as one flat tuple (``flatten``)."""
+    x: Tensor
+    out: Tensor
+    yd: Optional[Tensor]
+    ys: List[Tensor]
+    weights: List[Tensor]
+    gammas: List[Optional[Tensor]]
+    stats: List[BNStats]
+    row_scale: Optional[Tensor]
+
+    def flatten(self):
+        """(tensors or None, the structure to rebuild it with)."""
+        return pytree.tree_flatten(self)
+
+    @staticmethod
+    def unflatten(leaves, structure) -> "SavedChain":
+        return pytree.tree_unflatten(list(leaves), structure)
+
+
+class AttentionGrads(NamedTuple):
+    """The gradients of an attention chain's extra outputs (ChainOutputs.differentiable), for its backward:
+    d/dy_L and d/dyd at fixed batch statistics, and those of the tail BNs' statistics."""
+    dy: Optional[Tensor]
+    dmean: Optional[Tensor]
+    dinvstd: Optional[Tensor]
+    dyd: Optional[Tensor]
+    dmean_d: Optional[Tensor]
+    dinvstd_d: Optional[Tensor]
+
+    @classmethod
+    def of(cls, grads: ChainOutputs, spec: ChainSpec) -> "AttentionGrads":
+        last = grads.stats[spec.num_units - 1]
+        proj = grads.stats[spec.num_units] if spec.shortcut_kind == PROJECTION else BNStats(None, None, None, None)
+        return cls(grads.ys[-1], last.mean, last.invstd, grads.yd, proj.mean, proj.invstd)
 
 
 class ChainGrads(NamedTuple):
@@ -153,6 +260,19 @@ class ChainGrads(NamedTuple):
         flat = [present(t) for t in flat]
         return cls(flat[0], flat[1::3], flat[2::3], flat[3::3])
 
+    def params(self, lists: ChainParams) -> ChainParams:
+        """The gradients of the op's ChainParams arguments, field by field. ``lists``: per field, whether the
+        op got it as a list holding a tensor; torch.library takes any other argument (a tensor, None, a list
+        of None only) as one leaf, whose gradient here is None."""
+        grads = {"weights": self.dweights, "gammas": self.dgammas, "betas": self.dbetas}
+        return ChainParams(*(grads.get(name, [None] * len(self.dweights)) if is_list else None
+                             for name, is_list in zip(ChainParams._fields, lists)))
+
+    @staticmethod
+    def lists_of(params: ChainParams) -> ChainParams:
+        """What ``params`` needs to know of the op's arguments (kept in place of the tensors)."""
+        return ChainParams(*(isinstance(a, (list, tuple)) and any(t is not None for t in a) for a in params))
+
 
 def conv_out_shape(x_shape, weight_shape, stride, padding, dilation) -> Tuple[int, int, int, int]:
     n, _, h, w = x_shape
@@ -161,33 +281,22 @@ def conv_out_shape(x_shape, weight_shape, stride, padding, dilation) -> Tuple[in
             kernels.conv.out_size(w, s, stride[1], padding[1], dilation[1]))
 
 
-def _finalize(conv: ConvStats, params: ChainParams, spec: ChainSpec, i: int):
-    """BN i's statistics from its conv's per-tile partials, and its new running statistics (new tensors:
-    the op does not mutate its inputs)."""
+def _finalize(conv: ConvStats, state: BNState, group: int):
+    """BN statistics from a conv's per-tile partials, and the new running statistics (new tensors: the op
+    does not mutate its inputs). Synchronized: this rank's statistics merged with the other ranks' (per-
+    channel vectors only), then the same finalize over that one merged row updates the running statistics."""
     y, part_mean, part_m2, tile_m = conv
-    gamma, beta, rm, rv, num_batches = (params.gammas[i], params.betas[i], params.running_means[i],
-                                        params.running_vars[i], params.num_batches[i])
-    momentum, eps = spec.momentums[i], spec.eps[i]
     m = y.shape[0] * y.shape[2] * y.shape[3]
     new_rm = new_rv = None
-    if spec.group == _sync.NO_GROUP:
-        if rm is not None:
-            new_rm, new_rv = torch.empty_like(rm), torch.empty_like(rv)
-        stats = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, rm, rv, num_batches,
-                                 None if momentum < 0 else momentum, eps, running_out=(new_rm, new_rv))
-        return BNStats(*stats), new_rm, new_rv
-    # this rank's statistics, merged with the other ranks' (per-channel vectors only)
-    mean, _, _, _, var = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, None, None, None, None, None, 0.0, eps,
-                                          return_var=True)
-    mean, var, total = _sync.merge_stats(mean, var, m, spec.group)
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd if gamma is None else gamma.to(var.dtype) * invstd
-    shift = -mean * scale if beta is None else beta.to(var.dtype) - mean * scale
-    if rm is not None:
-        factor = 1.0 / num_batches.to(var.dtype) if momentum < 0 else momentum
-        new_rm = (rm.to(var.dtype) * (1 - factor) + mean * factor).to(rm.dtype)
-        new_rv = (rv.to(var.dtype) * (1 - factor) + var * (total / (total - 1)) * factor).to(rv.dtype)
-    return BNStats(mean, invstd, scale, shift), new_rm, new_rv
+    if state.updates:
+        new_rm, new_rv = torch.empty_like(state.running_mean), torch.empty_like(state.running_var)
+    if group != _sync.NO_GROUP:
+        local = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, None, None, state.eps)
+        mean, var, total = _sync.merge_stats(local.mean, local.var, m, group)
+        part_mean, part_m2, tile_m, m = mean[None], (var * total)[None], total, total
+    s = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, state.gamma, state.beta, state.eps,
+                         state.running_update(new_rm, new_rv))
+    return BNStats(s.mean, s.invstd, s.scale, s.shift), new_rm, new_rv
 
 
 def chain_forward(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutputs:
@@ -196,7 +305,7 @@ def chain_forward(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutpu
 
     def unit(inp, i, prologue=None):
         conv = conv_bn_stats(inp, params.weights[i], *spec.conv(i), prologue=prologue)
-        s, rm, rv = _finalize(conv, params, spec, i)
+        s, rm, rv = _finalize(conv, spec.bn_state(params, i), spec.group)
         stats.append(s)
         new_rms.append(rm)
         new_rvs.append(rv)
@@ -206,16 +315,17 @@ def chain_forward(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutpu
         h = unit(h, i, prologue)
         ys.append(h)
         prologue = stats[-1].affine
-    last, yd = stats[-1], None
+    last, yd, tail = stats[-1], None, {}
     if spec.shortcut_kind == PROJECTION:
         yd = unit(x, spec.num_units)
-        projection = stats[-1]
-        out = bn_k.bn_act(ys[-1], *last.affine, shortcut=(yd, *projection.affine))
+        tail["shortcut"] = tail_k.Projection(yd, *stats[-1].affine)
     elif spec.shortcut_kind in RESIDUAL_KINDS:
         s = spec.shortcut_stride
-        out = bn_k.bn_act(ys[-1], *last.affine, residual=x[:, :, ::s, ::s])
+        tail["residual"] = x[:, :, ::s, ::s]
+    if spec.tail == "attention":
+        out = tail_k.image_mean(ys[-1], stats_dtype(x))
     else:
-        out = bn_k.bn_act(ys[-1], *last.affine)
+        out = tail_k.bn_act(ys[-1], *last.affine, relu=spec.tail == "relu", row_scale=params.row_scale, **tail)
     return ChainOutputs(out, yd, ys[:spec.num_saved], stats, new_rms, new_rvs)
 
 
@@ -230,16 +340,29 @@ def chain_forward_shapes(x: Tensor, params: ChainParams, spec: ChainSpec) -> Cha
     stats = [BNStats(*(x.new_empty(w.shape[0], dtype=sdt) for _ in range(4))) for w in params.weights]
     new = [[None if t is None else torch.empty_like(t) for t in ts] for ts in (params.running_means,
                                                                                params.running_vars)]
-    return ChainOutputs(empty_activation(x, shape), yd, ys[:spec.num_saved], stats, *new)
+    out = x.new_empty(shape[:2], dtype=sdt) if spec.tail == "attention" else empty_activation(x, shape)
+    return ChainOutputs(out, yd, ys[:spec.num_saved], stats, *new)
 
 
-def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], ys: List[Tensor],
-                   weights: List[Tensor], gammas: List[Optional[Tensor]], stats: List[BNStats], spec: ChainSpec,
-                   needs: List[bool]) -> ChainGrads:
+def _attention_dy(y: Tensor, stats: BNStats, dy_fixed: Tensor, dmean: Optional[Tensor],
+                  dinvstd: Optional[Tensor], global_sums, nc: Optional[Tensor] = None) -> Tensor:
+    """d/dy of a BN input whose output's consumers handed back d/dy at fixed statistics, and the gradients
+    of the batch mean and invstd: dy = dy_fixed + nc[n, k] + dmean/M - xhat * dinvstd * invstd^2 / M
+    (invstd = (var + eps)^-1/2, so d invstd / dy = -invstd^3 (y - mean) / M)."""
+    sum_g = -dmean if dmean is not None else torch.zeros_like(stats.mean)
+    sum_gx = dinvstd * stats.invstd * stats.invstd if dinvstd is not None else torch.zeros_like(stats.mean)
+    return tail_k.bn_bwd_apply(dy_fixed, None, y, None, stats.mean, stats.invstd,
+                               *global_sums(y, sum_g, sum_gx), nc=nc, unit_gain=True)
+
+
+def chain_backward(dout: Optional[Tensor], tail_grads: Optional[AttentionGrads], saved: SavedChain,
+                   spec: ChainSpec, needs: List[bool]) -> ChainGrads:
     """The training backward of a chain (the body of fusedres::train_chain_backward).
-    needs: [x, *weights] requires_grad. yd, ys, stats: as chain_forward returned them."""
+    needs: [x, *weights] requires_grad. dout: the gradient of ``out``; tail_grads: an attention chain's."""
     units, kind, group = spec.num_units, spec.shortcut_kind, spec.group
-    ys = list(ys)
+    x, out, yd, weights, gammas, stats, row_scale = (saved.x, saved.out, saved.yd, saved.weights, saved.gammas,
+                                                     saved.stats, saved.row_scale)
+    ys = list(saved.ys)
     if len(ys) < units:  # recompute_last: the last unit's raw output again, same kernel and config as forward
         ys.append(conv_bn_stats(ys[-1] if ys else x, weights[units - 1], *spec.conv(units - 1),
                                 prologue=stats[units - 2].affine if ys else None).out)
@@ -262,54 +385,74 @@ def chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], y
             dgammas[i] = sum_gx.to(gammas[i].dtype, copy=True)
             dbetas[i] = sum_g.to(gammas[i].dtype, copy=True)
 
-    # Tail: g = dout gated by the chain's ReLU; the last BN's (and the projection's) backward.
+    # Tail: g = dout gated by the chain's ReLU (times row_scale on the branch); the last BN's (and the
+    # projection's) backward. An attention tail's own backward has run: its gradients come in tail_grads.
     last = units - 1
-    if kind == PROJECTION:
+    relu_out = out if spec.tail == "relu" else None
+    if spec.tail == "attention":
+        pixels = ys[-1].shape[2] * ys[-1].shape[3]
+        dy = _attention_dy(ys[-1], stats[last], tail_grads.dy, tail_grads.dmean, tail_grads.dinvstd, global_sums,
+                           None if dout is None else (dout / pixels).to(stats[last].mean.dtype))
+        if kind == PROJECTION:
+            def projection_dy():
+                return _attention_dy(yd, stats[units], tail_grads.dyd, tail_grads.dmean_d, tail_grads.dinvstd_d,
+                                     global_sums)
+    elif kind == PROJECTION:
         proj = stats[units]
-        sum_g, sum_gx, sum_gxd = bn_k.bn_bwd_reduce(dout, out, ys[-1], stats[last].mean, stats[last].invstd, yd,
-                                                    proj.mean, proj.invstd)
-        bn_grads(units, sum_g, sum_gxd)
-        bn_grads(last, sum_g, sum_gx)
-        sum_g, sum_gx, sum_gxd, count = global_sums(ys[-1], sum_g, sum_gx, sum_gxd)
+        sums = tail_k.bn_bwd_reduce(dout, relu_out, ys[-1], stats[last].mean, stats[last].invstd, yd,
+                                    proj.mean, proj.invstd, row_scale=row_scale)
+        bn_grads(units, sums.sum_g_d, sums.sum_gx_d)
+        bn_grads(last, sums.sum_g, sums.sum_gx)
+        sum_g, sum_gx, sum_g_d, sum_gx_d, count = global_sums(ys[-1], *sums)
+        dy = tail_k.bn_bwd_apply(dout, relu_out, ys[-1], gammas[last], stats[last].mean, stats[last].invstd, sum_g,
+                                 sum_gx, count, row_scale=row_scale)
+
+        def projection_dy():  # after the units' backward, as late as it is needed
+            return tail_k.bn_bwd_apply(dout, relu_out, yd, gammas[units], proj.mean, proj.invstd, sum_g_d, sum_gx_d,
+                                       count)
     else:
-        sum_g, sum_gx = bn_k.bn_bwd_reduce(dout, out, ys[-1], stats[last].mean, stats[last].invstd)
-        bn_grads(last, sum_g, sum_gx)
-        sum_g, sum_gx, count = global_sums(ys[-1], sum_g, sum_gx)
-    dy = bn_k.bn_bwd_apply(dout, out, ys[-1], gammas[last], stats[last].mean, stats[last].invstd, sum_g, sum_gx,
-                           count)
+        sums = tail_k.bn_bwd_reduce(dout, relu_out, ys[-1], stats[last].mean, stats[last].invstd,
+                                    row_scale=row_scale)
+        bn_grads(last, sums.sum_g, sums.sum_gx)
+        sum_g, sum_gx, count = global_sums(ys[-1], sums.sum_g, sums.sum_gx)
+        dy = tail_k.bn_bwd_apply(dout, relu_out, ys[-1], gammas[last], stats[last].mean, stats[last].invstd, sum_g,
+                                 sum_gx, count, row_scale=row_scale)
 
     dx = None
     for i in range(last, -1, -1):
         geo = spec.conv(i)
         conv_in = ys[i - 1] if i > 0 else x
         if needs[1 + i]:
-            dweights[i] = conv_bwd.conv_wgrad(dy, conv_in, weights[i], *geo,
+            dweights[i] = conv_wgrad(dy, conv_in, weights[i], *geo,
                                               prologue=stats[i - 1].affine if i > 0 else None)
         if i > 0:
             prev = stats[i - 1]
-            d = conv_bwd.conv_dgrad_bn(dy, weights[i], conv_in.shape, *geo,
+            d = conv_dgrad_bn(dy, weights[i], conv_in.shape, *geo,
                                        (conv_in, prev.scale, prev.shift, prev.mean, prev.invstd))
             bn_grads(i - 1, d.sum_g, d.sum_gxhat)
-            dy = bn_k.bn_bwd_apply(d.dx, None, conv_in, gammas[i - 1], prev.mean, prev.invstd,
-                                   *global_sums(conv_in, d.sum_g, d.sum_gxhat))
+            dy = tail_k.bn_bwd_apply(d.dx, None, conv_in, gammas[i - 1], prev.mean, prev.invstd,
+                                     *global_sums(conv_in, d.sum_g, d.sum_gxhat))
         elif needs[0]:
-            residual = (dout, out, spec.shortcut_stride) if kind in RESIDUAL_KINDS else None
-            dx = conv_bwd.conv_dgrad(dy, weights[0], x.shape, *geo, residual=residual)
+            residual = (dout, relu_out, spec.shortcut_stride) if kind in RESIDUAL_KINDS and spec.tail != "attention" \
+                else None
+            dx = conv_dgrad(dy, weights[0], x.shape, *geo, residual=residual)
 
     if kind == PROJECTION:
-        dyd = bn_k.bn_bwd_apply(dout, out, yd, gammas[units], proj.mean, proj.invstd, sum_g, sum_gxd, count)
-        geo = spec.conv(units)
+        dyd, geo = projection_dy(), spec.conv(units)
         if needs[1 + units]:
-            dweights[units] = conv_bwd.conv_wgrad(dyd, x, weights[units], *geo)
+            dweights[units] = conv_wgrad(dyd, x, weights[units], *geo)
         if needs[0]:
-            dx = conv_bwd.conv_dgrad(dyd, weights[units], x.shape, *geo, residual=(dx, None, 1), out=dx)
+            dx = conv_dgrad(dyd, weights[units], x.shape, *geo, residual=(dx, None, 1), out=dx)
     return ChainGrads(dx, dweights, dgammas, dbetas)
 
 
-def chain_backward_shapes(dout: Tensor, x: Tensor, weights: Sequence[Tensor], gammas: Sequence[Optional[Tensor]],
-                          needs: Sequence[bool]) -> ChainGrads:
-    """Empty tensors shaped like chain_backward's result (the fake of fusedres::train_chain_backward)."""
-    return ChainGrads(empty_activation(dout, x.shape) if needs[0] else None,
+def chain_backward_shapes(x: Tensor, weights: Sequence[Tensor], gammas: Sequence[Optional[Tensor]],
+                          needs: Sequence[bool], spec: ChainSpec) -> ChainGrads:
+    """Empty tensors shaped like chain_backward's result (the fake of fusedres::train_chain_backward). An
+    attention chain gives no gradient to its tail BNs' gamma and beta: attention_tail does."""
+    tail_bns = range(spec.num_units - 1, spec.num_layers) if spec.tail == "attention" else ()
+    affine = [None if g is None or i in tail_bns else g for i, g in enumerate(gammas)]
+    return ChainGrads(empty_activation(x, x.shape) if needs[0] else None,
                       [torch.empty_like(w) if need else None for w, need in zip(weights, needs[1:])],
-                      [None if g is None else torch.empty_like(g) for g in gammas],
-                      [None if g is None else torch.empty_like(g) for g in gammas])
+                      [None if g is None else torch.empty_like(g) for g in affine],
+                      [None if g is None else torch.empty_like(g) for g in affine])

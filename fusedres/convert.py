@@ -154,8 +154,7 @@ def _block_line(module: nn.Module) -> Optional[Tuple[str, str]]:
         if reason:
             return "eager", reason
         n, eager = eval_launches(module)
-        return ("partly fused" if eager and "attention" in eager else "fused"), \
-            f"{n} launch(es) (eval)" + (f"; eager: {eager}" if eager else "")
+        return "fused", f"{n} launch(es) (eval)" + (f"; eager: {eager}" if eager else "")
     if isinstance(module, (FusedBasicBlock, FusedBottleneck)):
         reason = unfusable_reason(module)
         return ("eager", reason) if reason else ("fused", f"{len(module._units_names)} launch(es) (eval)")

@@ -3,6 +3,8 @@
     fusedres::conv_bn_act            eval-mode conv + folded BN + residual / projection + ReLU
     fusedres::train_chain            a training-mode conv/BN chain (a block or the stem), forward
     fusedres::train_chain_backward   its backward
+    fusedres::attention_tail         an attention block's tail (SE / ECA gate, stochastic depth, shortcut, ReLU)
+    fusedres::attention_tail_backward  its backward
 
 Each has a fake (meta) implementation, so torch.compile / torch.export trace them without running
 them, and a registered autograd formula. They are opaque ``custom_op``s rather than ``triton_op``s:
@@ -16,8 +18,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import chain, kernels
-from .chain import BNStats, ChainGrads, ChainOutputs, ChainParams, ChainSpec
+from . import attention, chain, kernels
+from .attention import TailInputs
+from .chain import BNStats, ChainGrads, ChainOutputs, ChainParams, ChainSpec, SavedChain
+from .kernels import tail as tail_k
 from .kernels._launch import empty_activation
 
 # ----------------------------------------------------------------------------------------------
@@ -62,14 +66,50 @@ conv_bn_act.register_autograd(_conv_bn_act_backward)
 
 
 # ----------------------------------------------------------------------------------------------
+# fusedres::image_mean and fusedres::gated_tail: an attention block's eval tail
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fusedres::image_mean", mutates_args=())
+def image_mean(y: Tensor) -> Tensor:
+    """[N, K]: the global average pool of y [N, K, P, Q]."""
+    return tail_k.image_mean(y)
+
+
+@image_mean.register_fake
+def _image_mean_fake(y):
+    return y.new_empty(y.shape[:2])
+
+
+@torch.library.custom_op("fusedres::gated_tail", mutates_args=())
+def gated_tail(branch: Tensor, gate: Tensor, shortcut: Tensor, relu: bool) -> Tensor:
+    """relu(branch * gate[n, k] + shortcut) in one pass."""
+    return tail_k.bn_act(branch, None, None, residual=shortcut, relu=relu, attn=gate.contiguous())
+
+
+@gated_tail.register_fake
+def _gated_tail_fake(branch, *args):
+    return empty_activation(branch, branch.shape)
+
+
+def _eval_only(ctx, *grads):
+    raise NotImplementedError(
+        "fusedres: backward through an eval-mode fused attention tail is not implemented. Call model.train() to "
+        "train with batch statistics, or run inference under torch.no_grad() / torch.inference_mode().")
+
+
+image_mean.register_autograd(_eval_only)
+gated_tail.register_autograd(_eval_only)
+
+
+# ----------------------------------------------------------------------------------------------
 # fusedres::train_chain and fusedres::train_chain_backward
 # ----------------------------------------------------------------------------------------------
 # Schema (the argument names are those of chain.ChainParams and chain.ChainSpec, in that order):
-#   train_chain(x, weights, gammas, betas, running_means, running_vars, num_batches,
-#               geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group)
+#   train_chain(x, weights, gammas, betas, running_means, running_vars, num_batches, row_scale,
+#               geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group, tail)
 #     -> ChainOutputs.pack(): [out, yd, *ys, *per-BN (mean, invstd, scale, shift), *per-BN (new running
 #        mean, new running var)]
-#   train_chain_backward(dout, x, out, yd, ys, weights, gammas, stats, needs, <the ChainSpec fields>)
+#   train_chain_backward(dout, attention_grads, saved (chain.SavedChain's fields), needs, <ChainSpec>)
 #     -> ChainGrads.pack(): [dx, *per-layer (dw, dgamma, dbeta)]
 # Lists hold one entry per layer (the units' convs, then the projection's); a missing result tensor is
 # packed as an empty 1-D tensor (chain.absent).
@@ -77,70 +117,69 @@ conv_bn_act.register_autograd(_conv_bn_act_backward)
 @torch.library.custom_op("fusedres::train_chain", mutates_args=())
 def train_chain(x: Tensor, weights: List[Tensor], gammas: List[Optional[Tensor]], betas: List[Optional[Tensor]],
                 running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]],
-                num_batches: List[Optional[Tensor]], geometry: List[int], momentums: List[float], eps: List[float],
-                shortcut_kind: str, shortcut_stride: int, recompute_last: bool, group: int) -> List[Tensor]:
-    params = ChainParams(weights, gammas, betas, running_means, running_vars, num_batches)
-    spec = ChainSpec(geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group)
+                num_batches: List[Optional[Tensor]], row_scale: Optional[Tensor], geometry: List[int],
+                momentums: List[float], eps: List[float], shortcut_kind: str, shortcut_stride: int,
+                recompute_last: bool, group: int, tail: str) -> List[Tensor]:
+    params = ChainParams(weights, gammas, betas, running_means, running_vars, num_batches, row_scale)
+    spec = ChainSpec(geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group, tail)
     return chain.chain_forward(x, params, spec).pack()
 
 
+_NUM_PARAMS = len(ChainParams._fields)
+
+
 @train_chain.register_fake
-def _train_chain_fake(x, weights, gammas, betas, running_means, running_vars, num_batches, *spec):
-    params = ChainParams(weights, gammas, betas, running_means, running_vars, num_batches)
-    return chain.chain_forward_shapes(x, params, ChainSpec(*spec)).pack()
+def _train_chain_fake(x, *args):
+    params, spec = ChainParams(*args[:_NUM_PARAMS]), ChainSpec(*args[_NUM_PARAMS:])
+    return chain.chain_forward_shapes(x, params, spec).pack()
 
 
 def _train_chain_setup(ctx, inputs, output):
-    x, weights, gammas, betas, running_means, running_vars, num_batches, *spec = inputs
-    spec = ChainSpec(*spec)
+    x, *args = inputs
+    params, spec = ChainParams(*args[:_NUM_PARAMS]), ChainSpec(*args[_NUM_PARAMS:])
     res = ChainOutputs.unpack(output, spec.num_layers)
-    ctx.spec = spec
-    ctx.num_saved = len(res.ys)
-    ctx.needs = [x.requires_grad] + [w.requires_grad for w in weights]
-    ctx.has_gamma = [g is not None for g in gammas]
-    # The gradient of a list input mirrors its structure: torch.library treats a list holding only
-    # None as one leaf (its gradient is None), any other list as a list (a list of gradients).
-    ctx.leaf_lists = [all(t is None for t in lst) for lst in (gammas, betas, running_means, running_vars,
-                                                                num_batches)]
-    ctx.save_for_backward(x, res.out, res.yd, *res.ys, *weights, *[g for g in gammas if g is not None],
-                          *BNStats.flatten(res.stats))
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.spec, ctx.lists = spec, ChainGrads.lists_of(params)
+    ctx.needs = [x.requires_grad] + [w.requires_grad for w in params.weights]
+    saved = SavedChain(x, res.out, res.yd, res.ys, params.weights, params.gammas, res.stats, params.row_scale)
+    leaves, ctx.structure = saved.flatten()
+    ctx.save_for_backward(*leaves)
+    keep = {id(t) for t in res.differentiable(spec)}
+    ctx.mark_non_differentiable(*(t for t in output if id(t) not in keep))
     ctx.set_materialize_grads(False)  # the outputs other than ``out`` get no gradient: no zeros for them
 
 
 def _train_chain_backward(ctx, grads):
-    spec, n = ctx.spec, ctx.spec.num_layers
-    x, out, yd, *rest = ctx.saved_tensors
-    ys, weights, rest = rest[:ctx.num_saved], rest[ctx.num_saved:ctx.num_saved + n], rest[ctx.num_saved + n:]
-    gamma_iter = iter(rest[:sum(ctx.has_gamma)])
-    gammas = [next(gamma_iter) if has else None for has in ctx.has_gamma]
-    stats = rest[sum(ctx.has_gamma):]
-    dout = grads[0]
-    if dout is None:
-        g = ChainGrads(None, [None] * n, [None] * n, [None] * n)
+    spec = ctx.spec
+    grads = ChainOutputs.unpack(list(grads), spec.num_layers)
+    tail = chain.AttentionGrads.of(grads, spec) if spec.tail == "attention" else chain.AttentionGrads(*[None] * 6)
+    if grads.out is None and all(t is None for t in tail):
+        g = ChainGrads(None, *[[None] * spec.num_layers] * 3)
     else:
+        saved = SavedChain.unflatten(ctx.saved_tensors, ctx.structure)
         g = ChainGrads.unpack(torch.ops.fusedres.train_chain_backward(
-            dout, x, out, yd, list(ys), list(weights), gammas, list(stats), ctx.needs, *spec))
-    lists = [g.dgammas, g.dbetas, [None] * n, [None] * n, [None] * n]
-    return (g.dx, g.dweights, *(None if leaf else lst for leaf, lst in zip(ctx.leaf_lists, lists)),
-            *(None for _ in spec))
+            grads.out, list(tail), *saved[:-2], BNStats.flatten(saved.stats), saved.row_scale, ctx.needs, *spec))
+    return (g.dx, *g.params(ctx.lists), *(None for _ in spec))
 
 
 train_chain.register_autograd(_train_chain_backward, setup_context=_train_chain_setup)
 
 
 @torch.library.custom_op("fusedres::train_chain_backward", mutates_args=())
-def train_chain_backward(dout: Tensor, x: Tensor, out: Tensor, yd: Optional[Tensor], ys: List[Tensor],
-                         weights: List[Tensor], gammas: List[Optional[Tensor]], stats: List[Tensor],
-                         needs: List[bool], geometry: List[int], momentums: List[float], eps: List[float],
-                         shortcut_kind: str, shortcut_stride: int, recompute_last: bool, group: int) -> List[Tensor]:
-    spec = ChainSpec(geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group)
-    return chain.chain_backward(dout, x, out, yd, ys, weights, gammas, BNStats.unflatten(stats), spec, needs).pack(x)
+def train_chain_backward(dout: Optional[Tensor], attention_grads: List[Optional[Tensor]], x: Tensor, out: Tensor,
+                         yd: Optional[Tensor], ys: List[Tensor], weights: List[Tensor], gammas: List[Optional[Tensor]],
+                         stats: List[Tensor], row_scale: Optional[Tensor], needs: List[bool], geometry: List[int],
+                         momentums: List[float], eps: List[float], shortcut_kind: str, shortcut_stride: int,
+                         recompute_last: bool, group: int, tail: str) -> List[Tensor]:
+    spec = ChainSpec(geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group, tail)
+    saved = SavedChain(x, out, yd, ys, weights, gammas, BNStats.unflatten(stats), row_scale)
+    tail_grads = chain.AttentionGrads(*attention_grads) if tail == "attention" else None
+    return chain.chain_backward(dout, tail_grads, saved, spec, needs).pack(x)
 
 
 @train_chain_backward.register_fake
-def _train_chain_backward_fake(dout, x, out, yd, ys, weights, gammas, stats, needs, *spec):
-    return chain.chain_backward_shapes(dout, x, weights, gammas, needs).pack(x)
+def _train_chain_backward_fake(dout, attention_grads, x, out, yd, ys, weights, gammas, stats, row_scale, needs,
+                               *spec):
+    return chain.chain_backward_shapes(x, weights, gammas, needs, ChainSpec(*spec)).pack(x)
 
 
 def _no_double_backward(ctx, grads):
@@ -148,3 +187,57 @@ def _no_double_backward(ctx, grads):
 
 
 train_chain_backward.register_autograd(_no_double_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# fusedres::attention_tail and fusedres::attention_tail_backward
+# ----------------------------------------------------------------------------------------------
+# attention_tail(<attention.TailInputs fields>, relu) -> out
+# attention_tail_backward(dout, out, <TailInputs fields>, relu) -> a gradient per TailInputs field (absent
+# where there is none)
+
+@torch.library.custom_op("fusedres::attention_tail", mutates_args=())
+def attention_tail(y: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                   attn: Tensor, row_scale: Optional[Tensor], residual: Optional[Tensor], yd: Optional[Tensor],
+                   mean_d: Optional[Tensor], invstd_d: Optional[Tensor], gamma_d: Optional[Tensor],
+                   beta_d: Optional[Tensor], relu: bool) -> Tensor:
+    return attention.tail_forward(TailInputs(y, mean, invstd, gamma, beta, attn, row_scale, residual, yd, mean_d,
+                                             invstd_d, gamma_d, beta_d), relu)
+
+
+@attention_tail.register_fake
+def _attention_tail_fake(y, *args):
+    return empty_activation(y, y.shape)
+
+
+def _attention_tail_setup(ctx, inputs, output):
+    *tensors, ctx.relu = inputs
+    ctx.save_for_backward(output, *tensors)
+
+
+def _attention_tail_backward(ctx, dout):
+    out, *tensors = ctx.saved_tensors
+    grads = torch.ops.fusedres.attention_tail_backward(dout, out, *tensors, ctx.relu)
+    return (*(chain.present(g) for g in grads), None)
+
+
+attention_tail.register_autograd(_attention_tail_backward, setup_context=_attention_tail_setup)
+
+
+@torch.library.custom_op("fusedres::attention_tail_backward", mutates_args=())
+def attention_tail_backward(dout: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
+                            gamma: Optional[Tensor], beta: Optional[Tensor], attn: Tensor, row_scale: Optional[Tensor],
+                            residual: Optional[Tensor], yd: Optional[Tensor], mean_d: Optional[Tensor],
+                            invstd_d: Optional[Tensor], gamma_d: Optional[Tensor], beta_d: Optional[Tensor],
+                            relu: bool) -> List[Tensor]:
+    t = TailInputs(y, mean, invstd, gamma, beta, attn, row_scale, residual, yd, mean_d, invstd_d, gamma_d, beta_d)
+    return [chain.absent(y) if g is None else g for g in attention.tail_backward(dout, out, t, relu)]
+
+
+@attention_tail_backward.register_fake
+def _attention_tail_backward_fake(dout, out, *args):
+    t = TailInputs(*args[:-1])
+    return [chain.absent(t.y) if g is None else g for g in attention.tail_backward_shapes(t)]
+
+
+attention_tail_backward.register_autograd(_no_double_backward)

@@ -8,33 +8,23 @@ downsample is a 1x1 conv + BN projection or resnet-D's ``AvgPool2d(2, 2)`` (or I
 * Plain blocks run the fused chain of ``fusedres.blocks`` (eval: 2 / 3 launches). resnet-D's average pool
   stays an eager pre-op of the shortcut in eval; in training "2x2 average, then 1x1 conv" runs as one 2x2
   stride-2 conv with the weight / 4 inside the chain (exact when the input height and width are even).
-* Blocks with an attention module (``se``: timm's SE / ECA / ...) or an active ``drop_path`` (training,
-  rate > 0) run the *split* path: the head convs fused as usual, the last conv + BN fused without ReLU,
-  then the block's own ``se`` and ``drop_path`` modules eagerly (so drop_path draws its mask from
-  PyTorch's RNG exactly as timm does), and an eager ``relu(branch + shortcut)``; the projection shortcut is
-  one fused conv + BN. In training the last conv + BN is ``conv_bn_train`` below (Triton kernels, forward
-  and backward). Not fused there: the attention, the per-sample mask multiply and the add + ReLU tail.
+* Stochastic depth (``drop_path``, active in training): the block's own DropPath module draws the
+  per-sample factor (the same RNG draws as timm's forward) and the tail kernel applies it to the branch.
+* Attention (``se``: timm's SE or ECA module): the pooled branch goes through the module's own layers
+  (``fusedres.attention.attention_gate``) and ``relu(bn(y) * gate + shortcut)`` is one kernel; in training
+  the chain's tail is deferred to ``fusedres::attention_tail``, forward and backward in Triton. Other
+  attention modules run the block as timm does (announced).
+Every training path is the one chain route of ``fusedres.training.train_forward``.
 """
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import _dispatch, _sync, kernels
+from . import _dispatch
 from . import _validate as check
-from ._autocast import cast_for_autocast
-from .blocks import (
-    FUSED_NORMS,
-    _bn_mode,
-    _FusedBlockMixin,
-    _projection,
-    eval_bn,
-    packed_weight,
-    pairs_reason,
-    sync_group,
-)
-from .kernels import bn as bn_k
-from .kernels import conv_bwd
+from .attention import attention_gate, gate_reason
+from .blocks import _bn_mode, _FusedBlockMixin, _projection, eval_bn, packed_weight, pairs_reason
 from .training import Shortcut, train_forward
 
 _REQUIRED = {"BasicBlock": {"conv1", "bn1", "act1", "conv2", "bn2", "act2"},
@@ -82,6 +72,9 @@ def timm_block_reason(block: nn.Module) -> Optional[str]:
     dp = getattr(block, "drop_path", None)
     if dp is not None and not isinstance(dp, nn.Identity) and not hasattr(dp, "drop_prob"):
         return f"its drop_path ({type(dp).__name__}) is not timm's DropPath"
+    se = children.get("se")
+    if se is not None and gate_reason(se) is not None:
+        return gate_reason(se)
     pairs = [(children[f"conv{i}"], children[f"bn{i}"]) for i in "123" if f"conv{i}" in children]
     ds = getattr(block, "downsample", None)
     if ds is not None:
@@ -104,45 +97,6 @@ class _AvgThenConv:
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
 
 
-class _ConvBNTrain(torch.autograd.Function):
-    """bn(conv(x)) with batch statistics and no ReLU, on the Triton kernels (running stats updated)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, gamma, beta, geo, bn_state):
-        stride, padding, dilation, groups = geo
-        y, part_mean, part_m2, tile_m = kernels.conv.conv_bn_stats(x, weight, stride, padding, dilation, groups)
-        mean, invstd, scale, shift = bn_k.bn_finalize(part_mean, part_m2, tile_m, y.shape[0] * y.shape[2] * y.shape[3],
-                                                      gamma, beta, *bn_state)
-        ctx.geo = geo
-        ctx.save_for_backward(x, weight, gamma, y, mean, invstd)
-        return bn_k.bn_act(y, scale, shift, relu=False)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, gamma, y, mean, invstd = ctx.saved_tensors
-        sum_g, sum_gx = bn_k.bn_bwd_reduce(dout, None, y, mean, invstd)
-        dy = bn_k.bn_bwd_apply(dout, None, y, gamma, mean, invstd, sum_g, sum_gx)
-        dx = conv_bwd.conv_dgrad(dy, weight, x.shape, *ctx.geo) if ctx.needs_input_grad[0] else None
-        dw = conv_bwd.conv_wgrad(dy, x, weight, *ctx.geo) if ctx.needs_input_grad[1] else None
-        dgamma = sum_gx.to(gamma.dtype, copy=True) if gamma is not None and ctx.needs_input_grad[2] else None
-        dbeta = sum_g.to(gamma.dtype, copy=True) if gamma is not None and ctx.needs_input_grad[3] else None
-        return dx, dw, dgamma, dbeta, None, None
-
-
-def conv_bn_train(op: str, x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
-    """Training-mode bn(conv(x)) (batch statistics, running statistics updated like nn.BatchNorm2d), no ReLU."""
-    x, weight = cast_for_autocast(x, conv.weight)
-    check.conv_weight(op, "weight", weight, x, conv.groups)
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    if update and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    momentum = None if bn.momentum is None else float(bn.momentum)
-    state = ((bn.running_mean, bn.running_var, bn.num_batches_tracked, momentum, float(bn.eps)) if update
-             else (None, None, None, 0.0, float(bn.eps)))
-    geo = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
-    return _ConvBNTrain.apply(x, weight, bn.weight, bn.bias, geo, state)
-
-
 class _TimmBlockMixin(_FusedBlockMixin):
     """The fused forward for timm's blocks (see the module docstring); falls back to timm's own forward."""
 
@@ -150,12 +104,10 @@ class _TimmBlockMixin(_FusedBlockMixin):
     process_group = None
     recompute_last_conv = False
 
-    def _drop_path_active(self) -> bool:
+    def _drop_path(self) -> Optional[nn.Module]:
+        """The block's DropPath when it drops anything (training, rate > 0), else None."""
         dp = getattr(self, "drop_path", None)
-        return dp is not None and dp.training and float(getattr(dp, "drop_prob", 0.0)) > 0.0
-
-    def _split(self) -> bool:
-        return getattr(self, "se", None) is not None or self._drop_path_active()
+        return dp if dp is not None and dp.training and float(getattr(dp, "drop_prob", 0.0)) > 0.0 else None
 
     def _fallback_reason(self, x: Tensor) -> Optional[str]:
         if not isinstance(x, Tensor):
@@ -164,16 +116,21 @@ class _TimmBlockMixin(_FusedBlockMixin):
         mode = _bn_mode(self) if reason is None else None
         if mode == "mixed":
             return "the block's BatchNorm layers mix batch statistics and running statistics (train/eval modes)"
-        if mode == "train" and not self._split():
+        if mode == "train":
             proj = pooled_projection(self.downsample) if self.downsample is not None else None
             if proj is not None and proj[0] is not None and (x.shape[2] % 2 or x.shape[3] % 2):
                 return "resnet-D's average-pool shortcut is fused in training for even input sizes only"
         return reason
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, Tensor) and self._split() and self._fallback_reason(x) is None:
-            return self._split_forward(x)
-        return _FusedBlockMixin.forward(self, x)
+        reason = self._fallback_reason(x)
+        if reason is not None or _bn_mode(self) == "train" or getattr(self, "se", None) is None:
+            return _FusedBlockMixin.forward(self, x)  # falls back (announced) itself when reason is set
+        return self._attention_eval(x)
+
+    def _train(self, x: Tensor, shortcut: Shortcut, group: int) -> Tensor:
+        return train_forward(type(self).__name__, x, self._units(), shortcut, self.recompute_last_conv, group,
+                             drop_path=self._drop_path(), attention=getattr(self, "se", None))
 
     def _shortcut(self) -> Shortcut:
         if self.downsample is None:
@@ -191,34 +148,22 @@ class _TimmBlockMixin(_FusedBlockMixin):
         return {"shortcut_input": x if pool is None else pool(x), "shortcut_weight": packed_weight(conv),
                 "shortcut_bn": eval_bn(conv, bn), "shortcut_stride": conv.stride[0]}
 
-    def _split_forward(self, x: Tensor) -> Tensor:
-        """Fused convs, eager attention / drop_path / add + ReLU (see the module docstring)."""
-        what = type(self).__name__
+    def _attention_eval(self, x: Tensor) -> Tensor:
+        """Eval: the convs with folded BN (the branch's last one without ReLU), the projection as its own
+        conv, then pool -> gate -> ``relu(branch * gate + shortcut)`` in one kernel."""
         *head, (conv, bn) = self._units()
-        proj = pooled_projection(self.downsample) if self.downsample is not None else None
-        if _bn_mode(self) == "train":
-            bns = [m for m in self.modules() if type(m) in FUSED_NORMS]
-            group = sync_group(bns)
-            if group != _sync.NO_GROUP:
-                _dispatch.fallback(what, group if isinstance(group, str) else
-                                   "synchronized BatchNorm is not fused in attention / drop_path blocks")
-                return super(_FusedBlockMixin, self).forward(x)
-            h = train_forward(what, x, head, Shortcut("none"))
-            branch = conv_bn_train(what, h, conv, bn)
-            shortcut = x if proj is None else conv_bn_train(what, x if proj[0] is None else proj[0](x), *proj[1:])
+        h = x
+        for c, b in head:
+            h = self._conv(h, c, b)
+        branch = self._conv(h, conv, bn, relu=False)
+        if self.downsample is None:
+            check.identity_channels(type(self).__name__, x, branch.shape[1])
+            shortcut = x
         else:
-            h = x
-            for c, b in head:
-                h = self._conv(h, c, b)
-            branch = self._conv(h, conv, bn, relu=False)
-            shortcut = x if proj is None else self._conv(x if proj[0] is None else proj[0](x), *proj[1:], relu=False)
-        if getattr(self, "se", None) is not None:
-            branch = self.se(branch)
-        if self._drop_path_active():
-            branch = self.drop_path(branch)
-        if proj is None:
-            check.identity_channels(what, x, branch.shape[1])
-        return torch.relu(branch + shortcut)
+            pool, c, b = pooled_projection(self.downsample)
+            shortcut = self._conv(x if pool is None else pool(x), c, b, relu=False)
+        gate = attention_gate(self.se, torch.ops.fusedres.image_mean(branch))
+        return torch.ops.fusedres.gated_tail(branch, gate, shortcut, True)
 
 
 _CLASSES: Dict[type, type] = {}
@@ -229,13 +174,13 @@ def swap_timm_block(block: nn.Module) -> Optional[str]:
     reason = timm_block_reason(block)
     if reason is not None:
         return reason
+    from ._pickle import fused_class  # one cache for the process; the class pickles by its recipe
+
     cls = type(block)
-    new = _CLASSES.get(cls)
-    if new is None:
-        units = ("1", "2", "3") if cls.__name__ == "Bottleneck" else ("1", "2")
-        new = _CLASSES[cls] = type(f"FusedTimm{cls.__name__}", (_TimmBlockMixin, cls),
-                                   {"__module__": __name__, "_units_names": units,
-                                    "recompute_last_conv": len(units) == 3})  # as FusedBottleneck
+    units = ("1", "2", "3") if cls.__name__ == "Bottleneck" else ("1", "2")
+    new = fused_class(_TimmBlockMixin, cls, f"FusedTimm{cls.__name__}",
+                      {"__module__": __name__, "_units_names": units,
+                       "recompute_last_conv": len(units) == 3})  # as FusedBottleneck
     try:
         block.__class__ = new
     except TypeError as exc:
@@ -250,6 +195,6 @@ def eval_launches(block: nn.Module) -> Tuple[int, str]:
     if block.downsample is not None and pooled_projection(block.downsample)[0] is not None:
         eager.append("shortcut avg-pool")
     if getattr(block, "se", None) is not None:
-        n += 1 if block.downsample is not None else 0  # the projection is a launch of its own there
-        eager += [f"attention {type(block.se).__name__}", "add + ReLU tail"]
+        n += 2 + (block.downsample is not None)  # pool and tail; the projection is a launch of its own there
+        eager.append(f"the {type(block.se).__name__} layers on the pooled [N, C]")
     return n, ", ".join(eager)

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from . import _sync, kernels, ops
 from . import _validate as check
 from ._autocast import cast_for_autocast
-from .chain import PROJECTION, RESIDUAL_KINDS, ChainOutputs, ChainParams, ChainSpec, geometry_of
+from .attention import attention_gate, pooled_bn
+from .chain import PROJECTION, RESIDUAL_KINDS, BNState, ChainOutputs, ChainParams, ChainSpec
 from .kernels._launch import empty_activation
 
 
@@ -27,15 +28,21 @@ class Shortcut(NamedTuple):
 
 
 def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]], shortcut: Shortcut,
-                  recompute_last: bool = False, group: int = _sync.NO_GROUP) -> Tensor:
-    """Run a training-mode conv/BN chain (a block, or the stem with Shortcut("none")) on the fused kernels.
+                  recompute_last: bool = False, group: int = _sync.NO_GROUP, activation: str = "relu",
+                  drop_path: Optional[nn.Module] = None, attention: Optional[nn.Module] = None) -> Tensor:
+    """Run a training-mode conv/BN chain (a block, or the stem with Shortcut("none")) on the fused kernels:
+    ``act(attention(bn_L(y_L)) * drop_path + shortcut)``, every fused training path's one route.
 
     Recompute_last: do not save the last conv's raw output but recompute it in backward from the saved
     previous one, or from the input for a one-unit chain (one more forward conv: for a bottleneck's 1x1
     conv3 about 8% of a training step's FLOPs, for the 7x7 stem about 3%, for less activation memory).
     Running statistics update as nn.BatchNorm2d's do: in training mode, when the BN tracks them.
     group: a fusedres._sync group number to synchronize the batch statistics over (nn.SyncBatchNorm's
-    semantics), or NO_GROUP."""
+    semantics), or NO_GROUP. activation: "relu" or "none" at the end.
+    drop_path: stochastic depth (timm's DropPath, active): the module itself draws the per-sample factor
+    from PyTorch's RNG as it would for the branch, and the tail kernel applies it.
+    attention: an SE / ECA module (``attention.gate_reason`` is None): its gate of the pooled branch scales
+    the branch in the tail (``fusedres::attention_tail``)."""
     check.floating_input(op, x)
     layers = list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == PROJECTION else [])
     x, *weights = cast_for_autocast(x, *[conv.weight for conv, _ in layers])
@@ -44,26 +51,44 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
         check.tensor(op, "weight", w, 4, x.device, x.dtype)
     out_shape = _check_shapes(op, x, units, shortcut)
     bns = [bn for _, bn in layers]
-    updates = [bn.training and bn.track_running_stats and bn.running_mean is not None for bn in bns]
-    for bn, update in zip(bns, updates):
-        if update and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
+    states = [BNState.of(bn) for bn in bns]
+    count_batches([bn for bn, s in zip(bns, states) if s.updates])
     if x.shape[0] == 0:
         return _empty_batch(x, weights + [t for bn in bns for t in (bn.weight, bn.bias)], out_shape)
-    params = ChainParams(weights, [bn.weight for bn in bns], [bn.bias for bn in bns],
-                         [bn.running_mean if u else None for bn, u in zip(bns, updates)],
-                         [bn.running_var if u else None for bn, u in zip(bns, updates)],
-                         [bn.num_batches_tracked if u and bn.momentum is None else None for bn, u in zip(bns, updates)])
-    spec = ChainSpec([g for c, _ in layers for g in geometry_of(c)],
-                     [-1.0 if bn.momentum is None else float(bn.momentum) for bn in bns], [float(bn.eps) for bn in bns],
-                     shortcut.kind, shortcut.stride, recompute_last, group)
+    row_scale = None
+    if drop_path is not None:  # the factor drop_path(branch) multiplies the branch by, drawn as it would be
+        row_scale = drop_path(x.new_ones((x.shape[0], 1, 1, 1))).view(-1)
+    tail = "attention" if attention is not None else activation
+    params = ChainParams.build(weights, states, row_scale)
+    spec = ChainSpec.build([c for c, _ in layers], states, shortcut.kind, shortcut.stride, recompute_last, group, tail)
     res = ChainOutputs.unpack(ops.train_chain(x, *params, *spec), len(layers))
-    with torch.no_grad():  # the op returns new running statistics (it mutates nothing): into the buffers
-        for bn, update, mean, var in zip(bns, updates, res.running_means, res.running_vars):
-            if update:
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-    return res.out
+    write_running_stats([s for s in states if s.updates], [m for m in res.running_means if m is not None],
+                        [v for v in res.running_vars if v is not None])
+    if attention is None:
+        return res.out
+    last, bn = res.stats[len(units) - 1], units[-1][1]
+    gate = attention_gate(attention, pooled_bn(res.out, last.mean, last.invstd, bn.weight, bn.bias).to(x.dtype))
+    proj = [None] * 5
+    if shortcut.kind == PROJECTION:
+        proj = [res.yd, res.stats[-1].mean, res.stats[-1].invstd, shortcut.bn.weight, shortcut.bn.bias]
+    return ops.attention_tail(res.ys[-1], last.mean, last.invstd, bn.weight, bn.bias, gate, row_scale,
+                              x if shortcut.kind == "identity" else None, *proj, activation == "relu")
+
+
+def count_batches(bns: Sequence[nn.BatchNorm2d]) -> None:
+    """num_batches_tracked += 1 for each BN that updates its running statistics (nn.BatchNorm2d's rule),
+    before the op: the cumulative average (momentum None) reads the incremented count."""
+    counters = [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
+    if counters:
+        torch._foreach_add_(counters, 1)
+
+
+def write_running_stats(states: Sequence[BNState], means: Sequence[Tensor], variances: Sequence[Tensor]) -> None:
+    """The op's new running statistics into the modules' buffers (it mutates nothing itself): one launch."""
+    if states:
+        with torch.no_grad():
+            torch._foreach_copy_([t for s in states for t in (s.running_mean, s.running_var)],
+                                 [t for pair in zip(means, variances) for t in pair])
 
 
 def _empty_batch(x: Tensor, params, out_shape) -> Tensor:

@@ -1,14 +1,16 @@
-"""Batch-norm kernels of the training path: statistics finalize, the block tail, and BN backward.
+"""Batch-norm statistics of the training path: the finalize (batch statistics, running statistics) and the
+deterministic column sums the backward reductions end in (the block tail and BN backward: ``tail.py``).
 
 All work on [pixels, channels] tiles of logical [N, C, P, Q] tensors through their strides
 (see ``_tiles``); per-channel math is fp32 (fp64 for fp64 activations).
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation, fp32_hi_lo
-from ._tiles import add_residual_relu_store, pixel_channel_tile, tile_ptrs
+from ._launch import INTERPRETED, clamp_block, device_guard, fp32_hi_lo
 
 
 @triton.jit
@@ -125,131 +127,15 @@ def _sum_rows_kernel(src_ptr, dst_ptr, T, L, ROWS, BLOCK_T: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _bn_act_kernel(
-    y_ptr, scale_ptr, shift_ptr,        # raw conv output [N, K, P, Q] and its BN as scale/shift [K]
-    yd_ptr, scale_d_ptr, shift_d_ptr,   # projection shortcut's raw conv output and BN (HAS_BN_SHORTCUT)
-    res_ptr, out_ptr,                   # identity / option-A residual [N, RES_C, P, Q]; output
-    M, P, Q, K, RES_C,
-    stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_yd_n, stride_yd_c, stride_yd_h, stride_yd_w, stride_res_n,
-    stride_res_c, stride_res_h, stride_res_w, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
-    HAS_BN_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Block tail: out = relu(bn(y) + [bn_d(yd) | residual]) in one pass; also the stem's bn+relu."""
-    n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
-    scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-    shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
-                other=0.0).to(scale.dtype)
-    y = y * scale[None, :] + shift[None, :]
-    if HAS_BN_SHORTCUT:
-        scale_d = tl.load(scale_d_ptr + offs_k, mask=mask_k, other=0.0)
-        shift_d = tl.load(shift_d_ptr + offs_k, mask=mask_k, other=0.0)
-        yd = tl.load(tile_ptrs(yd_ptr, n, p, q, offs_k, stride_yd_n, stride_yd_c, stride_yd_h, stride_yd_w), mask=msk,
-                     other=0.0).to(scale.dtype)
-        y += yd * scale_d[None, :] + shift_d[None, :]
-    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
-                            stride_res_w, RES_C,
-                            out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, APPLY_RELU)
-
-
-@triton.jit
 def relu_grad(grad, mask_src):
     """torch.relu's backward (threshold_backward): 0 where the ReLU output is <= 0, else the gradient
     (a NaN output passes the gradient, as in PyTorch)."""
     return tl.where(mask_src <= 0, 0.0, grad)
 
 
-@triton.jit
-def load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
-                    stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-                    HAS_MASK: tl.constexpr):
-    """A gradient tile, gated by the ReLU output mask_ptr > 0 when HAS_MASK."""
-    g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, stride_g_n, stride_g_c, stride_g_h, stride_g_w), mask=msk,
-                other=0.0)
-    if HAS_MASK:
-        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, stride_mask_n, stride_mask_c, stride_mask_h,
-                                           stride_mask_w), mask=msk, other=0.0))
-    return g
-
-
-@triton.jit
-def _bn_bwd_reduce_kernel(
-    grad_ptr, mask_ptr,            # upstream gradient; ReLU output whose > 0 gates it (HAS_MASK)
-    y_ptr, mean_ptr, invstd_ptr,   # the BN input and its batch statistics
-    y2_ptr, mean2_ptr, invstd2_ptr,  # a second BN fed by the same gradient (HAS_Y2: projection shortcut)
-    parts_ptr,                     # [T, 2 or 3, K] per-tile partial sums of g, g*xhat (, g*xhat2)
-    M, P, Q, K,
-    stride_g_n, stride_g_c, stride_g_h, stride_g_w, stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-    stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_y2_n, stride_y2_c, stride_y2_h, stride_y2_w,
-    HAS_MASK: tl.constexpr, HAS_Y2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Per-tile partials of the BN backward reductions: sum(g) and sum(g * xhat), g = relu-gated grad."""
-    pid_m = tl.program_id(0)
-    n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
-    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
-    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
-                        stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-                        HAS_MASK).to(mean.dtype)
-    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
-                other=0.0).to(mean.dtype)
-    part = parts_ptr + pid_m.to(tl.int64) * ((3 if HAS_Y2 else 2) * K) + offs_k
-    tl.store(part, tl.sum(g, axis=0), mask=mask_k)
-    tl.store(part + K, tl.sum(tl.where(msk, g * (y - mean[None, :]) * invstd[None, :], 0.0), axis=0),
-             mask=mask_k)
-    if HAS_Y2:
-        mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
-        invstd2 = tl.load(invstd2_ptr + offs_k, mask=mask_k, other=0.0)
-        y2 = tl.load(tile_ptrs(y2_ptr, n, p, q, offs_k, stride_y2_n, stride_y2_c, stride_y2_h, stride_y2_w), mask=msk,
-                     other=0.0).to(mean.dtype)
-        tl.store(part + 2 * K,
-                 tl.sum(tl.where(msk, g * (y2 - mean2[None, :]) * invstd2[None, :], 0.0), axis=0), mask=mask_k)
-
-
-@triton.jit
-def _bn_bwd_apply_kernel(
-    grad_ptr, mask_ptr, y_ptr, dy_ptr,   # upstream grad, ReLU output gate (HAS_MASK), BN input, result
-    gamma_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_gx_ptr,  # [K]
-    M, P, Q, K,
-    COUNT,                               # pixels the sums are over (more than M under synchronized BN)
-    stride_g_n, stride_g_c, stride_g_h, stride_g_w, stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-    stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
-    HAS_MASK: tl.constexpr, HAS_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dy = gamma * invstd * (g - sum(g)/COUNT - xhat * sum(g*xhat)/COUNT), the batch-statistics BN backward."""
-    n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
-    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
-    a = invstd
-    if HAS_AFFINE:
-        a = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) * invstd
-    mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / COUNT
-    mean_gx = tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / COUNT
-    g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
-                        stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-                        HAS_MASK).to(mean.dtype)
-    y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
-                other=0.0).to(mean.dtype)
-    xhat = (y - mean[None, :]) * invstd[None, :]
-    dy = a[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
-    tl.store(tile_ptrs(dy_ptr, n, p, q, offs_k, stride_out_n, stride_out_c, stride_out_h, stride_out_w),
-             dy.to(dy_ptr.dtype.element_ty), mask=msk)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-def _tile(m: int, k: int):
-    if INTERPRETED:
-        return clamp_block(256, m), clamp_block(128, k)
-    return 64, clamp_block(64, k)
-
-
-def _strides(t):
-    return t.stride() if t is not None else (0, 0, 0, 0)
-
 
 # Programs a two-pass reduction aims for on a GPU: >= 2 per SM of a 132-SM H100/H200. A constant, not
 # the card's SM count, so the summation order (hence every bit of the result) depends on the shape only.
@@ -278,20 +164,38 @@ def _finalize_blocks(t: int, k: int):
                                                                                 clamp_block(64, k, 1))
 
 
-def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, running_var, num_batches_tracked,
-                momentum, eps, return_var=False, running_out=None, chunk=None):
-    """Batch mean, invstd and BN scale/shift [K] from conv STATS partials; updates running stats in place,
-    or writes their new values to ``running_out`` = (new_mean, new_var) and leaves them unchanged.
+class RunningUpdate(NamedTuple):
+    """How bn_finalize updates one BN's running statistics, as nn.BatchNorm2d does: it reads ``mean`` /
+    ``var`` and writes the new values to ``new_mean`` / ``new_var`` (the same tensors: in place).
+    momentum None: cumulative average with factor 1 / num_batches (num_batches_tracked after this step)."""
+    mean: torch.Tensor
+    var: torch.Tensor
+    new_mean: torch.Tensor
+    new_var: torch.Tensor
+    momentum: Optional[float]
+    num_batches: Optional[torch.Tensor]
 
-    gamma/beta None: affine=False. running_mean None: no running statistics (track_running_stats=False).
-    momentum None: cumulative average, factor 1/num_batches_tracked (incremented by the caller).
+
+class BatchStats(NamedTuple):
+    """One BN's batch statistics [K] (the stats dtype): what bn_finalize returns."""
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor   # gamma * invstd
+    shift: torch.Tensor   # beta - mean * scale
+    var: torch.Tensor     # biased batch variance
+
+
+def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, eps, running: Optional[RunningUpdate] = None,
+                chunk=None) -> BatchStats:
+    """Batch mean, invstd, BN scale/shift and biased variance [K] from (mean, M2) partials of ``tile_m``
+    pixels per tile (the conv STATS epilogue's, or one merged row of ``m`` pixels), and the running
+    statistics update when ``running`` is given. gamma/beta None: affine=False.
     chunk: tiles per program of the parallel first pass (default: from the shape; >= T: one pass).
     """
     t, k = part_mean.shape
-    outs = [torch.empty(k, device=part_mean.device, dtype=part_mean.dtype) for _ in range(5)]
-    mean, invstd, scale, shift, var = outs
-    update = running_mean is not None
-    dummy = outs[0]
+    stats = BatchStats(*(torch.empty(k, device=part_mean.device, dtype=part_mean.dtype) for _ in range(5)))
+    dummy = stats.mean
+    run = running if running is not None else RunningUpdate(dummy, dummy, dummy, dummy, 0.0, None)
     block_t, block_k = _finalize_blocks(t, k)
     chunk, chunk_block_t = _split(t, triton.cdiv(k, block_k), 2 * block_k * part_mean.element_size(), chunk)
     with device_guard(part_mean):
@@ -305,14 +209,13 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, running_mean, runnin
             block_t = _finalize_blocks(t, k)[0]
         _bn_finalize_kernel[(triton.cdiv(k, block_k),)](
             part_mean, part_m2, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
-            running_mean if update else dummy, running_var if update else dummy,
-            *(running_out if update and running_out is not None else
-              (running_mean if update else dummy, running_var if update else dummy)),
-            num_batches_tracked if (update and momentum is None) else dummy,
-            mean, invstd, scale, shift, var, t, m, k, tile_m, *fp32_hi_lo(eps), *fp32_hi_lo(momentum or 0.0),
-            HAS_AFFINE=gamma is not None, UPDATE_RUNNING=update, CUMULATIVE=momentum is None,
+            run.mean, run.var, run.new_mean, run.new_var,
+            run.num_batches if run.num_batches is not None else dummy,
+            stats.mean, stats.invstd, stats.scale, stats.shift, stats.var, t, m, k, tile_m,
+            *fp32_hi_lo(eps), *fp32_hi_lo(run.momentum or 0.0),
+            HAS_AFFINE=gamma is not None, UPDATE_RUNNING=running is not None, CUMULATIVE=run.momentum is None,
             BLOCK_T=block_t, BLOCK_K=block_k)
-    return (mean, invstd, scale, shift, var) if return_var else (mean, invstd, scale, shift)
+    return stats
 
 
 def sum_rows(src, out=None, chunk=None):
@@ -332,58 +235,3 @@ def sum_rows(src, out=None, chunk=None):
             src, t = part, chunks
         _sum_rows_kernel[(cols, 1)](src, out, t, length, t, BLOCK_T=clamp_block(32, t, 1), BLOCK_L=block_l)
     return out
-
-
-def bn_act(y, scale, shift, shortcut=None, residual=None, relu=True):
-    """out = relu(scale*y + shift + [scale_d*yd + shift_d] + [residual]); shortcut = (yd, scale_d, shift_d)."""
-    n, k, p, q = y.shape
-    out = empty_activation(y, y.shape)
-    m = n * p * q
-    if m == 0:
-        return out
-    yd, scale_d, shift_d = shortcut if shortcut is not None else (y, scale, shift)
-    res = residual if residual is not None else y
-    bm, bn = _tile(m, k)
-    with device_guard(y):
-        _bn_act_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
-            y, scale, shift, yd, scale_d, shift_d, res, out, m, p, q, k,
-            0 if residual is None else residual.shape[1],
-            *y.stride(), *yd.stride(), *_strides(residual), *out.stride(),
-            HAS_BN_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=relu,
-            BLOCK_M=bm, BLOCK_N=bn)
-    return out
-
-
-def bn_bwd_reduce(grad, relu_out, y, mean, invstd, y2=None, mean2=None, invstd2=None):
-    """Sums over all pixels of g and g*xhat (and g*xhat2), g = grad gated by relu_out > 0 (if given)."""
-    n, k, p, q = y.shape
-    m = n * p * q
-    bm, bn = _tile(m, k)
-    t = triton.cdiv(m, bm)
-    j = 3 if y2 is not None else 2
-    parts = torch.empty((t, j * k), device=y.device, dtype=mean.dtype)
-    with device_guard(y):
-        _bn_bwd_reduce_kernel[(t, triton.cdiv(k, bn))](
-            grad, relu_out if relu_out is not None else grad, y, mean, invstd,
-            y2 if y2 is not None else y, mean2 if y2 is not None else mean, invstd2 if y2 is not None else invstd,
-            parts, m, p, q, k,
-            *grad.stride(), *_strides(relu_out), *y.stride(), *_strides(y2),
-            HAS_MASK=relu_out is not None, HAS_Y2=y2 is not None, BLOCK_M=bm, BLOCK_N=bn)
-    return sum_rows(parts).view(j, k).unbind(0)
-
-
-def bn_bwd_apply(grad, relu_out, y, gamma, mean, invstd, sum_g, sum_gx, count=None):
-    """Gradient w.r.t. the BN input y (batch statistics); grad gated by relu_out > 0 when given.
-    count: the pixels the sums run over (all ranks' under synchronized BN; default: y's own)."""
-    n, k, p, q = y.shape
-    dy = empty_activation(y, y.shape)
-    m = n * p * q
-    bm, bn = _tile(m, k)
-    with device_guard(y):
-        _bn_bwd_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
-            grad, relu_out if relu_out is not None else grad, y, dy,
-            gamma if gamma is not None else mean, mean, invstd, sum_g, sum_gx, m, p, q, k,
-            float(m if count is None else count),
-            *grad.stride(), *_strides(relu_out), *y.stride(), *dy.stride(),
-            HAS_MASK=relu_out is not None, HAS_AFFINE=gamma is not None, BLOCK_M=bm, BLOCK_N=bn)
-    return dy

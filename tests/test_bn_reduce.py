@@ -29,8 +29,8 @@ def test_chunked_finalize_matches_float64(chunk, momentum, device):
     rm, rv = torch.randn(k, device=device), torch.rand(k, device=device) + 0.5
     rm0, rv0 = rm.clone(), rv.clone()
     nbt = torch.tensor(3, device=device)
-    mean, invstd, scale, shift, var = bn_k.bn_finalize(pm, pm2, tile, m, gamma, beta, rm, rv, nbt, momentum,
-                                                       1e-5, return_var=True, chunk=chunk)
+    running = bn_k.RunningUpdate(rm, rv, rm, rv, momentum, nbt if momentum is None else None)  # in place
+    mean, invstd, scale, shift, var = bn_k.bn_finalize(pm, pm2, tile, m, gamma, beta, 1e-5, running, chunk=chunk)
     var_ref, mean_ref = torch.var_mean(y, dim=0, unbiased=False)
     assert rel_err(mean, mean_ref) < 3e-7  # fp32 partials and result: half an ulp of 300 each is 6e-8
     assert rel_err(var, var_ref) < 1e-5, f"chunk={chunk}: {rel_err(var, var_ref)}"
@@ -46,8 +46,7 @@ def test_chunked_finalize_float64_affine_false(chunk, device):
     k, tile, m = 5, 8, 8 * 11 - 3
     y = 1e3 + torch.randn(m, k, device=device, dtype=torch.float64)
     pm, pm2 = tile_partials(y, tile)
-    mean, invstd, scale, shift = bn_k.bn_finalize(pm, pm2, tile, m, None, None, None, None, None, 0.1, 1e-5,
-                                                  chunk=chunk)
+    mean, invstd, scale, shift, _ = bn_k.bn_finalize(pm, pm2, tile, m, None, None, 1e-5, chunk=chunk)
     assert mean.dtype == torch.float64
     var_ref, mean_ref = torch.var_mean(y, dim=0, unbiased=False)
     assert rel_err(mean, mean_ref) < 1e-14
@@ -58,8 +57,8 @@ def test_chunked_finalize_float64_affine_false(chunk, device):
 def test_chunked_finalize_is_bitwise_repeatable(device):
     k, tile, m = 64, 32, 32 * 50
     pm, pm2 = (t.float() for t in tile_partials(torch.randn(m, k, device=device, dtype=torch.float64), tile))
-    first = bn_k.bn_finalize(pm, pm2, tile, m, None, None, None, None, None, 0.1, 1e-5, chunk=7)
-    second = bn_k.bn_finalize(pm, pm2, tile, m, None, None, None, None, None, 0.1, 1e-5, chunk=7)
+    first = bn_k.bn_finalize(pm, pm2, tile, m, None, None, 1e-5, chunk=7)
+    second = bn_k.bn_finalize(pm, pm2, tile, m, None, None, 1e-5, chunk=7)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 

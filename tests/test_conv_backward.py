@@ -4,7 +4,7 @@ formats, the fused prologue/epilogues, and the phase decomposition's FLOP budget
 import pytest
 import torch
 
-from fusedres.kernels import conv_bwd
+from fusedres.kernels import dgrad, wgrad
 from helpers import assert_close
 
 # (N, C, K, H, R, stride, padding, dilation, groups)
@@ -39,8 +39,8 @@ def _tensors(geo, dtype, device, channels_last):
 def test_dgrad_wgrad_match_float64(name, dtype, channels_last, small, device):
     x, w, dy, geo = _tensors(GEOMETRIES[name], dtype, device, channels_last)
     stride, pad, dil, g = geo
-    dx = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, config=SMALL["dgrad"] if small else None)
-    dw = conv_bwd.conv_wgrad(dy, x, w, *geo, config=SMALL["wgrad"] if small else None)
+    dx = dgrad.conv_dgrad(dy, w, x.shape, *geo, config=SMALL["dgrad"] if small else None)
+    dw = wgrad.conv_wgrad(dy, x, w, *geo, config=SMALL["wgrad"] if small else None)
     ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
     ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), stride, pad, dil, g)
     assert_close(dx, ref_dx, dtype, "dgrad")
@@ -59,7 +59,7 @@ def test_wgrad_prologue_pads_the_activated_tensor(name, config, device):
     c = x.shape[1]
     scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device) + 0.5  # relu(shift) != 0
     x[1, 0, 2, 3] = float("nan")  # propagates through the ReLU like torch.relu
-    dw = conv_bwd.conv_wgrad(dy, x, w, *geo, prologue=(scale, shift), config=config)
+    dw = wgrad.conv_wgrad(dy, x, w, *geo, prologue=(scale, shift), config=config)
     act = torch.relu(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
     stride, pad, dil, g = geo
     ref = torch.nn.grad.conv2d_weight(act, w.shape, dy.double(), stride, pad, dil, g)
@@ -69,7 +69,7 @@ def test_wgrad_prologue_pads_the_activated_tensor(name, config, device):
 
 def test_wgrad_float64(device):
     x, w, dy, geo = _tensors(GEOMETRIES["3x3_s2"], torch.float64, device, True)
-    dw = conv_bwd.conv_wgrad(dy, x, w, *geo, config=SMALL["wgrad"])
+    dw = wgrad.conv_wgrad(dy, x, w, *geo, config=SMALL["wgrad"])
     ref = torch.nn.grad.conv2d_weight(x, w.shape, dy, geo[0], geo[1], geo[2], geo[3])
     assert dw.dtype == torch.float64 and (dw - ref).abs().max().item() < 1e-12
 
@@ -88,7 +88,7 @@ def test_dgrad_epilogues(name, small, device):
     hr = (h + 1) // 2
     res = torch.randn(n, c // 2, hr, hr, device=device, dtype=dtype)
     rmask = torch.randn_like(res)
-    dx, sum_g, sum_gx = conv_bwd.conv_dgrad_bn(dy, w, x.shape, *geo, (y, scale, shift, mean, invstd),
+    dx, sum_g, sum_gx = dgrad.conv_dgrad_bn(dy, w, x.shape, *geo, (y, scale, shift, mean, invstd),
                                                residual=(res, rmask, 2), config=SMALL["dgrad"] if small else None)
     stride, pad, dil, g = geo
     full = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
@@ -108,7 +108,7 @@ def test_dgrad_accumulates_in_place_into_the_residual(device):
     acc = torch.randn(x.shape, device=device).to(memory_format=torch.channels_last)
     want = acc.double() + torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), geo[0], geo[1], geo[2],
                                                      geo[3])
-    out = conv_bwd.conv_dgrad(dy, w, x.shape, *geo, residual=(acc, None, 1), out=acc)
+    out = dgrad.conv_dgrad(dy, w, x.shape, *geo, residual=(acc, None, 1), out=acc)
     assert out.data_ptr() == acc.data_ptr()
     assert_close(acc, want, torch.float32, "in-place dgrad")
 
@@ -121,7 +121,7 @@ RESNET50 = [((128, 64, 56, 56), (64, 64, 3, 3), 1, 1), ((128, 128, 56, 56), (128
 
 @pytest.mark.parametrize("x_shape,w_shape,stride,pad", RESNET50)
 def test_dgrad_issues_only_useful_flops(x_shape, w_shape, stride, pad):
-    issued, useful = conv_bwd.dgrad_flops(x_shape, w_shape, (stride, stride), (pad, pad), (1, 1), 1)
+    issued, useful = dgrad.dgrad_flops(x_shape, w_shape, (stride, stride), (pad, pad), (1, 1), 1)
     assert issued == useful, f"dgrad issues {issued} MMA FLOPs for {useful} useful"
 
 
@@ -130,10 +130,10 @@ def test_dgrad_never_issues_more_than_the_forward(name):
     """With ResNet-style padding (dilation 1, every input row reached); a dilated strided conv whose taps
     reach few rows of each phase, or an unpadded one, still issues MMAs for its border rows."""
     n, c, k, h, r, st, pad, dil, g = GEOMETRIES[name]
-    issued, useful = conv_bwd.dgrad_flops((n, c, h, h), (k, c // g, r, r), (st, st), (pad, pad), (dil, dil), g)
+    issued, useful = dgrad.dgrad_flops((n, c, h, h), (k, c // g, r, r), (st, st), (pad, pad), (dil, dil), g)
     assert 0 < issued <= useful
     # every input pixel is in exactly one phase
-    phases = conv_bwd.dgrad_phases((n, c, h, h), (k, c // g, r, r), (st, st), (pad, pad), (dil, dil))
+    phases = dgrad.dgrad_phases((n, c, h, h), (k, c // g, r, r), (st, st), (pad, pad), (dil, dil))
     assert sum(hp * wp for _, (hp, wp), _, _ in phases) == h * h
 
 
@@ -157,12 +157,12 @@ def test_every_autotune_config(kind, cfg, device):
     scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     if kind == "dgrad":
         y, mean, invstd = torch.randn_like(x), torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
-        out, sum_g, _ = conv_bwd.conv_dgrad_bn(dy, w, x.shape, *geo, (y, scale, shift, mean, invstd), config=config)
+        out, sum_g, _ = dgrad.conv_dgrad_bn(dy, w, x.shape, *geo, (y, scale, shift, mean, invstd), config=config)
         full = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g)
         want = torch.where(y.double() * scale.double()[:, None, None] + shift.double()[:, None, None] > 0, full, 0.0)
         assert_close(sum_g, want.sum((0, 2, 3)), dtype, "sum of g")
     else:
-        out = conv_bwd.conv_wgrad(dy, x, w, *geo, prologue=(scale, shift), config=config)
+        out = wgrad.conv_wgrad(dy, x, w, *geo, prologue=(scale, shift), config=config)
         act = torch.relu(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
         want = torch.nn.grad.conv2d_weight(act, w.shape, dy.double(), stride, pad, dil, g)
     assert_close(out, want, dtype, f"{kind} with config {config}")

@@ -8,14 +8,15 @@ from torch import nn
 
 import fusedres
 from fusedres import reference
-from fusedres.chain import BNStats, ChainOutputs, ChainParams, ChainSpec, geometry_of
+from fusedres.chain import BNState, BNStats, ChainOutputs, ChainParams, ChainSpec
 from helpers import ON_GPU, TOL, assert_close, randomize_bn, rel_err
 
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 def test_ops_are_registered():
-    for name in ("conv_bn_act", "train_chain", "train_chain_backward"):
+    for name in ("conv_bn_act", "train_chain", "train_chain_backward", "attention_tail", "attention_tail_backward",
+                 "image_mean", "gated_tail"):
         assert hasattr(torch.ops.fusedres, name), name
 
 
@@ -36,37 +37,56 @@ def test_opcheck_conv_bn_act(case, device):
     torch.library.opcheck(torch.ops.fusedres.conv_bn_act.default, args, test_utils=OPCHECK_TESTS)
 
 
-def _chain_args(kind, device, recompute=False):
+def _chain_args(kind, device, recompute=False, tail="relu", row_scale=False):
     """train_chain arguments for a basic block (conv1/bn1, conv2/bn2 [, projection]) with fresh BNs."""
     block = fusedres.FusedBasicBlock(8, 16, 2, nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
                                      if kind == "projection" else fusedres.PadChannelsShortcut(8, 16, 2)).to(device)
     layers = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if kind == "projection":
         layers.append((block.downsample[0], block.downsample[1]))
+    for _, bn in layers:  # the op must not write them: opcheck compares its inputs before and after
+        bn.running_mean, bn.running_var = bn.running_mean.clone(), bn.running_var.clone()
     x = torch.randn(3, 8, 8, 8, device=device, requires_grad=True)
-    params = ChainParams([c.weight for c, _ in layers], [b.weight for _, b in layers], [b.bias for _, b in layers],
-                         [b.running_mean.clone() for _, b in layers], [b.running_var.clone() for _, b in layers],
-                         [None for _ in layers])
-    spec = ChainSpec([g for c, _ in layers for g in geometry_of(c)], [0.1 for _ in layers], [1e-5 for _ in layers],
-                     kind, 2, recompute, -1)
-    return x, params, spec
+    states = [BNState.of(bn) for _, bn in layers]
+    scale = torch.rand(3, device=device) if row_scale else None
+    return x, ChainParams.build([c.weight for c, _ in layers], states, scale), \
+        ChainSpec.build([c for c, _ in layers], states, kind, 2, recompute, tail=tail)
 
 
-@pytest.mark.parametrize("kind,recompute", [("projection", False), ("A", True)])
-def test_opcheck_train_chain(kind, recompute, device):
-    x, params, spec = _chain_args(kind, device, recompute)
+@pytest.mark.parametrize("kind,recompute,tail,row_scale", [("projection", False, "relu", False),
+                                                           ("A", True, "relu", True),
+                                                           ("projection", False, "attention", True)])
+def test_opcheck_train_chain(kind, recompute, tail, row_scale, device):
+    x, params, spec = _chain_args(kind, device, recompute, tail, row_scale)
     torch.library.opcheck(torch.ops.fusedres.train_chain.default, (x, *params, *spec), test_utils=OPCHECK_TESTS)
 
 
-def test_opcheck_train_chain_backward(device):
-    x, params, spec = _chain_args("projection", device)
+@pytest.mark.parametrize("tail", ["relu", "attention"])
+def test_opcheck_train_chain_backward(tail, device):
+    x, params, spec = _chain_args("projection", device, tail=tail, row_scale=True)
     with torch.no_grad():
         res = ChainOutputs.unpack(torch.ops.fusedres.train_chain(x, *params, *spec), spec.num_layers)
     weights, gammas = [w.detach() for w in params.weights], [g.detach() for g in params.gammas]
-    bwd_args = (torch.randn_like(res.out), x.detach(), res.out, res.yd, res.ys, weights, gammas,
-                BNStats.flatten(res.stats), [True] * 4, *spec)
+    attention = [] if tail == "relu" else [torch.randn_like(res.ys[-1]), torch.randn(16, device=device),
+                                           torch.randn(16, device=device), torch.randn_like(res.yd),
+                                           torch.randn(16, device=device), torch.randn(16, device=device)]
+    bwd_args = (torch.randn_like(res.out), attention, x.detach(), res.out, res.yd, res.ys, weights, gammas,
+                BNStats.flatten(res.stats), params.row_scale, [True] * 4, *spec)
     torch.library.opcheck(torch.ops.fusedres.train_chain_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+def test_opcheck_attention_tail(shortcut, device):
+    def t(*shape, positive=False):
+        v = torch.randn(*shape, device=device)
+        return (v.abs() + 0.5 if positive else v).requires_grad_()
+    y = t(2, 16, 5, 5)
+    proj = [None] * 5 if shortcut == "identity" else [t(2, 16, 5, 5), t(16), t(16, positive=True), t(16), t(16)]
+    gate, row_scale = torch.rand(2, 16, device=device), torch.rand(2, device=device)
+    args = (y, t(16), t(16, positive=True), t(16), t(16), gate, row_scale,
+            t(2, 16, 5, 5) if shortcut == "identity" else None, *proj, True)
+    torch.library.opcheck(torch.ops.fusedres.attention_tail.default, args, test_utils=OPCHECK_TESTS)
 
 
 def _twins(train: bool, device):

@@ -299,7 +299,7 @@ INT64_SCRIPT = textwrap.dedent(r"""
     os.environ["FUSEDRES_STRICT"] = "1"
     import fusedres
     from fusedres import functional as Fz
-    from fusedres.kernels import conv_bwd
+    from fusedres.kernels import dgrad, wgrad
     from fusedres.reference import conv_bn_act_reference
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -359,12 +359,12 @@ INT64_SCRIPT = textwrap.dedent(r"""
         dy = huge((2, 5, 3, 3), (45, G // 2 + 1, 3, 1))
         xw = torch.randn(2, 4, 3, 3, device=dev)
         w = torch.randn(5, 4, 3, 3, device=dev)
-        dw = conv_bwd.conv_wgrad(dy, xw, w, (1, 1), (1, 1), (1, 1), 1)
+        dw = wgrad.conv_wgrad(dy, xw, w, (1, 1), (1, 1), (1, 1), 1)
         check(dw, torch.nn.grad.conv2d_weight(xw.double(), w.shape, dy.double(), padding=1), "wgrad dy channel stride")
     elif case == "dgrad_channel_stride":      # kk * s_dc in dgrad's A-tile load
         dy = huge((2, 5, 3, 3), (45, G // 2 + 1, 3, 1))
         w = torch.randn(5, 4, 3, 3, device=dev)
-        dx = conv_bwd.conv_dgrad(dy, w, (2, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+        dx = dgrad.conv_dgrad(dy, w, (2, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1)
         check(dx, torch.nn.grad.conv2d_input((2, 4, 3, 3), w.double(), dy.double(), padding=1),
               "dgrad dy channel stride")
     elif case in ("dense_nhwc", "dense_nchw"):   # GPU only: a real activation of > 2**31 elements
