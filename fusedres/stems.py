@@ -6,13 +6,15 @@ unit (BN folded), in training the batch-statistics chain of ``fusedres.training`
 in Triton, running statistics and SyncBatchNorm as the blocks). ``convert()`` swaps the model's class for a
 subclass (cached per class) that overrides only the method holding the stem (torchvision's
 ``_forward_impl``, timm's ``forward_features``), so every child, parameter, buffer and state_dict key stays.
+``fusedres._pickle`` makes that subclass picklable (``torch.save(model)``, ``copy.deepcopy``).
 """
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import _dispatch
+from ._pickle import fused_class
 from .blocks import eval_bn, layer_reason, packed_weight, sync_group, uses_batch_stats
 from .functional import conv_bn_act
 from .training import Shortcut, train_forward
@@ -105,7 +107,6 @@ class TimmStem(_StemMixin):
 
 
 _RESNET_CHILDREN = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc")
-_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
 def _defined_by(cls: type, method: str) -> Optional[type]:
@@ -131,9 +132,7 @@ def swap_stem(model: nn.Module, mixin: type) -> Optional[str]:
     if units is None:
         return reason
     cls = type(model)
-    new = _CLASSES.get((cls, mixin))
-    if new is None:
-        new = _CLASSES[(cls, mixin)] = type(f"FusedStem{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    new = fused_class(mixin, cls, f"FusedStem{cls.__name__}", {"__module__": __name__})
     try:
         model.__class__ = new
     except TypeError as exc:

@@ -1,6 +1,8 @@
 """Shared test helpers: the tolerance table of DESIGN.md section 4, random BN statistics, ReLU margins."""
 import copy
+import importlib
 
+import pytest
 import torch
 from torch import nn
 
@@ -83,3 +85,12 @@ def build_pair(name):
     ref = make(ref_cls).eval()
     ref.load_state_dict(fused.state_dict(), strict=True)
     return fused, ref, cin
+
+
+def real_library(name: str):
+    """The real ``torchvision`` / ``timm`` module, or skip the test where it does not import (absent, or built
+    for another torch: it raises more than ImportError then)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        pytest.skip(f"{name} does not import here: {type(exc).__name__}: {exc}")
