@@ -1,50 +1,176 @@
-"""Launch configurations of the forward conv kernel (kernels/conv.py): the per-arch autotune tiles, their
-pruning to a problem, and the fixed config used when autotuning is off."""
-from typing import Optional
+"""Launch configurations of the three conv kernels, in one dialect: forward (kernels/conv.py), dgrad
+(kernels/dgrad.py) and wgrad (kernels/wgrad.py).
+
+Each kernel is a GEMM that computes a BLOCK_M x BLOCK_N tile and steps through its reduction BLOCK_K at a time:
+
+    kernel    BLOCK_M                     BLOCK_N                     BLOCK_K (the reduction)
+    forward   output pixels (N*P*Q)       output channels per group   input channels per group, per tap
+    dgrad     input pixels of a phase     input channels per group    output channels per group, per tap
+    wgrad     (r, s, c) weight columns    output channels per group   output pixels (N*P*Q)
+
+A config is a ``Tile`` (the three blocks, num_warps, num_stages). Per kernel: the per-arch tile table, a fit
+(the tile shrunk to the problem) and a keep rule go through one pruning function (``prune``) for the autotuner,
+and one function (``fixed_config``) gives the config used when autotuning is off.
+"""
+from typing import Callable, Iterable, List, NamedTuple, Optional
 
 import torch
 import triton
 
 from ._launch import INTERPRETED, clamp_block, target_arch
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch. Few on purpose: every shipped config must
-# pass the parity tests on the GPU (a config-specific miscompile would otherwise hide), and each compiles
-# without register spills at the ResNet-50 shapes in every variant once _SPILLS below is pruned (static check,
-# triton 3.6 and 3.9; no 2-warp tiles: they compile to mma.sync, not wgmma, on sm_90).
-_TILES = {
-    90: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
-         (64, 64, 32, 4, 5), (128, 64, 64, 8, 3)],
-    80: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 5), (128, 64, 64, 8, 3)],
-    # sm_80 spills: (128, 64, 64, 4, 4) 16-24 B; (64, 64, 64, 4, 4) 8 B with the projection
+
+class Tile(NamedTuple):
+    """One launch configuration of a conv kernel (blocks as in the module docstring)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def of(cls, cfg: triton.Config) -> "Tile":
+        kw = cfg.kwargs
+        return cls(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+    def blocks(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+
+    def kwargs(self) -> dict:
+        """The launch keywords: the three blocks, num_warps and num_stages."""
+        return dict(self.blocks(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def config(self, **extra) -> triton.Config:
+        return triton.Config(dict(self.blocks(), **extra), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def fit(self, m: Optional[int] = None, n: Optional[int] = None, k: Optional[int] = None) -> "Tile":
+        """The tile with each given extent's block shrunk to it (no block wider than the problem)."""
+        return Tile(self.block_m if m is None else clamp_block(self.block_m, m),
+                    self.block_n if n is None else clamp_block(self.block_n, n),
+                    self.block_k if k is None else clamp_block(self.block_k, k), self.num_warps, self.num_stages)
+
+
+def arch_tiles(table: dict, arch: Optional[int] = None) -> List[Tile]:
+    """A tile table's tiles for one arch, or every arch's (sorted, deduplicated) when arch is None."""
+    return sorted({t for ts in table.values() for t in ts}) if arch is None else list(table[arch])
+
+
+def tile_configs(tiles: Iterable[Tile]) -> List[triton.Config]:
+    return [t.config() for t in tiles]
+
+
+def prune(configs, tiles: Iterable[Tile], fit: Callable[[Tile], Tile],
+          keep: Callable[[Tile, Tile], bool] = lambda tile, fitted: True,
+          extra: Callable[[Tile], dict] = lambda fitted: {}) -> List[triton.Config]:
+    """The autotuner's early prune, for every conv kernel: of ``configs``, those in ``tiles`` (this arch's
+    table), each fitted to the problem, kept when ``keep(tile, fitted)``, deduplicated (two tiles may fit to
+    one), with ``extra(fitted)``'s per-tile constexprs added."""
+    allowed, seen, out = set(tiles), set(), []
+    for cfg in configs:
+        tile = Tile.of(cfg)
+        if tile not in allowed:
+            continue
+        fitted = fit(tile)
+        if fitted in seen or not keep(tile, fitted):
+            continue
+        seen.add(fitted)
+        out.append(fitted.config(**extra(fitted)))
+    return out
+
+
+# The tile of every kernel in the interpreter: big blocks, as per-op overhead dominates there (DESIGN.md 5).
+INTERPRETER_BLOCKS = (256, 128, 128)
+
+
+def fixed_config(m: int, n: int, k: int, deterministic: Callable[[], Tile],
+                 interpreted=INTERPRETER_BLOCKS) -> Optional[dict]:
+    """The launch keywords when autotuning is off, or None to autotune; m, n, k: the GEMM's extents.
+    Fixed in the interpreter (``interpreted`` blocks shrunk to the extents; no warps or stages there) and
+    under torch.use_deterministic_algorithms (the ``deterministic()`` tile: another process could tune another
+    tile, so another summation order)."""
+    if INTERPRETED:
+        bm, bn, bk = interpreted
+        return dict(BLOCK_M=clamp_block(bm, m), BLOCK_N=clamp_block(bn, n), BLOCK_K=clamp_block(bk, k))
+    if torch.are_deterministic_algorithms_enabled():
+        return deterministic().kwargs()
+    return None
+
+
+def launch_args(named_args: dict, kwargs: dict) -> dict:
+    """An early prune's view of the launch: positional (named_args) and keyword arguments alike (the
+    launchers pass every argument by keyword, which the autotuner hands to the prune as kwargs)."""
+    return {**named_args, **kwargs}
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward conv (kernels/conv.py)
+# ----------------------------------------------------------------------------------------------
+
+# Per arch. Few on purpose: every shipped config must pass the parity tests on the GPU (a config-specific
+# miscompile would otherwise hide), and each compiles without register spills at the ResNet-50 shapes in every
+# variant once CONV_SPILLS below is pruned (static check, triton 3.6 and 3.9; no 2-warp tiles: they compile to
+# mma.sync, not wgmma, on sm_90).
+CONV_TILES = {
+    90: [Tile(128, 128, 64, 8, 3), Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4), Tile(64, 64, 64, 4, 4),
+         Tile(128, 128, 32, 8, 4), Tile(64, 64, 32, 4, 5), Tile(128, 64, 64, 8, 3)],
+    80: [Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4), Tile(128, 128, 32, 8, 4), Tile(64, 64, 32, 4, 5),
+         Tile(128, 64, 64, 8, 3)],
+    # sm_80 spills: Tile(128, 64, 64, 4, 4) 16-24 B; Tile(64, 64, 64, 4, 4) 8 B with the projection
 }
 # Tiles that spill in one variant only (static check at the ResNet-50 shapes, triton 3.6 and 3.9), matched on the
 # listed tile or the tile fitted to the problem: the fp32 projection (two fp32 operand pipelines; bf16/fp16 fit every
 # tile since its per-channel fold moved out of the accumulator's layout), sm_80 STATS convs at 128x64x64, the
 # stem's padded-row loads on sm_80 (triton 3.6: 8 B eval, 24 B STATS).
-_SPILLS = {
-    (90, "shortcut_fp32"): {(128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},   # 64-264 B
-    (80, "shortcut_fp32"): {(128, 64, 64, 8, 3), (64, 128, 64, 4, 4)},   # 16-40 B
-    (80, "stats"): {(128, 64, 64, 8, 3)},   # triton 3.9: ptxas caps it at 128 registers and spills 16 B (1x1)
-    (80, "stem"): {(128, 64, 32, 8, 4)},
-    (80, "stem_stats"): {(128, 64, 32, 8, 3), (128, 64, 32, 8, 4)},
+CONV_SPILLS = {
+    (90, "shortcut_fp32"): {Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4)},   # 64-264 B
+    (80, "shortcut_fp32"): {Tile(128, 64, 64, 8, 3), Tile(64, 128, 64, 4, 4)},   # 16-40 B
+    (80, "stats"): {Tile(128, 64, 64, 8, 3)},   # triton 3.9: ptxas caps it at 128 registers and spills 16 B (1x1)
+    (80, "stem"): {Tile(128, 64, 32, 8, 4)},
+    (80, "stem_stats"): {Tile(128, 64, 32, 8, 3), Tile(128, 64, 32, 8, 4)},
 }
 # A variant whose every tile spills tunes over these instead (0 spills on both tritons; BLOCK_M = STATS_BLOCK_M).
-_REPLACE = {(80, "stem_stats"): [(128, 32, 32, 4, 3), (128, 64, 32, 4, 3)]}
-# The deterministic-mode tile of a variant whose default one (128x128x64 w8 s3, fitted) spills.
-_FIXED = {(80, "stem_stats"): (128, 32, 32, 4, 3)}
-# STATS convs: BLOCK_M is fixed, so the per-tile BN partials are sized before the launch; the rest is tuned
-# over the 8-warp tiles (128x64x64 at 4 warps spilled 32 B with the BN prologue on triton 3.9).
+CONV_REPLACE = {(80, "stem_stats"): [Tile(128, 32, 32, 4, 3), Tile(128, 64, 32, 4, 3)]}
+# The deterministic-mode tile of a variant whose default one (CONV_FIXED_DEFAULT, fitted) spills.
+CONV_FIXED = {(80, "stem_stats"): Tile(128, 32, 32, 4, 3)}
+# STATS convs write per-tile BN partials, one row per BLOCK_M pixels (see stats_partials_fit).
 STATS_BLOCK_M = 128
+# The deterministic-mode tile otherwise; 8 warps: 4 spilled with the BN prologue + STATS (sm_90).
+CONV_FIXED_DEFAULT = Tile(STATS_BLOCK_M, 128, 64, 8, 3)
 
 
-def _fit(kw: dict, kg: int, red: int, stem: bool = False) -> dict:
-    """Shrink tiles to the problem (4-channel ResNeXt groups); the stem path's BLOCK_K holds a filter row."""
-    bk = triton.next_power_of_2(red) if stem else clamp_block(kw["BLOCK_K"], red)
-    return dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], kg), BLOCK_K=bk)
+def stats_partials_fit(tile: Tile) -> bool:
+    """Whether a STATS conv may run ``tile`` under the autotuner: only at BLOCK_M = STATS_BLOCK_M. The launcher
+    allocates the per-tile BN partials, [cdiv(M, BLOCK_M), K], before the launch, while the autotuner picks
+    the tile during it, so every candidate must have the BLOCK_M the partials were sized for (and that the
+    finalize is told): another BLOCK_M would write more or fewer rows than were allocated. A config given
+    explicitly (or the fixed one) sizes the partials from its own BLOCK_M and needs no such filter."""
+    return tile.block_m == STATS_BLOCK_M
 
 
-def _variant(stem: bool, shortcut: bool, stats: bool, fp32: bool = False) -> str:
-    """The key of a kernel variant in _SPILLS / _REPLACE / _FIXED."""
+def _stats_tunable(tile: Tile) -> bool:
+    """The tiles a STATS conv tunes over: stats_partials_fit, at 8 warps (128x64x64 at 4 warps spilled 32 B
+    with the BN prologue on triton 3.9)."""
+    return stats_partials_fit(tile) and tile.num_warps == 8
+
+
+def gpu_configs(arch: Optional[int] = None, stats: bool = False) -> List[triton.Config]:
+    """Every forward config the autotuner may pick on an arch (all archs when None, with the per-variant
+    replacements, so the GPU tests run those too); stats: those of STATS convs (_stats_tunable).
+    Exposed so the GPU tests can run each one."""
+    tiles = arch_tiles({**CONV_TILES, **CONV_REPLACE}) if arch is None else arch_tiles(CONV_TILES, arch)
+    return tile_configs(t for t in tiles if not stats or _stats_tunable(t))
+
+
+def conv_fit(tile: Tile, kg: int, red: int, stem: bool = False) -> Tile:
+    """Shrink a forward tile to the problem (4-channel ResNeXt groups): BLOCK_N to the output channels per
+    group, BLOCK_K to the reduction's channel block (``red``); on the stem path BLOCK_K holds a whole filter
+    row, so it is the row's length rounded up to a power of two."""
+    tile = tile.fit(n=kg)
+    return tile._replace(block_k=triton.next_power_of_2(red)) if stem else tile.fit(k=red)
+
+
+def _conv_variant(stem: bool, shortcut: bool, stats: bool, fp32: bool = False) -> str:
+    """The key of a kernel variant in CONV_SPILLS / CONV_REPLACE / CONV_FIXED."""
     if stem:
         return "stem_stats" if stats else "stem"
     if shortcut:
@@ -52,60 +178,101 @@ def _variant(stem: bool, shortcut: bool, stats: bool, fp32: bool = False) -> str
     return "stats" if stats else ""
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """This arch's configs minus the variant's spilling tiles, shrunk to the problem, deduplicated."""
-    named_args = {**named_args, **kwargs}  # the launcher passes its arguments by keyword
-    kg, red = named_args["KG"], max(named_args["CG"], named_args["CD"])
-    stem = bool(named_args.get("STEM_CPAD"))
+def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
+    """This arch's forward configs minus the variant's spilling tiles, fitted to the problem, deduplicated."""
+    a = launch_args(named_args, kwargs)
+    kg, red, stem, stats = a["KG"], max(a["CG"], a["CD"]), bool(a.get("STEM_CPAD")), bool(a.get("STATS"))
+    fp32 = getattr(a.get("x_ptr"), "dtype", None) == torch.float32
     arch = target_arch()
-    x = named_args.get("x_ptr")
-    fp32 = getattr(x, "dtype", None) == torch.float32
-    key = (arch, _variant(stem, bool(named_args.get("HAS_SHORTCUT")), bool(named_args.get("STATS")), fp32))
-    allowed = {_sig(c.kwargs, c) for c in gpu_configs(arch)}
-    spills = _SPILLS.get(key, set())
-    out = _fitted([c for c in configs if _sig(c.kwargs, c) in allowed], kg, red, stem, spills)
+    key = (arch, _conv_variant(stem, bool(a.get("HAS_SHORTCUT")), stats, fp32))
+    spills = CONV_SPILLS.get(key, set())
+
+    def fit(tile):
+        return conv_fit(tile, kg, red, stem)
+
+    out = prune(configs, CONV_TILES[arch], fit, keep=lambda tile, fitted: tile not in spills and fitted not in spills)
     if not out:  # never leave a variant without a config
-        out = _fitted(_configs(_REPLACE[key]), kg, red, stem, set()) if key in _REPLACE else \
-            _fitted([c for c in configs if _sig(c.kwargs, c) in allowed], kg, red, stem, set())
+        tiles = CONV_REPLACE.get(key)
+        out = prune(tile_configs(tiles), tiles, fit) if tiles else prune(configs, CONV_TILES[arch], fit)
+    assert not stats or all(stats_partials_fit(Tile.of(c)) for c in out), \
+        f"a STATS conv's tiles must have BLOCK_M = {STATS_BLOCK_M} (the partials' size), got {out}"
     return out
 
 
-def _fitted(configs, kg: int, red: int, stem: bool, spills: set) -> list:
-    seen, out = set(), []
-    for cfg in configs:
-        kw = _fit(cfg.kwargs, kg, red, stem)
-        if _sig(cfg.kwargs, cfg) in spills or _sig(kw, cfg) in spills or _sig(kw, cfg) in seen:
-            continue
-        seen.add(_sig(kw, cfg))
-        out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return out
+def conv_fixed_config(m: int, kg: int, red: int, stem: bool = False, shortcut: bool = False,
+                      stats: bool = False) -> Optional[dict]:
+    """The forward conv's fixed config (see fixed_config), or None to autotune."""
+    def deterministic():
+        tile = CONV_FIXED.get((target_arch(), _conv_variant(stem, shortcut, stats)), CONV_FIXED_DEFAULT)
+        return conv_fit(tile, kg, red, stem)
+
+    return fixed_config(m, kg, red, deterministic)
 
 
-def _configs(tiles) -> list:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in tiles]
+# ----------------------------------------------------------------------------------------------
+# dgrad (kernels/dgrad.py)
+# ----------------------------------------------------------------------------------------------
+
+# BLOCK_M stays 128: the launcher sizes the BN partials (one row per BLOCK_M-pixel tile) before the launch.
+DGRAD_BLOCK_M = 128
+# Per arch, each compiled without spills at the ResNet-50 shapes (see the static check).
+DGRAD_TILES = {
+    90: [Tile(DGRAD_BLOCK_M, 128, 64, 8, 3), Tile(DGRAD_BLOCK_M, 128, 32, 8, 4), Tile(DGRAD_BLOCK_M, 64, 64, 4, 3),
+         Tile(DGRAD_BLOCK_M, 64, 64, 4, 4), Tile(DGRAD_BLOCK_M, 64, 32, 4, 5)],
+    80: [Tile(DGRAD_BLOCK_M, 128, 32, 8, 3), Tile(DGRAD_BLOCK_M, 64, 32, 4, 4)],  # 128x64x64 w4 s3 needs all 255
+}                                                                                # registers there
 
 
-def _sig(kw: dict, cfg) -> tuple:
-    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
+def dgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
+    """This arch's dgrad configs, fitted to the channels (no block wider than the problem), deduplicated."""
+    a = launch_args(named_args, kwargs)
+    return prune(configs, DGRAD_TILES[target_arch()], lambda tile: tile.fit(n=a["CG"], k=a["KG"]))
 
 
-def gpu_configs(arch: Optional[int] = None, stats: bool = False):
-    """Every config the autotuner may pick on an arch (all archs when None); stats: those of STATS convs.
-    Exposed so the GPU tests can run each one."""
-    if arch is None:  # with the per-variant replacements, so the GPU tests run those too
-        tiles = sorted({t for ts in (*_TILES.values(), *_REPLACE.values()) for t in ts})
-    else:
-        tiles = _TILES[arch]
-    return _configs(t for t in tiles if not stats or (t[0] == STATS_BLOCK_M and t[3] == 8))
+def dgrad_fixed_config(m: int, cg: int, kg: int) -> Optional[dict]:
+    """dgrad's fixed config (see fixed_config), or None to autotune; m: the input's pixels."""
+    def deterministic():
+        bn = clamp_block(128, cg)
+        return Tile(DGRAD_BLOCK_M, bn, clamp_block(64, kg), 8 if bn >= 128 else 4, 3)
+
+    return fixed_config(m, cg, kg, deterministic)
 
 
-def _fixed_config(m: int, kg: int, red: int, stem: bool = False, shortcut: bool = False,
-                  stats: bool = False) -> dict:
-    """The config when autotuning is off: the interpreter (big tiles: per-op overhead dominates) and
-    deterministic mode (another process could tune another tile, so another summation order)."""
-    if INTERPRETED:
-        return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, kg), BLOCK_K=clamp_block(128, red))
-    # 8 warps by default: 4 spilled with the BN prologue + STATS (sm_90)
-    bm, bn, bk, w, s = _FIXED.get((target_arch(), _variant(stem, shortcut, stats)), (STATS_BLOCK_M, 128, 64, 8, 3))
-    return dict(_fit(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), kg, red, stem), num_warps=w, num_stages=s)
+# ----------------------------------------------------------------------------------------------
+# wgrad (kernels/wgrad.py)
+# ----------------------------------------------------------------------------------------------
+
+# BLOCK_K (pixels per step) stays 64: the launcher sets the split-K partition (a multiple of BLOCK_K pixels
+# per split) before the launch.
+WGRAD_BLOCK_K = 64
+# Per arch, each compiled without spills at the ResNet-50 shapes (see the static check).
+WGRAD_TILES = {
+    90: [Tile(128, 128, WGRAD_BLOCK_K, 8, 3), Tile(64, 128, WGRAD_BLOCK_K, 4, 3), Tile(64, 128, WGRAD_BLOCK_K, 8, 4),
+         Tile(64, 64, WGRAD_BLOCK_K, 4, 4)],
+    80: [Tile(64, 128, WGRAD_BLOCK_K, 8, 3), Tile(64, 64, WGRAD_BLOCK_K, 4, 3)],
+}
+
+
+def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
+    """This arch's wgrad configs, fitted to the problem, TAP_PER_TILE set per tile, deduplicated."""
+    a = launch_args(named_args, kwargs)
+    cg = a["CG"]
+
+    def keep(_, fitted):
+        if fitted.num_warps == 8 and fitted.block_m * fitted.block_n < 128 * 64:
+            return False  # two warpgroups on a 64x64 tile would each issue N=32 wgmma
+        # a tile across taps masks per element where a 64-wide one masks per row (~13% more SASS/MFLOP)
+        return not (cg % 64 == 0 and cg % fitted.block_m != 0)
+
+    return prune(configs, WGRAD_TILES[target_arch()], lambda tile: tile.fit(m=a["NCOL"], n=a["KG"]), keep,
+                 extra=lambda fitted: dict(TAP_PER_TILE=cg % fitted.block_m == 0))
+
+
+def wgrad_fixed_config(m: int, kg: int, cg: int, ncol: int) -> Optional[dict]:
+    """wgrad's fixed config (see fixed_config), or None to autotune; m: the output's pixels (the reduction)."""
+    def deterministic():
+        bm, bn = (128 if cg % 128 == 0 else clamp_block(64, ncol)), clamp_block(128, kg)
+        return Tile(bm, bn, WGRAD_BLOCK_K, 8 if bm * bn >= 128 * 128 else 4, 3)
+
+    # the interpreter's blocks as before the rename: 128 columns x 128 output channels x 256 pixels
+    return fixed_config(ncol, kg, m, deterministic, interpreted=(128, 128, 256))

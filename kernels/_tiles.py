@@ -37,8 +37,10 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def tile_ptrs(base, n, p, q, offs_c, s_n, s_c, s_h, s_w):
-    """[BLOCK_M, BLOCK_N] pointers of pixels (n, p, q) x channels offs_c."""
-    return base + (n * s_n + p * s_h + q * s_w)[:, None] + offs_c.to(tl.int64)[None, :] * s_c
+    """[BLOCK_M, BLOCK_N] pointers of pixels (n, p, q) x channels offs_c, the offsets in n's index type: int64
+    for the rows of pixel_rows (offsets may pass 2**31), int32 where a launcher knows they cannot (dgrad
+    without IDX64: half the registers of 64-bit offsets per element)."""
+    return base + (n * s_n + p * s_h + q * s_w)[:, None] + offs_c.to(n.dtype)[None, :] * s_c
 
 
 @triton.jit

@@ -24,9 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_configs import STATS_BLOCK_M, _fit, _fixed_config, _prune_configs, gpu_configs  # noqa: F401
+from ._conv_configs import STATS_BLOCK_M, conv_fixed_config, conv_prune, gpu_configs
 from ._launch import (
-    INTERPRETED,
     STEM_CPAD,
     device_guard,
     dot_precision,
@@ -285,7 +284,7 @@ def projection_fold(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bia
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration (tiles and pruning: _conv_configs.py)
+# Launch configuration (tiles, pruning and the fixed config: _conv_configs.py)
 # ----------------------------------------------------------------------------------------------
 
 _KEY = ["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_SCALE", "HAS_RESIDUAL", "HAS_SHORTCUT",
@@ -299,10 +298,11 @@ def _even_c(args) -> bool:
 
 _conv_bn_act = triton.heuristics({"EVEN_C": _even_c})(_conv_bn_act_kernel)  # set per launch from the tile
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
-                                         prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act)
-# Autotuning reruns a launch per config: safe for STATS, which only writes its output and partials.
+                                         prune_configs_by={"early_config_prune": conv_prune})(_conv_bn_act)
+# Autotuning reruns a launch per config: safe for STATS, which only writes its output and partials. Its
+# configs all have BLOCK_M = STATS_BLOCK_M (_conv_configs.stats_partials_fit: the partials are sized first).
 _conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KEY,
-                                        prune_configs_by={"early_config_prune": _prune_configs})(_conv_bn_act)
+                                        prune_configs_by={"early_config_prune": conv_prune})(_conv_bn_act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,9 +415,9 @@ def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, str
             config = dict(config, BLOCK_K=triton.next_power_of_2(cg))
     # Autotuning may pick another tile (so another summation order) in another process: under
     # torch.use_deterministic_algorithms(True) a fixed config keeps results bitwise reproducible.
-    if config is None and (INTERPRETED or torch.are_deterministic_algorithms_enabled()):
-        config = _fixed_config(m, kg, max(cg, cd), bool(stem_cpad), shortcut is not None, stats)
-    block_m = STATS_BLOCK_M if config is None else config["BLOCK_M"]
+    if config is None:
+        config = conv_fixed_config(m, kg, max(cg, cd), bool(stem_cpad), shortcut is not None, stats)
+    block_m = STATS_BLOCK_M if config is None else config["BLOCK_M"]  # autotuned: see stats_partials_fit
     part_mean = part_m2 = None
     if stats:
         num_tiles = triton.cdiv(m, block_m)

@@ -22,27 +22,25 @@ import torch
 import triton
 import triton.language as tl
 
+from ._conv_configs import (
+    DGRAD_BLOCK_M,
+    DGRAD_TILES,
+    arch_tiles,
+    dgrad_fixed_config,
+    dgrad_prune,
+    tile_configs,
+)
 from ._launch import (
-    INTERPRETED,
-    clamp_block,
     device_guard,
     dot_precision,
     empty_activation,
     stats_dtype,
     stride_args,
-    target_arch,
     upcast_dot,
 )
-from ._tiles import mma
+from ._tiles import mma, tile_ptrs
 from .bn import relu_grad, sum_rows
 from .wgrad import max_offset
-
-
-@triton.jit
-def _ptrs(base, n, p, q, offs_c, s_n, s_c, s_h, s_w):
-    """[BLOCK_M, BLOCK_N] pointers of pixels (n, p, q) x channels offs_c, in n's index type (int32 unless
-    IDX64: half the registers of 64-bit offsets per element)."""
-    return base + (n * s_n + p * s_h + q * s_w)[:, None] + offs_c.to(n.dtype)[None, :] * s_c
 
 
 @triton.jit
@@ -136,7 +134,7 @@ def _conv_dgrad_kernel(
         shift = tl.load(in_shift_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
-        y = tl.load(_ptrs(y_ptr, n, h, w, offs_c, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
+        y = tl.load(tile_ptrs(y_ptr, n, h, w, offs_c, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
                     other=0.0).to(acc_dtype)
         acc = relu_grad(acc, y * scale[None, :] + shift[None, :])  # same fp32 expression as the forward prologue
         # Reduce what is stored (rounded to the activation dtype), so that the BN backward applied to
@@ -150,14 +148,13 @@ def _conv_dgrad_kernel(
         r_msk = (mask_m & on_grid)[:, None] & (mask_c & (offs_c < RES_C))[None, :]
         hr = h // RES_STRIDE
         wr = w // RES_STRIDE
-        res = tl.load(_ptrs(res_ptr, n, hr, wr, offs_c, stride_res_n, stride_res_c, stride_res_h, stride_res_w),
+        res = tl.load(tile_ptrs(res_ptr, n, hr, wr, offs_c, stride_res_n, stride_res_c, stride_res_h, stride_res_w),
                       mask=r_msk, other=0.0).to(acc_dtype)
         if HAS_RES_MASK:
-            res = relu_grad(res, tl.load(_ptrs(rmask_ptr, n, hr, wr, offs_c, stride_rmask_n, stride_rmask_c,
-                                               stride_rmask_h, stride_rmask_w), mask=r_msk,
-                                         other=0.0))
+            res = relu_grad(res, tl.load(tile_ptrs(rmask_ptr, n, hr, wr, offs_c, stride_rmask_n, stride_rmask_c,
+                                                   stride_rmask_h, stride_rmask_w), mask=r_msk, other=0.0))
         acc += res
-    tl.store(_ptrs(dx_ptr, n, h, w, offs_c, stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w),
+    tl.store(tile_ptrs(dx_ptr, n, h, w, offs_c, stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w),
              acc.to(dx_ptr.dtype.element_ty), mask=msk)
 
 
@@ -207,39 +204,9 @@ def dgrad_flops(x_shape, w_shape, stride, padding, dilation, groups):
     return issued, 2 * n * p * q * k * cg * r * s
 
 
-# GPU configs (BLOCK_N, BLOCK_K, num_warps, num_stages) per arch, each compiled without spills at the
-# ResNet-50 shapes (see the static check). BLOCK_M stays 128: the BN partials are per 128-pixel tile.
-GPU_BLOCK_M = 128
-_TILES = {
-    90: [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 5)],
-    80: [(128, 32, 8, 3), (64, 32, 4, 4)],  # (64, 64, 4, 3) needs all 255 registers there
-}
-
-
 def gpu_configs(arch: int = None):
     """Every config the dgrad autotuner may pick on an arch (all of them when arch is None)."""
-    tiles = sorted({t for ts in _TILES.values() for t in ts}) if arch is None else _TILES[arch]
-    return [triton.Config({"BLOCK_M": GPU_BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in tiles]
-
-
-def _prune(configs, named_args, **kwargs):
-    """This arch's configs, tiles shrunk to the channels (no block wider than the problem), deduplicated."""
-    named_args = {**named_args, **kwargs}  # the launcher passes its arguments by keyword
-    arch_configs = gpu_configs(target_arch())
-    allowed = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in arch_configs}
-    out, seen = [], set()
-    for cfg in configs:
-        kw = cfg.kwargs
-        if (kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages) not in allowed:
-            continue
-        kw = dict(kw, BLOCK_N=clamp_block(kw["BLOCK_N"], named_args["CG"]), BLOCK_K=clamp_block(kw["BLOCK_K"],
-                                                                                                 named_args["KG"]))
-        sig = (kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
-        if sig not in seen:
-            seen.add(sig)
-            out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return out
+    return tile_configs(arch_tiles(DGRAD_TILES, arch))
 
 
 def _even_k(args) -> bool:
@@ -252,20 +219,8 @@ _conv_dgrad = triton.heuristics({"EVEN_K": _even_k})(_conv_dgrad_kernel)  # set 
 _conv_dgrad_autotuned = triton.autotune(
     configs=gpu_configs(), key=["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_RELU_GRAD", "HAS_RESIDUAL",
                                 "HAS_RES_MASK", "IDX64"],
-    prune_configs_by={"early_config_prune": _prune}, restore_value=["dx_ptr"],
+    prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr"],
 )(_conv_dgrad)
-
-
-def dgrad_config(m: int, cg: int, kg: int):
-    """The fixed config, or None to autotune. Fixed in the interpreter (big blocks: per-op overhead
-    dominates) and under torch.use_deterministic_algorithms (another tile sums in another order)."""
-    if INTERPRETED:
-        return dict(BLOCK_M=clamp_block(256, m), BLOCK_N=clamp_block(128, cg), BLOCK_K=clamp_block(128, kg))
-    if torch.are_deterministic_algorithms_enabled():
-        bn = clamp_block(128, cg)
-        return dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=bn, BLOCK_K=clamp_block(64, kg), num_warps=8 if bn >= 128 else 4,
-                    num_stages=3)
-    return None
 
 
 def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, residual=None, out=None, config=None):
@@ -293,8 +248,8 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
     dx = empty_activation(dy, (n, c, h, w)) if out is None else out
     kg = k // groups
     phases = dgrad_phases(x_shape, weight.shape, stride, padding, dilation)
-    cfg = dict(config) if config is not None else dgrad_config(n * h * w, cg, kg)
-    bm = GPU_BLOCK_M if cfg is None else cfg["BLOCK_M"]
+    cfg = dict(config) if config is not None else dgrad_fixed_config(n * h * w, cg, kg)
+    bm = DGRAD_BLOCK_M if cfg is None else cfg["BLOCK_M"]
     tiles = [triton.cdiv(n * hp * wp, bm) for _, (hp, wp), _, _ in phases]
     parts = torch.empty((sum(tiles), 2 * c), device=dy.device, dtype=stats_dtype(dy)) if bn_relu is not None else dx
     y, in_scale, in_shift, mean, invstd = bn_relu if bn_relu is not None else (dx, dx, dx, dx, dx)

@@ -1,39 +1,47 @@
 """Weight gradient of a convolution as one implicit GEMM (CUTLASS's wgrad view).
 
 dw[k, c, r, s] = sum over the N*P*Q output pixels m of dy[m, k] * x_act[pixel(m) shifted by tap (r, s), c].
-GEMM: rows = the KG output channels, columns = the CG*R*S (r, s, c) triples with c fastest (the
-memory order of a channels_last weight), reduction = pixels. Each program owns a [BLOCK_K, BLOCK_N]
-tile of dw and a contiguous range of pixels (split-K over SPLIT programs; the fp32 partials are
-summed in a fixed order afterwards, so results are deterministic). With 16-bit operands (X_AS_A) the tile
-is computed transposed, x_act^T @ dy, so x (activated in registers by the prologue) is the MMA's A operand,
-which wgmma reads from registers; as the B operand it went through shared memory and the pipeline drained
-(wgmma wait 0) every step. fp32 operands keep x as B: held as the A operand they spilled (56-408 B, sm_90).
+GEMM (blocks as in kernels/_conv_configs.py): BLOCK_M tiles the CG*R*S (r, s, c) columns of dw, c fastest (the
+memory order of a channels_last weight), BLOCK_N its KG output channels, and BLOCK_K steps through the reduction,
+the pixels. Each program owns a [BLOCK_N, BLOCK_M] tile of dw and a contiguous range of pixels (split-K over
+SPLIT programs; the fp32 partials are summed in a fixed order afterwards, so results are deterministic).
+With 16-bit operands (X_AS_A) the tile is computed transposed, x_act^T @ dy ([BLOCK_M, BLOCK_N]), so x
+(activated in registers by the prologue) is the MMA's A operand, which wgmma reads from registers; as the B
+operand it went through shared memory and the pipeline drained (wgmma wait 0) every step. fp32 operands keep
+x as B: held as the A operand they spilled (56-408 B, sm_90).
 
-The pixel (n, p, q) of each row is decoded once and then advanced incrementally by BLOCK_M (no
+The pixel (n, p, q) of each row is decoded once and then advanced incrementally by BLOCK_K (no
 division in the loop), in int32 unless an offset can pass 2**31 (IDX64). When a column tile stays
-within one tap (TAP_PER_TILE: CG % BLOCK_N == 0) the tap's bounds test is per row, not per element.
+within one tap (TAP_PER_TILE: CG % BLOCK_M == 0) the tap's bounds test is per row, not per element.
 
 Prologue (PROLOGUE_BN_RELU): x holds the previous conv's raw output y; the loaded tile becomes
 relu(in_scale[c] * y + in_shift[c]) and out-of-image taps are zero after the transform. With one tap
 per tile, a padded row zeroes the dy row instead (one mask per row, not a select per element): such
 taps are skipped, as oneDNN does, so a non-finite dy never meets the padding.
 
-The stem (C <= 4, STEM_CP): x is first copied into a zero-padded dense NHWC tensor of 4 channels, and
-the columns run over whole filter rows: S*4 contiguous input elements, loaded 8 bytes at a time.
+The stem (C <= 4, STEM_CPAD): x is first copied into a zero-padded dense NHWC tensor of STEM_CPAD = 4 channels,
+and the columns run over whole filter rows: S*4 contiguous input elements, loaded 8 bytes at a time.
 """
 import torch
 import triton
 import triton.language as tl
 
+from ._conv_configs import (
+    WGRAD_BLOCK_K,
+    WGRAD_TILES,
+    arch_tiles,
+    tile_configs,
+    wgrad_fixed_config,
+    wgrad_prune,
+)
 from ._launch import (
     INTERPRETED,
-    clamp_block,
+    STEM_CPAD,
     device_guard,
     dot_precision,
     pad_channels_nhwc,
     stats_dtype,
     stride_args,
-    target_arch,
     upcast_dot,
 )
 from ._tiles import mma
@@ -47,43 +55,43 @@ def _conv_wgrad_kernel(
     in_scale_ptr, in_shift_ptr,   # [C] previous BN as scale/shift (PROLOGUE_BN_RELU)
     part_ptr,      # [SPLIT, K * C/groups * R * S] fp32 (fp64) partials, each laid out like the weight's memory
     M, H, W, P, Q, CG, KG, NCOL,  # M = N*P*Q pixels; channels per group; NCOL = CG*R*S columns
-    ROWS_PER_SPLIT, SPLIT, NUMEL,  # pixels per split (a multiple of BLOCK_M); splits; weight numel
+    ROWS_PER_SPLIT, SPLIT, NUMEL,  # pixels per split (a multiple of BLOCK_K); splits; weight numel
     stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w, stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_w_k,
     stride_w_c, stride_w_r, stride_w_s,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, PROLOGUE_BN_RELU: tl.constexpr,
-    TAP_PER_TILE: tl.constexpr,    # CG % BLOCK_N == 0: every column of a tile has the same tap
-    STEM_CP: tl.constexpr,         # > 0: x is a dense NHWC copy padded to STEM_CP channels (C <= 4, the stem)
-    STEM_SP: tl.constexpr,         # S rounded up to a power of two (STEM_CP > 0)
+    TAP_PER_TILE: tl.constexpr,    # CG % BLOCK_M == 0: every column of a tile has the same tap
+    STEM_CPAD: tl.constexpr,       # > 0: x is a dense NHWC copy padded to STEM_CPAD channels (C <= 4, the stem)
+    STEM_SP: tl.constexpr,         # S rounded up to a power of two (STEM_CPAD > 0)
     IDX64: tl.constexpr,           # some offset may pass 2**31: index math in int64
     X_AS_A: tl.constexpr,          # compute dw^T = x^T dy (x the MMA's register operand): 16-bit operands
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr,         # pixels per step (the reduction)
-    BLOCK_K: tl.constexpr,         # output channels per tile (rows of dw)
-    BLOCK_N: tl.constexpr,         # (r, s, c) columns per tile
+    BLOCK_M: tl.constexpr,         # (r, s, c) columns of dw per tile
+    BLOCK_N: tl.constexpr,         # output channels (rows of dw) per tile
+    BLOCK_K: tl.constexpr,         # pixels per step (the reduction)
 ):
     pid = tl.program_id(0)
-    num_n = tl.cdiv(NCOL, BLOCK_N)
-    pid_k = pid // num_n
-    pid_n = pid % num_n
+    num_col = tl.cdiv(NCOL, BLOCK_M)
+    pid_out = pid // num_col
+    pid_col = pid % num_col
     g = tl.program_id(1) // SPLIT
     split = tl.program_id(1) % SPLIT
-    offs_kg = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_kg = pid_out * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_kg < KG
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < NCOL
+    cols = pid_col * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_col = cols < NCOL
     # Column decode, once per program.
-    if STEM_CP > 0:
-        # Columns (r, s, c) over a padded [R, STEM_SP, STEM_CP] box: a filter row is one contiguous run of
-        # S*STEM_CP input elements, loaded STEM_CP at a time (constexpr shifts, not divisions).
-        r = cols // (STEM_SP * STEM_CP)
-        s = (cols // STEM_CP) % STEM_SP
-        c = cols % STEM_CP
-        mask_n = (r < R) & (s < S)   # all STEM_CP channels load (the padding is zero): whole vectors
+    if STEM_CPAD > 0:
+        # Columns (r, s, c) over a padded [R, STEM_SP, STEM_CPAD] box: a filter row is one contiguous run of
+        # S*STEM_CPAD input elements, loaded STEM_CPAD at a time (constexpr shifts, not divisions).
+        r = cols // (STEM_SP * STEM_CPAD)
+        s = (cols // STEM_CPAD) % STEM_SP
+        c = cols % STEM_CPAD
+        mask_col = (r < R) & (s < S)   # all STEM_CPAD channels load (the padding is zero): whole vectors
         h_off = (r * dil_h - pad_h)[None, :]
         w_off = (s * dil_w - pad_w)[None, :]
     elif TAP_PER_TILE:
-        rs = (pid_n * BLOCK_N) // CG
+        rs = (pid_col * BLOCK_M) // CG
         c = cols - rs * CG
         r = rs // S
         s = rs - r * S
@@ -98,9 +106,9 @@ def _conv_wgrad_kernel(
         w_off = (s * dil_w - pad_w)[None, :]
     offs_c = g * CG + c
     k_idx = g * KG + offs_kg
-    if STEM_CP > 0:
+    if STEM_CPAD > 0:
         k_off = k_idx * stride_dy_c
-        col_off = (r * dil_h - pad_h) * stride_x_h + (s * dil_w - pad_w) * STEM_CP + c
+        col_off = (r * dil_h - pad_h) * stride_x_h + (s * dil_w - pad_w) * STEM_CPAD + c
     elif IDX64:
         k_off = k_idx.to(tl.int64) * stride_dy_c
         col_off = offs_c.to(tl.int64) * stride_x_c + (r * dil_h - pad_h).to(tl.int64) * stride_x_h \
@@ -109,43 +117,43 @@ def _conv_wgrad_kernel(
         k_off = k_idx * stride_dy_c
         col_off = offs_c * stride_x_c + (r * dil_h - pad_h) * stride_x_h + (s * dil_w - pad_w) * stride_x_w
     if PROLOGUE_BN_RELU:
-        s_in = tl.load(in_scale_ptr + offs_c, mask=mask_n, other=0.0)
-        t_in = tl.load(in_shift_ptr + offs_c, mask=mask_n, other=0.0)
+        s_in = tl.load(in_scale_ptr + offs_c, mask=mask_col, other=0.0)
+        t_in = tl.load(in_shift_ptr + offs_c, mask=mask_col, other=0.0)
 
-    # Pixel decode once; then advanced by BLOCK_M per step: BLOCK_M = dn*P*Q + dp*Q + dq.
+    # Pixel decode once; then advanced by BLOCK_K per step: BLOCK_K = dn*P*Q + dp*Q + dq.
     if IDX64:
         split = split.to(tl.int64)  # before the product: pixel indices may pass 2**31
     start = split * ROWS_PER_SPLIT
     end = tl.minimum(start + ROWS_PER_SPLIT, M)
-    offs_m = start + tl.arange(0, BLOCK_M)
+    offs_m = start + tl.arange(0, BLOCK_K)
     n = offs_m // (P * Q)
     pq = offs_m - n * (P * Q)
     p = pq // Q
     q = pq - p * Q
-    dq = BLOCK_M % Q
-    dp = (BLOCK_M // Q) % P
-    dn = BLOCK_M // (P * Q)
+    dq = BLOCK_K % Q
+    dp = (BLOCK_K // Q) % P
+    dn = BLOCK_K // (P * Q)
 
     if X_AS_A:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=part_ptr.dtype.element_ty)  # dw^T
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=part_ptr.dtype.element_ty)  # dw^T
     else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=part_ptr.dtype.element_ty)
-    for _ in range(start, end, BLOCK_M):
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=part_ptr.dtype.element_ty)
+    for _ in range(start, end, BLOCK_K):
         mask_m = offs_m < end
         hb = p * stride_h
         wb = q * stride_w
         hh = hb[:, None] + h_off
         ww = wb[:, None] + w_off
         row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
-        x_mask = row_ok & mask_n[None, :]
+        x_mask = row_ok & mask_col[None, :]
         if TAP_PER_TILE and PROLOGUE_BN_RELU:
             dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element
         else:
             dy_mask = mask_m[:, None] & mask_k[None, :]
         dyt = tl.load(dy_ptr + (n * stride_dy_n + p * stride_dy_h + q * stride_dy_w)[:, None] + k_off[None, :],
                       mask=dy_mask, other=0.0)
-        if STEM_CP > 0:
-            x_rows = n * stride_x_n + hb * stride_x_h + wb * STEM_CP  # a multiple of STEM_CP: aligned vector loads
+        if STEM_CPAD > 0:
+            x_rows = n * stride_x_n + hb * stride_x_h + wb * STEM_CPAD  # a multiple of STEM_CPAD: aligned loads
         else:
             x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
         xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
@@ -159,7 +167,7 @@ def _conv_wgrad_kernel(
             acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
         else:
             acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
-        offs_m += BLOCK_M
+        offs_m += BLOCK_K
         q += dq
         cq = q >= Q
         q = tl.where(cq, q - Q, q)
@@ -170,95 +178,50 @@ def _conv_wgrad_kernel(
 
     k_part = k_idx.to(tl.int64) * stride_w_k
     col_part = c.to(tl.int64) * stride_w_c + r * stride_w_r + s * stride_w_s
-    if STEM_CP > 0:
-        mask_n = mask_n & (c < CG)
+    if STEM_CPAD > 0:
+        mask_col = mask_col & (c < CG)
     part = part_ptr + split.to(tl.int64) * NUMEL
     if X_AS_A:
-        tl.store(part + col_part[:, None] + k_part[None, :], acc, mask=mask_n[:, None] & mask_k[None, :])
+        tl.store(part + col_part[:, None] + k_part[None, :], acc, mask=mask_col[:, None] & mask_k[None, :])
     else:
-        tl.store(part + k_part[:, None] + col_part[None, :], acc, mask=mask_k[:, None] & mask_n[None, :])
+        tl.store(part + k_part[:, None] + col_part[None, :], acc, mask=mask_k[:, None] & mask_col[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
+def gpu_configs(arch: int = None):
+    """Every config the wgrad autotuner may pick on an arch (all of them when arch is None)."""
+    return tile_configs(arch_tiles(WGRAD_TILES, arch))
+
+
 def max_offset(t: torch.Tensor) -> int:
     """The largest element offset a kernel can form from t's sizes and strides."""
     return sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()) if size > 0)
-
-
-# GPU configs (BLOCK_K, BLOCK_N, num_warps, num_stages) per arch, each compiled without spills at the
-# ResNet-50 shapes (see the static check). BLOCK_M stays 64: the split-K partition is set before tuning.
-GPU_BLOCK_M = 64
-_TILES = {
-    90: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
-    80: [(128, 64, 8, 3), (64, 64, 4, 3)],
-}
-
-
-def gpu_configs(arch: int = None):
-    """Every config the wgrad autotuner may pick on an arch (all of them when arch is None)."""
-    tiles = sorted({t for ts in _TILES.values() for t in ts}) if arch is None else _TILES[arch]
-    return [triton.Config({"BLOCK_M": GPU_BLOCK_M, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bk, bn, w, st in tiles]
-
-
-def _prune(configs, named_args, **kwargs):
-    """This arch's configs, tiles shrunk to the problem, TAP_PER_TILE set per tile, deduplicated."""
-    named_args = {**named_args, **kwargs}  # the launcher passes its arguments by keyword
-    arch_configs = gpu_configs(target_arch())
-    allowed = {(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in arch_configs}
-    cg, out, seen = named_args["CG"], [], set()
-    for cfg in configs:
-        kw = cfg.kwargs
-        if (kw["BLOCK_K"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages) not in allowed:
-            continue
-        bk, bn = clamp_block(kw["BLOCK_K"], named_args["KG"]), clamp_block(kw["BLOCK_N"], named_args["NCOL"])
-        sig = (bk, bn, cfg.num_warps, cfg.num_stages)
-        if cfg.num_warps == 8 and bk * bn < 128 * 64:
-            continue  # two warpgroups on a 64x64 tile would each issue N=32 wgmma
-        if cg % 64 == 0 and cg % bn != 0:
-            continue  # a tile across taps masks per element where a 64-wide one masks per row (~13% more SASS/MFLOP)
-        if sig not in seen:
-            seen.add(sig)
-            out.append(triton.Config(dict(kw, BLOCK_K=bk, BLOCK_N=bn, TAP_PER_TILE=cg % bn == 0),
-                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return out
 
 
 # Per-shape config cache (the autotuner's). Each run overwrites its partials: rerunning is harmless.
 _conv_wgrad_autotuned = triton.autotune(
     configs=gpu_configs(), key=["M", "H", "W", "P", "Q", "CG", "KG", "NCOL", "SPLIT", "stride_h", "R", "S",
                                 "PROLOGUE_BN_RELU", "IDX64"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": wgrad_prune},
 )(_conv_wgrad_kernel)
 
 
-def wgrad_config(m: int, kg: int, cg: int, ncol: int):
-    """The fixed config, or None to autotune. Fixed in the interpreter (big blocks: per-op overhead
-    dominates) and under torch.use_deterministic_algorithms (another tile sums in another order)."""
-    if INTERPRETED:
-        return dict(BLOCK_M=clamp_block(256, m), BLOCK_K=clamp_block(128, kg), BLOCK_N=clamp_block(128, ncol))
-    if torch.are_deterministic_algorithms_enabled():
-        bk, bn = clamp_block(128, kg), (128 if cg % 128 == 0 else clamp_block(64, ncol))
-        return dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=bk, BLOCK_N=bn, num_warps=8 if bk * bn >= 128 * 128 else 4,
-                    num_stages=3)
-    return None
-
-
-def _num_splits(tiles: int, m: int, bm: int) -> int:
-    """Enough programs to fill a GPU (~2 waves on 132 SMs), each still looping over >= 8 row blocks."""
+def _num_splits(tiles: int, m: int, bk: int) -> int:
+    """Enough programs to fill a GPU (~2 waves on 132 SMs), each still looping over >= 8 pixel blocks."""
     if INTERPRETED:
         return 1
-    return max(1, min(triton.cdiv(264, tiles), triton.cdiv(m, bm * 8)))
+    return max(1, min(triton.cdiv(264, tiles), triton.cdiv(m, bk * 8)))
 
 
 def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, config=None):
     """Gradient w.r.t. the weight: a new tensor like ``weight`` (same dtype and memory format).
 
     prologue: (scale, shift) when the conv input was relu(scale*x + shift) of the raw x given here.
-    config: optional dict of BLOCK_M/BLOCK_K/BLOCK_N (+ num_warps/num_stages).
+    config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages): columns, output channels,
+    pixels per step (kernels/_conv_configs.py).
     """
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
@@ -268,17 +231,17 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     if m == 0:
         return dw.zero_()
     idx64 = max(max_offset(dy), max_offset(x), m + 256) >= 2**31 - 1
-    stem_cp = stem_sp = 0
-    if groups == 1 and c <= 4 and prologue is None and not idx64:
-        # The stem (C=3): a zero-padded dense NHWC copy with 4 channels (4/3 of the input, once) makes each
-        # filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
-        stem_cp, stem_sp = 4, triton.next_power_of_2(s)
-        x, ncol = pad_channels_nhwc(x, stem_cp), r * stem_sp * stem_cp
-    cfg = dict(config) if config is not None else wgrad_config(m, kg, cg, ncol)
-    bm = GPU_BLOCK_M if cfg is None else cfg["BLOCK_M"]
+    stem_cpad = stem_sp = 0
+    if groups == 1 and c <= STEM_CPAD and prologue is None and not idx64:
+        # The stem (C=3): a zero-padded dense NHWC copy with STEM_CPAD channels (4/3 of the input, once) makes
+        # each filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
+        stem_cpad, stem_sp = STEM_CPAD, triton.next_power_of_2(s)
+        x, ncol = pad_channels_nhwc(x, stem_cpad), r * stem_sp * stem_cpad
+    cfg = dict(config) if config is not None else wgrad_fixed_config(m, kg, cg, ncol)
+    bk = WGRAD_BLOCK_K if cfg is None else cfg["BLOCK_K"]
     # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.
-    split = _num_splits(triton.cdiv(kg, 128) * triton.cdiv(ncol, 128) * groups, m, bm)
-    rows_per_split = triton.cdiv(triton.cdiv(m, split), bm) * bm
+    split = _num_splits(triton.cdiv(kg, 128) * triton.cdiv(ncol, 128) * groups, m, bk)
+    rows_per_split = triton.cdiv(triton.cdiv(m, split), bk) * bk
     split = max(1, triton.cdiv(m, rows_per_split))
     acc_dtype = stats_dtype(dy)
     direct = split == 1 and weight.dtype == acc_dtype
@@ -287,22 +250,22 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     in_scale, in_shift = prologue if prologue is not None else (dw, dw)
 
     def grid(meta):
-        return (triton.cdiv(kg, meta["BLOCK_K"]) * triton.cdiv(ncol, meta["BLOCK_N"]), groups * split)
+        return (triton.cdiv(kg, meta["BLOCK_N"]) * triton.cdiv(ncol, meta["BLOCK_M"]), groups * split)
 
-    # the stem's padded copy is read as dense NHWC with stem_cp channels, whatever its logical shape
-    x_strides = (h * w * stem_cp, 1, w * stem_cp, stem_cp) if stem_cp else x.stride()
+    # the stem's padded copy is read as dense NHWC with stem_cpad channels, whatever its logical shape
+    x_strides = (h * w * stem_cpad, 1, w * stem_cpad, stem_cpad) if stem_cpad else x.stride()
     args = dict(dy_ptr=dy, x_ptr=x, in_scale_ptr=in_scale, in_shift_ptr=in_shift, part_ptr=part, M=m, H=h, W=w, P=p,
                 Q=q, CG=cg, KG=kg, NCOL=ncol, ROWS_PER_SPLIT=rows_per_split, SPLIT=split, NUMEL=dw.numel(),
                 **stride_args("dy", dy), **stride_args("x", x_strides), **stride_args("w", dw, "kcrs"),
                 stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
-                dil_w=dilation[1], R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CP=stem_cp,
+                dil_w=dilation[1], R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CPAD=stem_cpad,
                 STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, DOT_PRECISION=dot_precision(dy),
                 UPCAST_DOT=upcast_dot(dy))
     with device_guard(dy):
         if cfg is None:
             _conv_wgrad_autotuned[grid](**args)
         else:
-            _conv_wgrad_kernel[grid](**args, **cfg, TAP_PER_TILE=cg % cfg["BLOCK_N"] == 0)
+            _conv_wgrad_kernel[grid](**args, **cfg, TAP_PER_TILE=cg % cfg["BLOCK_M"] == 0)
     if not direct:
         sum_rows(part, out=torch.as_strided(dw, (dw.numel(),), (1,)))
     return dw

@@ -8,6 +8,7 @@ import torch
 
 from fusedres import functional as Fz
 from fusedres import kernels
+from fusedres.kernels._conv_configs import Tile, conv_fit
 from fusedres.reference import conv_bn_act_reference
 from helpers import DTYPES, ON_GPU, assert_close
 
@@ -175,8 +176,7 @@ def test_every_shipped_config(cfg_index, device):
         for dtype in DTYPES:
             x, w, scale, shift, conv, res = make_case(CONV_SHAPES[name], dtype, device, torch.channels_last, True)
             stride, pad, dil = (_pair(conv[k]) for k in ("stride", "padding", "dilation"))
-            kc = dict(kernels.conv._fit(cfg.kwargs, w.shape[0] // conv["groups"], w.shape[1]),
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # the autotuner's own shrinking
+            kc = conv_fit(Tile.of(cfg), w.shape[0] // conv["groups"], w.shape[1]).kwargs()  # the autotuner's own fit
             out = kernels.conv_bn_act(x, w, scale, shift, stride, pad, dil, conv["groups"], res, True, config=kc)
             ref = conv_bn_act_reference(x, w, scale, shift, **conv, residual=res, relu=True)
             assert_close(out, ref, dtype, what=f"{name} {dtype} config {cfg}")

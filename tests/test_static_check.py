@@ -191,7 +191,7 @@ def test_wgrad_budgets():
 
 def test_stem_budget_applies_to_stem_variants_only():
     _, report = _static()
-    for variant in ("7x7 STEM_CPAD=4", "7x7 STEM_CP=4 STEM_SP=8"):
+    for variant in ("7x7 STEM_CPAD=4", "7x7 STEM_CPAD=4 STEM_SP=8"):
         assert report.budget_failures([_row(report, variant=variant, b16_loads_in_loop=0)]) == []
         fails = report.budget_failures([_row(report, variant=variant, b16_loads_in_loop=12)])
         assert len(fails) == 1 and "12 2-byte scalar global loads" in fails[0]
@@ -243,7 +243,7 @@ def test_bn_passes_follow_the_launchers_split():
 
 def test_budget_subset_must_hold_the_budgeted_rows():
     _, report = _static()
-    rows = [_row(report, kernel=report.WGRAD_KERNEL, variant="7x7 STEM_CP=4 STEM_SP=8"),
+    rows = [_row(report, kernel=report.WGRAD_KERNEL, variant="7x7 STEM_CPAD=4 STEM_SP=8"),
             _row(report, kernel="_conv_bn_act_kernel", variant="7x7 STEM_CPAD=4"),
             _row(report, kernel="_bn_chunk_stats_kernel"), _row(report, kernel="_sum_rows_kernel", bn_pass="pass 1")]
     assert report.coverage_failures(rows) == []

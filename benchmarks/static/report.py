@@ -34,7 +34,7 @@ def _variant(const: Dict, dtype: str) -> str:
     """The constexpr switches that change the code (true flags, filter size), not the tile sizes."""
     parts = [f"{const['R']}x{const['S']}"] if "R" in const and "S" in const else []
     parts += [k for k, v in const.items() if v is True and not k.startswith("BLOCK")]
-    # the stem paths' channel padding (forward STEM_CPAD, wgrad STEM_CP/STEM_SP): ints, not flags
+    # the stem paths' channel padding (forward and wgrad STEM_CPAD, wgrad STEM_SP): ints, not flags
     parts += [f"{k}={v}" for k, v in const.items() if k.startswith("STEM_") and type(v) is int and v]
     if dtype == "fp32" and const.get("DOT_PRECISION"):
         parts.append(const["DOT_PRECISION"])
@@ -201,7 +201,7 @@ def coverage_failures(rows: List[Dict]) -> List[str]:
             "wgrad": [r for r in rs if r["kernel"] == WGRAD_KERNEL],
             "forward stem (STEM_CPAD)": [r for r in rs if r["kernel"] == "_conv_bn_act_kernel"
                                          and "STEM_CPAD=" in r["variant"]],
-            "stem wgrad (STEM_CP)": [r for r in rs if r["kernel"] == WGRAD_KERNEL and "STEM_CP=" in r["variant"]],
+            "stem wgrad (STEM_CPAD)": [r for r in rs if r["kernel"] == WGRAD_KERNEL and "STEM_CPAD=" in r["variant"]],
             "BN finalize, pass 1": [r for r in rs if r["kernel"] == "_bn_chunk_stats_kernel"],
             "sum_rows": [r for r in rs if r["kernel"] == "_sum_rows_kernel" and r.get("bn_pass")],
         }

@@ -1,0 +1,88 @@
+"""The conv kernels' one config dialect (kernels/_conv_configs.py): Tile tables, the shared prune and fixed
+config, BLOCK_K as the reduction in every kernel, and the STATS convs' fixed BLOCK_M."""
+import pytest
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+from fusedres import kernels
+from fusedres.kernels import _conv_configs as cc
+from fusedres.kernels import dgrad, wgrad
+from fusedres.reference import conv_bn_act_reference
+from helpers import assert_close
+
+
+class _Arch:
+    """A compile target of sm_<arch> as the active driver's, which target_arch() reads to pick a table."""
+
+    def __init__(self, arch):
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def __enter__(self):
+        self.prev = driver._active
+        driver.set_active(self)
+
+    def __exit__(self, *exc):
+        driver._active = self.prev
+
+
+def test_every_table_holds_tiles_with_the_fixed_block_of_its_kernel():
+    tables = [cc.CONV_TILES, cc.DGRAD_TILES, cc.WGRAD_TILES, cc.CONV_REPLACE,
+              {key: list(ts) for key, ts in cc.CONV_SPILLS.items()}, {key: [t] for key, t in cc.CONV_FIXED.items()}]
+    assert all(isinstance(t, cc.Tile) for table in tables for ts in table.values() for t in ts)
+    assert all(t.block_m == cc.DGRAD_BLOCK_M for ts in cc.DGRAD_TILES.values() for t in ts)
+    assert all(t.block_k == cc.WGRAD_BLOCK_K for ts in cc.WGRAD_TILES.values() for t in ts)
+    for mod in (kernels, dgrad, wgrad):
+        for cfg in mod.gpu_configs():
+            assert set(cfg.kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K"}, cfg.kwargs
+            assert cc.Tile.of(cfg).config().all_kwargs() == cfg.all_kwargs()
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_stats_convs_tune_only_over_stats_block_m(arch):
+    """The STATS partials are allocated for STATS_BLOCK_M before the autotuner picks a tile: every STATS
+    candidate, before and after pruning (the spill replacements included), has that BLOCK_M."""
+    configs = kernels.gpu_configs(stats=True)
+    assert configs and all(cc.stats_partials_fit(cc.Tile.of(c)) for c in configs)
+    with _Arch(arch):
+        for stem in (0, 4):
+            for kg, cg in ((64, 3), (64, 64), (256, 512), (16, 16)):
+                pruned = cc.conv_prune(configs, {}, KG=kg, CG=cg, CD=0, x_ptr=torch.empty(1, dtype=torch.bfloat16),
+                                       STEM_CPAD=stem, HAS_SHORTCUT=False, STATS=True)
+                assert pruned and all(c.kwargs["BLOCK_M"] == cc.STATS_BLOCK_M for c in pruned)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_prune_fits_each_kernel_to_its_problem(arch):
+    with _Arch(arch):
+        fwd = cc.conv_prune(kernels.gpu_configs(), {}, KG=4, CG=4, CD=0, STEM_CPAD=0)  # a 4-channel ResNeXt group
+        assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in fwd} == {(16, 16)}
+        dg = cc.dgrad_prune(dgrad.gpu_configs(), {}, CG=16, KG=32)   # BLOCK_N: input channels, BLOCK_K: output's
+        assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dg} == {(16, 32)}
+        wg = cc.wgrad_prune(wgrad.gpu_configs(), {}, CG=16, KG=32, NCOL=144)  # BLOCK_M: columns, BLOCK_N: outputs
+        assert wg and all(c.kwargs["BLOCK_N"] == 32 and c.kwargs["BLOCK_K"] == cc.WGRAD_BLOCK_K for c in wg)
+        assert all(c.kwargs["TAP_PER_TILE"] == (16 % c.kwargs["BLOCK_M"] == 0) for c in wg)
+        assert len({cc.Tile.of(c) for c in wg}) == len(wg), "fitted tiles are deduplicated"
+
+
+def test_blocks_of_distinct_sizes_follow_one_meaning(device):
+    """BLOCK_M, BLOCK_N and BLOCK_K of different sizes in each kernel, so a launcher and its kernel that read
+    a block with two meanings (grid vs tile) would give a wrong result: BLOCK_K is the reduction everywhere."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 24, 9, 9, device=device).to(memory_format=torch.channels_last)
+    w = (torch.randn(40, 24, 3, 3, device=device) / 15).to(memory_format=torch.channels_last)
+    geo = ((2, 2), (1, 1), (1, 1), 1)
+    dy = torch.randn(2, 40, 5, 5, device=device).to(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64)
+    out = kernels.conv_bn_act(x, w, None, None, *geo, config=cfg)
+    ones, zeros = torch.ones(40, device=device), torch.zeros(40, device=device)
+    assert_close(out, conv_bn_act_reference(x, w, ones, zeros, 2, 1), torch.float32, "forward")
+    dx = dgrad.conv_dgrad(dy, w, x.shape, *geo, config=cfg)
+    assert_close(dx, torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), 2, 1), torch.float32, "dgrad")
+    for wcfg in (cfg, dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16)):
+        dw = wgrad.conv_wgrad(dy, x, w, *geo, config=wcfg)
+        assert_close(dw, torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), 2, 1), torch.float32,
+                     f"wgrad {wcfg}")
