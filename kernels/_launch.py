@@ -22,6 +22,11 @@ def clamp_block(block: int, size: int, minimum: int = 16) -> int:
     return max(minimum, min(block, triton.next_power_of_2(max(size, 1))))
 
 
+def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """A conv's output size along one axis (input ``size``, filter ``k``)."""
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last when x is laid out NHWC, else contiguous. A one-channel or an empty tensor is both;
     it counts as channels_last when it was made so (channel stride 1), so a width-1 bottleneck and an
@@ -66,6 +71,11 @@ def dot_precision(x: torch.Tensor) -> str:
 def upcast_dot(x: torch.Tensor) -> bool:
     """The interpreter's bf16 tl.dot is wrong (DESIGN.md section 5): dot in fp32 there instead."""
     return INTERPRETED and x.dtype == torch.bfloat16
+
+
+def dot_args(x: torch.Tensor) -> dict:
+    """The MMA constexprs of a conv kernel whose operands have x's dtype: DOT_PRECISION and UPCAST_DOT."""
+    return dict(DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x))
 
 
 # The stem paths (forward and wgrad) pad C <= 4 input channels to this many (8-byte fp16/bf16 loads, 16-byte

@@ -28,13 +28,13 @@ from ._conv_configs import STATS_BLOCK_M, conv_fixed_config, conv_prune, gpu_con
 from ._launch import (
     STEM_CPAD,
     device_guard,
-    dot_precision,
+    dot_args,
     empty_activation,
     fp32_hi_lo,
+    out_size,
     pad_channels_nhwc,
     stats_dtype,
     stride_args,
-    upcast_dot,
 )
 from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mean_m2
 
@@ -309,10 +309,6 @@ _conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KE
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
 class BNFold(NamedTuple):
     """An eval-mode BatchNorm (and the conv's bias) that the kernel folds into scale/shift itself, in
     fp32 (fp64 for fp64 inputs): no host-side math per call. [K] tensors of any floating dtype."""
@@ -442,8 +438,8 @@ def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, str
         **_affine_args(scale, shift, bn), **_affine_args(sc.scale, sc.shift, sc.bn, "_d"),
         R=r, S=s, HAS_SCALE=bn is not None or scale is not None or shift is not None,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None, APPLY_RELU=bool(relu),
-        PROLOGUE_BN_RELU=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad, DOT_PRECISION=dot_precision(x),
-        UPCAST_DOT=upcast_dot(x), ACC_FP64=x.dtype == torch.float64)
+        PROLOGUE_BN_RELU=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad, **dot_args(x),
+        ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)

@@ -30,14 +30,7 @@ from ._conv_configs import (
     dgrad_prune,
     tile_configs,
 )
-from ._launch import (
-    device_guard,
-    dot_precision,
-    empty_activation,
-    stats_dtype,
-    stride_args,
-    upcast_dot,
-)
+from ._launch import device_guard, dot_args, empty_activation, out_size, stats_dtype, stride_args
 from ._tiles import mma, tile_ptrs
 from .bn import relu_grad, sum_rows
 from .wgrad import max_offset
@@ -162,7 +155,7 @@ def _conv_dgrad_kernel(
 # Phases and launcher
 # ----------------------------------------------------------------------------------------------
 
-def _axis_phases(size: int, out: int, k: int, stride: int, pad: int, dil: int):
+def _axis_phases(size: int, k: int, stride: int, pad: int, dil: int):
     """Per phase a of one axis: (a, pixels, (first tap, tap step, taps, dy row base, dy row step))."""
     phases = []
     for a in range(stride):
@@ -183,11 +176,9 @@ def dgrad_phases(x_shape, w_shape, stride, padding, dilation):
     """[(h phase, w phase), (pixels along h, along w), h taps, w taps] for every non-empty phase."""
     _, _, h, w = x_shape
     _, _, r, s = w_shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     return [((ah, aw), (hp, wp), th, tw)
-            for ah, hp, th in _axis_phases(h, p, r, stride[0], padding[0], dilation[0])
-            for aw, wp, tw in _axis_phases(w, q, s, stride[1], padding[1], dilation[1]) if hp > 0 and wp > 0]
+            for ah, hp, th in _axis_phases(h, r, stride[0], padding[0], dilation[0])
+            for aw, wp, tw in _axis_phases(w, s, stride[1], padding[1], dilation[1]) if hp > 0 and wp > 0]
 
 
 def dgrad_flops(x_shape, w_shape, stride, padding, dilation, groups):
@@ -197,8 +188,7 @@ def dgrad_flops(x_shape, w_shape, stride, padding, dilation, groups):
     unpadded conv, or a dilated strided one whose taps reach few rows of a phase)."""
     n, c, h, w = x_shape
     k, cg, r, s = w_shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    p, q = out_size(h, r, stride[0], padding[0], dilation[0]), out_size(w, s, stride[1], padding[1], dilation[1])
     issued = sum(2 * n * hp * wp * th[2] * tw[2] * k * cg
                  for _, (hp, wp), th, tw in dgrad_phases(x_shape, w_shape, stride, padding, dilation))
     return issued, 2 * n * p * q * k * cg * r * s
@@ -262,7 +252,7 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
                 **stride_args("dx", dx), **stride_args("y", y), **stride_args("res", res),
                 **stride_args("rmask", rmask_t), stride_h=stride[0], stride_w=stride[1], RES_STRIDE=res_stride,
                 BN_RELU_GRAD=bn_relu is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
-                IDX64=idx64, DOT_PRECISION=dot_precision(dy), UPCAST_DOT=upcast_dot(dy),
+                IDX64=idx64, **dot_args(dy),
                 ACC_FP64=dy.dtype == torch.float64)
     tile0 = 0
     for ((ah, aw), (hp, wp), th, tw), t in zip(phases, tiles):

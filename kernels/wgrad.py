@@ -34,16 +34,7 @@ from ._conv_configs import (
     wgrad_fixed_config,
     wgrad_prune,
 )
-from ._launch import (
-    INTERPRETED,
-    STEM_CPAD,
-    device_guard,
-    dot_precision,
-    pad_channels_nhwc,
-    stats_dtype,
-    stride_args,
-    upcast_dot,
-)
+from ._launch import INTERPRETED, STEM_CPAD, device_guard, dot_args, pad_channels_nhwc, stats_dtype, stride_args
 from ._tiles import mma
 from .bn import sum_rows
 
@@ -259,8 +250,7 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
                 **stride_args("dy", dy), **stride_args("x", x_strides), **stride_args("w", dw, "kcrs"),
                 stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
                 dil_w=dilation[1], R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CPAD=stem_cpad,
-                STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, DOT_PRECISION=dot_precision(dy),
-                UPCAST_DOT=upcast_dot(dy))
+                STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, **dot_args(dy))
     with device_guard(dy):
         if cfg is None:
             _conv_wgrad_autotuned[grid](**args)
