@@ -20,7 +20,9 @@ from .kernels import tail as tail_k
 
 class TailInputs(NamedTuple):
     """fusedres::attention_tail's tensor arguments, in its order. y, yd: raw conv outputs of the branch's
-    last conv and of the projection (yd None: identity shortcut, then ``residual`` is the block input);
+    last conv and of the projection (yd None: identity shortcut, then ``residual`` is the block input, and
+    ``residual_sink``, when given, an all-zero tensor added too, which takes the shortcut's gradient instead
+    of ``residual``: see chain.ChainOutputs.residual_sink);
     mean/invstd: their batch statistics; gamma/beta: their BN's affine parameters (None: affine=False);
     attn: [N, K] gate; row_scale: [N] stochastic depth factor or None."""
     y: Tensor
@@ -31,6 +33,7 @@ class TailInputs(NamedTuple):
     attn: Tensor
     row_scale: Optional[Tensor]
     residual: Optional[Tensor]
+    residual_sink: Optional[Tensor]
     yd: Optional[Tensor]
     mean_d: Optional[Tensor]
     invstd_d: Optional[Tensor]
@@ -71,6 +74,7 @@ class TailGrads(NamedTuple):
     attn: Optional[Tensor]
     row_scale: Optional[Tensor]
     residual: Optional[Tensor]
+    residual_sink: Optional[Tensor]
     yd: Optional[Tensor]
     mean_d: Optional[Tensor]
     invstd_d: Optional[Tensor]
@@ -99,12 +103,15 @@ def tail_backward(dout: Tensor, out: Tensor, t: TailInputs, relu: bool) -> TailG
     if proj is not None:
         short = [r.dres, *_bn_param_grads(r.sums.sum_g_d, r.sums.sum_gx_d, t.mean_d, t.invstd_d, t.gamma_d,
                                           proj.scale)]
-    return TailGrads(r.dy, *branch, r.dattn, None, None if proj is not None else r.dres, *short)
+    shortcut = [None, None] if proj is not None else ([None, r.dres] if t.residual_sink is not None else [r.dres, None])
+    return TailGrads(r.dy, *branch, r.dattn, None, *shortcut, *short)
 
 
 def tail_backward_shapes(t: TailInputs) -> TailGrads:
     like = {f: None if v is None else torch.empty_like(v) for f, v in t._asdict().items()}
     like["row_scale"] = None
+    if t.residual_sink is not None:
+        like["residual"], like["residual_sink"] = None, torch.empty_like(t.y)
     return TailGrads(**like)
 
 

@@ -173,10 +173,14 @@ class BNStats(NamedTuple):
 
 
 class ChainOutputs(NamedTuple):
-    """The result of fusedres::train_chain. Packed as [out, yd, *ys, *flatten(stats), then per BN its
-    new running mean and var]; a missing tensor is packed as ``absent``."""
+    """The result of fusedres::train_chain. Packed as [out, yd, residual_sink, *ys, *flatten(stats), then per
+    BN its new running mean and var]; a missing tensor is packed as ``absent``."""
     out: Tensor                         # the chain output; for an attention tail the per-image mean of y_L [N, K]
     yd: Optional[Tensor]                # the projection's raw conv output
+    # An attention tail with an identity shortcut: an all-zero tensor shaped like the input (zero strides:
+    # one element of memory) that attention_tail adds; its gradient is the shortcut's, which this chain's
+    # backward adds in its dgrad epilogue (autograd would otherwise sum two full-size gradients of x).
+    residual_sink: Optional[Tensor]
     ys: List[Tensor]                    # the units' raw conv outputs (all but the last when recomputed)
     stats: List[BNStats]                # per BN
     running_means: List[Optional[Tensor]]  # per BN, new values for the module's buffers
@@ -185,16 +189,16 @@ class ChainOutputs(NamedTuple):
     def pack(self) -> List[Tensor]:
         new = [t if t is not None else absent(self.out) for pair in zip(self.running_means, self.running_vars)
                for t in pair]
-        return [self.out, absent(self.out) if self.yd is None else self.yd, *self.ys, *BNStats.flatten(self.stats),
-                *new]
+        return [self.out, *(absent(self.out) if t is None else t for t in (self.yd, self.residual_sink)), *self.ys,
+                *BNStats.flatten(self.stats), *new]
 
     @classmethod
     def unpack(cls, flat: Sequence[Optional[Tensor]], num_layers: int) -> "ChainOutputs":
         """The packed result, or the gradients autograd hands its backward (None where there is none)."""
-        saved = len(flat) - 2 - 6 * num_layers
-        stats = BNStats.unflatten(flat[2 + saved:2 + saved + 4 * num_layers])
-        new = [present(t) for t in flat[2 + saved + 4 * num_layers:]]
-        return cls(flat[0], present(flat[1]), list(flat[2:2 + saved]), stats, new[0::2], new[1::2])
+        saved = len(flat) - 3 - 6 * num_layers
+        stats = BNStats.unflatten(flat[3 + saved:3 + saved + 4 * num_layers])
+        new = [present(t) for t in flat[3 + saved + 4 * num_layers:]]
+        return cls(flat[0], present(flat[1]), present(flat[2]), list(flat[3:3 + saved]), stats, new[0::2], new[1::2])
 
     def differentiable(self, spec: ChainSpec) -> List[Tensor]:
         """The outputs gradients flow through: ``out``; for an attention tail also y_L, yd and the tail
@@ -202,7 +206,7 @@ class ChainOutputs(NamedTuple):
         if spec.tail != "attention":
             return [self.out]
         tail_bns = [spec.num_units - 1] + ([spec.num_units] if self.yd is not None else [])
-        return [self.out, self.ys[-1], *([self.yd] if self.yd is not None else []),
+        return [self.out, self.ys[-1], *(t for t in (self.yd, self.residual_sink) if t is not None),
                 *(t for i in tail_bns for t in (self.stats[i].mean, self.stats[i].invstd))]
 
 
@@ -235,12 +239,13 @@ class AttentionGrads(NamedTuple):
     dyd: Optional[Tensor]
     dmean_d: Optional[Tensor]
     dinvstd_d: Optional[Tensor]
+    dresidual: Optional[Tensor]   # the identity shortcut's gradient (through ChainOutputs.residual_sink)
 
     @classmethod
     def of(cls, grads: ChainOutputs, spec: ChainSpec) -> "AttentionGrads":
         last = grads.stats[spec.num_units - 1]
         proj = grads.stats[spec.num_units] if spec.shortcut_kind == PROJECTION else BNStats(None, None, None, None)
-        return cls(grads.ys[-1], last.mean, last.invstd, grads.yd, proj.mean, proj.invstd)
+        return cls(grads.ys[-1], last.mean, last.invstd, grads.yd, proj.mean, proj.invstd, grads.residual_sink)
 
 
 class ChainGrads(NamedTuple):
@@ -272,6 +277,11 @@ class ChainGrads(NamedTuple):
     def lists_of(params: ChainParams) -> ChainParams:
         """What ``params`` needs to know of the op's arguments (kept in place of the tensors)."""
         return ChainParams(*(isinstance(a, (list, tuple)) and any(t is not None for t in a) for a in params))
+
+
+def residual_sink(x: Tensor, shape) -> Tensor:
+    """ChainOutputs.residual_sink: zeros shaped like the block output, one element of memory."""
+    return x.new_empty_strided(shape, (0, 0, 0, 0)).zero_()
 
 
 def conv_out_shape(x_shape, weight_shape, stride, padding, dilation) -> Tuple[int, int, int, int]:
@@ -322,11 +332,14 @@ def chain_forward(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutpu
     elif spec.shortcut_kind in RESIDUAL_KINDS:
         s = spec.shortcut_stride
         tail["residual"] = x[:, :, ::s, ::s]
+    sink = None
     if spec.tail == "attention":
         out = tail_k.image_mean(ys[-1], stats_dtype(x))
+        if spec.shortcut_kind == "identity":
+            sink = residual_sink(x, ys[-1].shape)
     else:
         out = tail_k.bn_act(ys[-1], *last.affine, relu=spec.tail == "relu", row_scale=params.row_scale, **tail)
-    return ChainOutputs(out, yd, ys[:spec.num_saved], stats, new_rms, new_rvs)
+    return ChainOutputs(out, yd, sink, ys[:spec.num_saved], stats, new_rms, new_rvs)
 
 
 def chain_forward_shapes(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutputs:
@@ -341,7 +354,9 @@ def chain_forward_shapes(x: Tensor, params: ChainParams, spec: ChainSpec) -> Cha
     new = [[None if t is None else torch.empty_like(t) for t in ts] for ts in (params.running_means,
                                                                                params.running_vars)]
     out = x.new_empty(shape[:2], dtype=sdt) if spec.tail == "attention" else empty_activation(x, shape)
-    return ChainOutputs(out, yd, ys[:spec.num_saved], stats, *new)
+    sink = x.new_empty_strided(shape, (0, 0, 0, 0)) if spec.tail == "attention" and spec.shortcut_kind == "identity" \
+        else None
+    return ChainOutputs(out, yd, sink, ys[:spec.num_saved], stats, *new)
 
 
 def _attention_dy(y: Tensor, stats: BNStats, dy_fixed: Tensor, dmean: Optional[Tensor],
@@ -433,8 +448,10 @@ def chain_backward(dout: Optional[Tensor], tail_grads: Optional[AttentionGrads],
             dy = tail_k.bn_bwd_apply(d.dx, None, conv_in, gammas[i - 1], prev.mean, prev.invstd,
                                      *global_sums(conv_in, d.sum_g, d.sum_gxhat))
         elif needs[0]:
-            residual = (dout, relu_out, spec.shortcut_stride) if kind in RESIDUAL_KINDS and spec.tail != "attention" \
-                else None
+            residual = None
+            if kind in RESIDUAL_KINDS:
+                residual = (dout, relu_out, spec.shortcut_stride) if spec.tail != "attention" else \
+                    (tail_grads.dresidual, None, 1)
             dx = conv_dgrad(dy, weights[0], x.shape, *geo, residual=residual)
 
     if kind == PROJECTION:

@@ -107,8 +107,8 @@ gated_tail.register_autograd(_eval_only)
 # Schema (the argument names are those of chain.ChainParams and chain.ChainSpec, in that order):
 #   train_chain(x, weights, gammas, betas, running_means, running_vars, num_batches, row_scale,
 #               geometry, momentums, eps, shortcut_kind, shortcut_stride, recompute_last, group, tail)
-#     -> ChainOutputs.pack(): [out, yd, *ys, *per-BN (mean, invstd, scale, shift), *per-BN (new running
-#        mean, new running var)]
+#     -> ChainOutputs.pack(): [out, yd, residual_sink, *ys, *per-BN (mean, invstd, scale, shift), *per-BN (new
+#        running mean, new running var)]
 #   train_chain_backward(dout, attention_grads, saved (chain.SavedChain's fields), needs, <ChainSpec>)
 #     -> ChainGrads.pack(): [dx, *per-layer (dw, dgamma, dbeta)]
 # Lists hold one entry per layer (the units' convs, then the projection's); a missing result tensor is
@@ -151,7 +151,8 @@ def _train_chain_setup(ctx, inputs, output):
 def _train_chain_backward(ctx, grads):
     spec = ctx.spec
     grads = ChainOutputs.unpack(list(grads), spec.num_layers)
-    tail = chain.AttentionGrads.of(grads, spec) if spec.tail == "attention" else chain.AttentionGrads(*[None] * 6)
+    no_tail = chain.AttentionGrads(*[None] * len(chain.AttentionGrads._fields))
+    tail = chain.AttentionGrads.of(grads, spec) if spec.tail == "attention" else no_tail
     if grads.out is None and all(t is None for t in tail):
         g = ChainGrads(None, *[[None] * spec.num_layers] * 3)
     else:
@@ -198,11 +199,12 @@ train_chain_backward.register_autograd(_no_double_backward)
 
 @torch.library.custom_op("fusedres::attention_tail", mutates_args=())
 def attention_tail(y: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
-                   attn: Tensor, row_scale: Optional[Tensor], residual: Optional[Tensor], yd: Optional[Tensor],
+                   attn: Tensor, row_scale: Optional[Tensor], residual: Optional[Tensor],
+                   residual_sink: Optional[Tensor], yd: Optional[Tensor],
                    mean_d: Optional[Tensor], invstd_d: Optional[Tensor], gamma_d: Optional[Tensor],
                    beta_d: Optional[Tensor], relu: bool) -> Tensor:
-    return attention.tail_forward(TailInputs(y, mean, invstd, gamma, beta, attn, row_scale, residual, yd, mean_d,
-                                             invstd_d, gamma_d, beta_d), relu)
+    return attention.tail_forward(TailInputs(y, mean, invstd, gamma, beta, attn, row_scale, residual, residual_sink,
+                                             yd, mean_d, invstd_d, gamma_d, beta_d), relu)
 
 
 @attention_tail.register_fake
@@ -227,10 +229,12 @@ attention_tail.register_autograd(_attention_tail_backward, setup_context=_attent
 @torch.library.custom_op("fusedres::attention_tail_backward", mutates_args=())
 def attention_tail_backward(dout: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
                             gamma: Optional[Tensor], beta: Optional[Tensor], attn: Tensor, row_scale: Optional[Tensor],
-                            residual: Optional[Tensor], yd: Optional[Tensor], mean_d: Optional[Tensor],
+                            residual: Optional[Tensor], residual_sink: Optional[Tensor], yd: Optional[Tensor],
+                            mean_d: Optional[Tensor],
                             invstd_d: Optional[Tensor], gamma_d: Optional[Tensor], beta_d: Optional[Tensor],
                             relu: bool) -> List[Tensor]:
-    t = TailInputs(y, mean, invstd, gamma, beta, attn, row_scale, residual, yd, mean_d, invstd_d, gamma_d, beta_d)
+    t = TailInputs(y, mean, invstd, gamma, beta, attn, row_scale, residual, residual_sink, yd, mean_d, invstd_d,
+                   gamma_d, beta_d)
     return [chain.absent(y) if g is None else g for g in attention.tail_backward(dout, out, t, relu)]
 
 

@@ -71,8 +71,10 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     proj = [None] * 5
     if shortcut.kind == PROJECTION:
         proj = [res.yd, res.stats[-1].mean, res.stats[-1].invstd, shortcut.bn.weight, shortcut.bn.bias]
-    return ops.attention_tail(res.ys[-1], last.mean, last.invstd, bn.weight, bn.bias, gate, row_scale,
-                              x if shortcut.kind == "identity" else None, *proj, activation == "relu")
+    # the identity shortcut's values come detached: its gradient flows through res.residual_sink (see there)
+    residual = x.detach() if shortcut.kind == "identity" else None
+    return ops.attention_tail(res.ys[-1], last.mean, last.invstd, bn.weight, bn.bias, gate, row_scale, residual,
+                              res.residual_sink, *proj, activation == "relu")
 
 
 def count_batches(bns: Sequence[nn.BatchNorm2d]) -> None:

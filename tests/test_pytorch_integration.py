@@ -69,7 +69,7 @@ def test_opcheck_train_chain_backward(tail, device):
     weights, gammas = [w.detach() for w in params.weights], [g.detach() for g in params.gammas]
     attention = [] if tail == "relu" else [torch.randn_like(res.ys[-1]), torch.randn(16, device=device),
                                            torch.randn(16, device=device), torch.randn_like(res.yd),
-                                           torch.randn(16, device=device), torch.randn(16, device=device)]
+                                           torch.randn(16, device=device), torch.randn(16, device=device), None]
     bwd_args = (torch.randn_like(res.out), attention, x.detach(), res.out, res.yd, res.ys, weights, gammas,
                 BNStats.flatten(res.stats), params.row_scale, [True] * 4, *spec)
     torch.library.opcheck(torch.ops.fusedres.train_chain_backward.default, bwd_args,
@@ -85,7 +85,7 @@ def test_opcheck_attention_tail(shortcut, device):
     proj = [None] * 5 if shortcut == "identity" else [t(2, 16, 5, 5), t(16), t(16, positive=True), t(16), t(16)]
     gate, row_scale = torch.rand(2, 16, device=device), torch.rand(2, device=device)
     args = (y, t(16), t(16, positive=True), t(16), t(16), gate, row_scale,
-            t(2, 16, 5, 5) if shortcut == "identity" else None, *proj, True)
+            t(2, 16, 5, 5) if shortcut == "identity" else None, None, *proj, True)
     torch.library.opcheck(torch.ops.fusedres.attention_tail.default, args, test_utils=OPCHECK_TESTS)
 
 

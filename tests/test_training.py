@@ -190,7 +190,7 @@ def test_chain_outputs_and_grads_pack_unpack_roundtrip():
     def t(*shape):
         return torch.randn(*shape)
     stats = [BNStats(t(4), t(4), t(4), t(4)) for _ in range(3)]
-    res = ChainOutputs(t(2, 4, 3, 3), None, [t(2, 4, 3, 3)], stats, [t(4), None, t(4)], [t(4), None, t(4)])
+    res = ChainOutputs(t(2, 4, 3, 3), None, None, [t(2, 4, 3, 3)], stats, [t(4), None, t(4)], [t(4), None, t(4)])
     back = ChainOutputs.unpack(res.pack(), num_layers=3)
     assert back.yd is None and back.running_means[1] is None and back.running_vars[1] is None
     assert len(back.ys) == 1 and torch.equal(back.ys[0], res.ys[0]) and torch.equal(back.out, res.out)
