@@ -166,9 +166,6 @@ class _TimmBlockMixin(_FusedBlockMixin):
         return torch.ops.fusedres.gated_tail(branch, gate, shortcut, True)
 
 
-_CLASSES: Dict[type, type] = {}
-
-
 def swap_timm_block(block: nn.Module) -> Optional[str]:
     """Make a timm block fused in place (a cached subclass of its class); why not, when it cannot be."""
     reason = timm_block_reason(block)

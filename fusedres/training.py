@@ -57,7 +57,7 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
         return _empty_batch(x, weights + [t for bn in bns for t in (bn.weight, bn.bias)], out_shape)
     row_scale = None
     if drop_path is not None:  # the factor drop_path(branch) multiplies the branch by, drawn as it would be
-        row_scale = drop_path(x.new_ones((x.shape[0], 1, 1, 1))).view(-1)
+        row_scale = drop_path(torch.ones((x.shape[0], 1, 1, 1), device=x.device, dtype=x.dtype)).view(-1)
     tail = "attention" if attention is not None else activation
     params = ChainParams.build(weights, states, row_scale)
     spec = ChainSpec.build([c for c, _ in layers], states, shortcut.kind, shortcut.stride, recompute_last, group, tail)
