@@ -75,8 +75,11 @@ class BNState(NamedTuple):
         training mode and tracking them (nn.BatchNorm2d's rule)."""
         update = bn.training and bn.track_running_stats and bn.running_mean is not None
         momentum = None if bn.momentum is None else float(bn.momentum)
+        # the cumulative average's factor reads this step's count: num_batches_tracked itself is incremented
+        # with the running statistics, after the op (fusedres._running)
+        count = bn.num_batches_tracked + 1 if update and momentum is None else None
         return cls(bn.weight, bn.bias, bn.running_mean if update else None, bn.running_var if update else None,
-                   bn.num_batches_tracked if update and momentum is None else None, momentum, float(bn.eps))
+                   count, momentum, float(bn.eps))
 
     @property
     def updates(self) -> bool:

@@ -14,6 +14,7 @@ from typing import List, Optional, Set, Tuple
 
 from torch import nn
 
+from . import _running
 from .blocks import FusedBasicBlock, FusedBottleneck, layer_reason, unfusable_reason
 from .models import _FusedStemNet
 from .reference import BasicBlock, Bottleneck
@@ -98,6 +99,7 @@ def convert(model: nn.Module) -> nn.Module:
             reason = _swap_class(module, twin)
         if reason is not None:
             skipped.append(f"{where} ({type(module).__name__}: {reason})")
+    _running.install(model)  # running statistics written once per call (fusedres._running)
     eager = eager_layers(model)
     if skipped or eager:
         parts = [f"left {len(skipped)} block(s) / stem(s) unfused, running as before: " + "; ".join(skipped)] \

@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence, Type, Union
 import torch
 from torch import Tensor, nn
 
+from . import _running
 from .blocks import FusedBasicBlock, FusedBottleneck
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut, conv1x1, conv3x3
 from .stems import run_stem
@@ -32,6 +33,7 @@ class _FusedStemNet(nn.Module):
         return self.relu(self.bn1(self.conv1(x)))
 
     def _init_weights(self) -> None:
+        _running.install(self)  # running statistics written once per call (fusedres._running)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _sync, kernels, ops
+from . import _running, _sync, kernels, ops
 from . import _validate as check
 from ._autocast import cast_for_autocast
 from .attention import attention_gate, pooled_bn
@@ -51,9 +51,12 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
         check.tensor(op, "weight", w, 4, x.device, x.dtype)
     out_shape = _check_shapes(op, x, units, shortcut)
     bns = [bn for _, bn in layers]
+    _running.settle([t for bn in bns for t in (bn.running_mean, bn.num_batches_tracked) if t is not None])
     states = [BNState.of(bn) for bn in bns]
-    count_batches([bn for bn, s in zip(bns, states) if s.updates])
+    counters = [bn.num_batches_tracked for bn, s in zip(bns, states)
+                if s.updates and bn.num_batches_tracked is not None]
     if x.shape[0] == 0:
+        _running.update(counters, [], [])
         return _empty_batch(x, weights + [t for bn in bns for t in (bn.weight, bn.bias)], out_shape)
     row_scale = None
     if drop_path is not None:  # the factor drop_path(branch) multiplies the branch by, drawn as it would be
@@ -62,8 +65,9 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     params = ChainParams.build(weights, states, row_scale)
     spec = ChainSpec.build([c for c, _ in layers], states, shortcut.kind, shortcut.stride, recompute_last, group, tail)
     res = ChainOutputs.unpack(ops.train_chain(x, *params, *spec), len(layers))
-    write_running_stats([s for s in states if s.updates], [m for m in res.running_means if m is not None],
-                        [v for v in res.running_vars if v is not None])
+    # the op returns new running statistics (it mutates nothing): into the buffers, with the counts
+    _running.update(counters, [t for s in states if s.updates for t in (s.running_mean, s.running_var)],
+                    [t for pair in zip(res.running_means, res.running_vars) for t in pair if t is not None])
     if attention is None:
         return res.out
     last, bn = res.stats[len(units) - 1], units[-1][1]
@@ -75,22 +79,6 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     residual = x.detach() if shortcut.kind == "identity" else None
     return ops.attention_tail(res.ys[-1], last.mean, last.invstd, bn.weight, bn.bias, gate, row_scale, residual,
                               res.residual_sink, *proj, activation == "relu")
-
-
-def count_batches(bns: Sequence[nn.BatchNorm2d]) -> None:
-    """num_batches_tracked += 1 for each BN that updates its running statistics (nn.BatchNorm2d's rule),
-    before the op: the cumulative average (momentum None) reads the incremented count."""
-    counters = [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
-    if counters:
-        torch._foreach_add_(counters, 1)
-
-
-def write_running_stats(states: Sequence[BNState], means: Sequence[Tensor], variances: Sequence[Tensor]) -> None:
-    """The op's new running statistics into the modules' buffers (it mutates nothing itself): one launch."""
-    if states:
-        with torch.no_grad():
-            torch._foreach_copy_([t for s in states for t in (s.running_mean, s.running_var)],
-                                 [t for pair in zip(means, variances) for t in pair])
 
 
 def _empty_batch(x: Tensor, params, out_shape) -> Tensor:
