@@ -200,3 +200,62 @@ def test_chain_outputs_and_grads_pack_unpack_roundtrip():
     back = ChainGrads.unpack(grads.pack(res.out))
     assert back.dx is None and back.dweights[1] is None and back.dgammas[1] is None and back.dbetas[1] is None
     assert torch.equal(back.dweights[0], grads.dweights[0]) and torch.equal(back.dbetas[0], grads.dbetas[0])
+
+
+class _Twice(nn.Module):
+    """One block called twice in one model call: its BNs update twice, each from the previous update."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(self.block(x))
+
+
+def test_running_statistics_written_once_per_call(device):
+    """A converted model's training step writes every running statistic and num_batches_tracked of all its
+    blocks with one _foreach_copy_ and one _foreach_add_ (fusedres._running)."""
+    from test_no_torch_compute import RecordOps
+    model = fusedres.convert(nn.Sequential(reference.BasicBlock(8, 8), reference.BasicBlock(8, 8))).to(device)
+    with RecordOps() as rec:
+        model.train()(torch.randn(2, 8, 6, 6, device=device))
+    ops = [op for op in rec.ops if "copy_" in op or "add_" in op]
+    assert ops == ["aten._foreach_add_.Scalar", "aten._foreach_copy_.default"], ops
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_of_a_block_called_twice(momentum, device):
+    """The values are eager's when one block runs twice in one call (its second update reads the first)."""
+    eager = _Twice(reference.BasicBlock(8, 8))
+    for m in eager.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    fused = fusedres.convert(copy.deepcopy(eager)).to(device).train()
+    eager = eager.double().to(device).train()
+    for step in range(2):
+        x = torch.randn(2, 8, 6, 6, device=device)
+        fused(x)
+        eager(x.double())
+        for (name, b), e in zip(fused.named_buffers(), eager.buffers()):
+            if b.dtype.is_floating_point:
+                assert_close(b, e, torch.float32, f"step {step} {name}")
+            else:
+                assert torch.equal(b, e), name
+
+
+class _Raise(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("a layer after the block fails")
+
+
+def test_a_raising_call_still_writes_the_running_statistics_of_what_ran(device):
+    model = fusedres.convert(nn.Sequential(reference.BasicBlock(8, 8), _Raise())).to(device).train()
+    bn = model[0].bn1
+    before, mean = bn.num_batches_tracked.clone(), bn.running_mean.clone()
+    with pytest.raises(RuntimeError, match="fails"):
+        model(torch.randn(2, 8, 6, 6, device=device))
+    assert bn.num_batches_tracked == before + 1 and not torch.equal(bn.running_mean, mean)
+    model[1] = nn.Identity()
+    model(torch.randn(2, 8, 6, 6, device=device))  # and the next call writes as before
+    assert bn.num_batches_tracked == before + 2
