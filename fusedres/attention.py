@@ -64,22 +64,8 @@ def tail_forward(t: TailInputs, relu: bool) -> Tensor:
                          residual=t.residual, relu=relu, row_scale=t.row_scale, attn=t.attn)
 
 
-class TailGrads(NamedTuple):
-    """fusedres::attention_tail_backward's result: a gradient per TailInputs field (None: not needed)."""
-    y: Optional[Tensor]
-    mean: Optional[Tensor]
-    invstd: Optional[Tensor]
-    gamma: Optional[Tensor]
-    beta: Optional[Tensor]
-    attn: Optional[Tensor]
-    row_scale: Optional[Tensor]
-    residual: Optional[Tensor]
-    residual_sink: Optional[Tensor]
-    yd: Optional[Tensor]
-    mean_d: Optional[Tensor]
-    invstd_d: Optional[Tensor]
-    gamma_d: Optional[Tensor]
-    beta_d: Optional[Tensor]
+# fusedres::attention_tail_backward's result: a gradient per TailInputs field (None: not needed or none).
+TailGrads = NamedTuple("TailGrads", [(f, Optional[Tensor]) for f in TailInputs._fields])
 
 
 def _bn_param_grads(sum_gz, sum_gzx, mean, invstd, gamma, scale):
