@@ -306,6 +306,7 @@ def _finalize(conv: ConvStats, state: BNState, group: int):
     if group != _sync.NO_GROUP:
         local = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, None, None, state.eps)
         mean, var, total = _sync.merge_stats(local.mean, local.var, m, group)
+        total = int(round(total))
         part_mean, part_m2, tile_m, m = mean[None], (var * total)[None], total, total
     s = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, state.gamma, state.beta, state.eps,
                          state.running_update(new_rm, new_rv))

@@ -16,9 +16,12 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(what, a, b):
+def check(what, a, b, eager=None):
+    """Within TOL of the float64 reference, or (a deep model, ``eager`` given: eager fp32 BatchNorm over the
+    whole batch) within 2x eager's own error + TOL, the project's rule (DESIGN.md section 4)."""
     err = rel_err(a, b)
-    assert err <= TOL, f"rank {dist.get_rank()}: {what}: relative error {err:.2e}"
+    bound = TOL if eager is None else 2 * rel_err(eager, b) + TOL
+    assert err <= bound, f"rank {dist.get_rank()}: {what}: relative error {err:.2e} > {bound:.2e}"
 
 
 def main(rank: int, world: int, port: int, mode: str) -> None:
@@ -34,32 +37,44 @@ def main(rank: int, world: int, port: int, mode: str) -> None:
         model = fusedres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.cifar_resnet(8, "B", fused=False)))
         ref = fusedres.cifar_resnet(8, "B", fused=False)
         x_full = torch.randn(4 * world, 3, 16, 16)
+    elif mode == "syncbn_attention":  # SE blocks (attention tail) with nn.SyncBatchNorm, through convert
+        from timm_like import timm_like
+        model = fusedres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(timm_like("seresnet50")))
+        ref = timm_like("seresnet50")
+        x_full = torch.randn(2 * world, 3, 32, 32)
     else:  # ddp: plain BatchNorm2d (DDP refuses SyncBatchNorm on CPU modules): per-rank statistics
         model = fusedres.cifar_resnet(8, "B")
         ref = fusedres.cifar_resnet(8, "B", fused=False)
         x_full = torch.randn(4 * world, 3, 16, 16)
     ref.load_state_dict(model.state_dict())
+    eager = None
+    if mode == "syncbn_attention":  # fp32 eager over the whole batch: the judge's yardstick
+        import copy
+        eager = copy.deepcopy(ref).train()
+        eager(x_full).square().sum().backward()
+        eager_grads = [q.grad for q in eager.parameters()]
     ref.double().train()
     model.train()
     trained = nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
-    x = x_full[4 * rank:4 * (rank + 1)].contiguous()
+    per = x_full.shape[0] // world
+    x = x_full[per * rank:per * (rank + 1)].contiguous()
     out = trained(x)
     out.square().sum().backward()
     ref_x = x if mode == "ddp" else x_full  # DDP alone: each rank normalizes its own batch
     ref_out = ref(ref_x.double())
     ref_out.square().sum().backward()
-    check("output", out, ref_out if mode == "ddp" else ref_out[4 * rank:4 * (rank + 1)])
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    check("output", out, ref_out if mode == "ddp" else ref_out[per * rank:per * (rank + 1)])
+    for i, ((name, p), q) in enumerate(zip(model.named_parameters(), ref.parameters())):
         grad, want = p.grad.clone(), q.grad.clone()
         if mode == "ddp":
             dist.all_reduce(want)  # DDP averages the ranks' gradients
             want /= world
         else:
             dist.all_reduce(grad)  # parameter gradients are local, as in nn.SyncBatchNorm
-        check(f"grad {name}", grad, want)
-    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        check(f"grad {name}", grad, want, None if eager is None else eager_grads[i])
+    for i, ((name, b), c) in enumerate(zip(model.named_buffers(), ref.buffers())):
         if b.dtype.is_floating_point:
-            check(name, b, c)
+            check(name, b, c, None if eager is None else list(eager.buffers())[i])
         else:
             assert torch.equal(b, c), name
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
