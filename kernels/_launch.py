@@ -17,6 +17,33 @@ def _probe(x_ptr):
 INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 
 
+# The activations the kernels implement, each with what its gradient is gated by: "output" (ReLU: 0 where
+# the output is <= 0; its input gives the same gate, so a kernel that recomputes the pre-activation gates on
+# that) or None (no gate). Device side: kernels/_tiles.py activation / activation_grad, one branch each.
+# Adding an activation means a branch in those two helpers and an entry here (kernels/ACTIVATIONS.md: SiLU).
+ACTIVATIONS = {"relu": "output", "none": None}
+
+
+def check_activation(activation: str) -> str:
+    """The kernels' ACTIVATION constexpr for ``activation``; a ValueError naming the supported ones otherwise."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not implemented by the fused kernels; "
+                         f"supported: {', '.join(map(repr, ACTIVATIONS))}")
+    return activation
+
+
+def site_activation(activation: str, used: bool) -> str:
+    """ACTIVATION of a launch whose one activation site may be off: the checked name, or "none" when the site
+    is unused (no prologue, no gate tensor), so such launches compile one variant."""
+    check_activation(activation)
+    return activation if used else "none"
+
+
+def activation_of(relu: bool, activation=None) -> str:
+    """A launcher's activation: ``activation`` when given, else its legacy flag (relu=True -> "relu")."""
+    return check_activation(activation if activation is not None else ("relu" if relu else "none"))
+
+
 def clamp_block(block: int, size: int, minimum: int = 16) -> int:
     """A power-of-two block no larger than needed for ``size`` elements (tl.dot needs >= 16)."""
     return max(minimum, min(block, triton.next_power_of_2(max(size, 1))))

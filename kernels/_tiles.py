@@ -44,24 +44,45 @@ def tile_ptrs(base, n, p, q, offs_c, s_n, s_c, s_h, s_w):
 
 
 @triton.jit
-def relu_nan(y):
-    """ReLU that propagates NaN like torch.relu (tl.maximum would not)."""
-    return tl.where(y < 0, 0.0, y)
+def activation(y, ACTIVATION: tl.constexpr, KEEP_NEG_ZERO: tl.constexpr = True):
+    """The forward activation (the names of _launch.ACTIVATIONS): "relu" as torch.relu, NaN propagating
+    (a plain tl.maximum would drop it) and -0.0 kept; "none": y unchanged. KEEP_NEG_ZERO=False, for values
+    that only feed an MMA (where a zero's sign cannot matter): ReLU as one NaN-propagating max instead of a
+    compare and a select (wgrad's prologue: ~5% fewer main-loop SASS instructions, its budget needs them)."""
+    if ACTIVATION == "relu":
+        if KEEP_NEG_ZERO:
+            y = tl.where(y < 0, 0.0, y)
+        else:
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        tl.static_assert(ACTIVATION == "none", "ACTIVATION: not in kernels/_launch.py ACTIVATIONS")
+    return y
 
 
 @triton.jit
-def add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
-                            stride_res_w, RES_C,
-                            out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
-                            HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr):
-    """The common tail of every forward epilogue: + residual (first RES_C channels), ReLU, cast, store."""
+def activation_grad(grad, src, ACTIVATION: tl.constexpr):
+    """The activation's backward of grad, gated by src: the activation's output, or its input where a kernel
+    recomputes that (ReLU's gate is the same on both). "relu": torch's threshold_backward, 0 where src <= 0,
+    else grad (a NaN src passes the gradient, as in PyTorch); "none": grad."""
+    if ACTIVATION == "relu":
+        grad = tl.where(src <= 0, 0.0, grad)
+    else:
+        tl.static_assert(ACTIVATION == "none", "ACTIVATION: not in kernels/_launch.py ACTIVATIONS")
+    return grad
+
+
+@triton.jit
+def add_residual_act_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
+                           stride_res_w, RES_C,
+                           out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
+                           HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The common tail of every forward epilogue: + residual (first RES_C channels), activation, cast, store."""
     if HAS_RESIDUAL:
         # Channels >= RES_C read as zero: the option-A shortcut's zero-padded channels, never stored.
         r_mask = mask_m[:, None] & (mask_k & (offs_k < RES_C))[None, :]
         y += tl.load(tile_ptrs(res_ptr, n, p, q, offs_k, stride_res_n, stride_res_c, stride_res_h, stride_res_w),
                      mask=r_mask, other=0.0).to(y.dtype)
-    if APPLY_RELU:
-        y = relu_nan(y)
+    y = activation(y, ACTIVATION)
     o_ptrs = tile_ptrs(out_ptr, n, p, q, offs_k, stride_out_n, stride_out_c, stride_out_h, stride_out_w)
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 

@@ -126,13 +126,6 @@ def _sum_rows_kernel(src_ptr, dst_ptr, T, L, ROWS, BLOCK_T: tl.constexpr, BLOCK_
     tl.store(dst_ptr + c.to(tl.int64) * L + offs_l, acc.to(dst_ptr.dtype.element_ty), mask=mask_l)
 
 
-@triton.jit
-def relu_grad(grad, mask_src):
-    """torch.relu's backward (threshold_backward): 0 where the ReLU output is <= 0, else the gradient
-    (a NaN output passes the gradient, as in PyTorch)."""
-    return tl.where(mask_src <= 0, 0.0, grad)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ GEMM view of a conv: M = N*P*Q output pixels, N-dim = K output channels (per gro
 R*S*C (per group). The reduction loops (r, s) outside and C-blocks inside, so no div/mod runs in
 the inner loop, and with channels_last activations each A-tile row is a contiguous run of channels.
 
-Prologue (PROLOGUE_BN_RELU, training): the input is the previous conv's raw output y; each loaded
-A tile becomes relu(in_scale[c] * y + in_shift[c]), so the normalized activation never touches
-memory. Zero padding belongs to the activated tensor: out-of-bounds taps are 0 after the transform.
+ACTIVATION ("relu" or "none", kernels/_launch.py ACTIVATIONS; the helper _tiles.activation) is the conv's one
+activation: the prologue's and, with EPILOGUE_ACT, the epilogue's.
+
+Prologue (PROLOGUE_BN, training): the input is the previous conv's raw output y; each loaded A tile
+becomes act(in_scale[c] * y + in_shift[c]), so the normalized activation never touches memory. Zero
+padding belongs to the activated tensor: out-of-bounds taps are 0 after the transform.
 
 Epilogue, all in fp32 (fp64 for fp64 inputs), then one cast and store:
     y = scale[k] * acc + shift[k]                         per-channel affine (none: y = acc), either given,
@@ -15,7 +18,7 @@ Epilogue, all in fp32 (fp64 for fp64 inputs), then one cast and store:
     y += scale_d[k] * (xd conv1x1 wd)[k] + shift_d[k]     HAS_SHORTCUT: projection shortcut, a 2nd GEMM into
                                                           the same accumulator (see the epilogue)
     y += residual[k]   for k < RES_C                      HAS_RESIDUAL: identity / option-A shortcut
-    y = relu(y)                                           APPLY_RELU, NaN-propagating like torch.relu
+    y = act(y)                                            EPILOGUE_ACT: ACTIVATION (ReLU NaN-propagating)
     STATS: per-tile per-channel mean and M2 of acc into [num_m_tiles, K] fp32 (training BN statistics)
 """
 from typing import NamedTuple, Optional
@@ -27,6 +30,8 @@ import triton.language as tl
 from ._conv_configs import STATS_BLOCK_M, conv_fixed_config, conv_prune, gpu_configs
 from ._launch import (
     STEM_CPAD,
+    activation_of,
+    check_activation,
     device_guard,
     dot_args,
     empty_activation,
@@ -36,7 +41,7 @@ from ._launch import (
     stats_dtype,
     stride_args,
 )
-from ._tiles import add_residual_relu_store, mma, pixel_rows, relu_nan, tile_mean_m2
+from ._tiles import activation, add_residual_act_store, mma, pixel_rows, tile_mean_m2
 
 
 @triton.jit
@@ -56,8 +61,8 @@ def _conv_bn_act_kernel(
     shift_d_ptr,  # [K] shortcut offset or its BN's beta, as shift_ptr
     mean_d_ptr,   # [K] shortcut BN running mean, as mean_ptr
     var_d_ptr,    # [K] shortcut BN running variance, as var_ptr
-    in_scale_ptr,  # [C] prologue BN multiplier of the input (PROLOGUE_BN_RELU)
-    in_shift_ptr,  # [C] prologue BN offset of the input (PROLOGUE_BN_RELU)
+    in_scale_ptr,  # [C] prologue BN multiplier of the input (PROLOGUE_BN)
+    in_shift_ptr,  # [C] prologue BN offset of the input (PROLOGUE_BN)
     part_mean_ptr,  # [num_m_tiles, K] fp32 per-tile channel means of acc (STATS)
     part_m2_ptr,    # [num_m_tiles, K] fp32 per-tile channel sums of squared deviations (STATS)
     fold_ptr,       # [4, K] scratch (HAS_SHORTCUT): the projection's per-channel ratio, offset, multiplier, live
@@ -75,8 +80,11 @@ def _conv_bn_act_kernel(
     eps_hi, eps_lo, eps_d_hi, eps_d_lo,  # BN eps as fp32 hi + lo parts (float args are fp32; fp64 needs both)
     R: tl.constexpr, S: tl.constexpr,          # filter size
     HAS_SCALE: tl.constexpr,       # apply the per-channel affine (False: the raw conv, e.g. STATS convs)
-    HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, APPLY_RELU: tl.constexpr,
-    PROLOGUE_BN_RELU: tl.constexpr, STATS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    ACTIVATION: tl.constexpr,      # "relu" or "none": the activation of the prologue and (EPILOGUE_ACT) the output
+    EPILOGUE_ACT: tl.constexpr,    # apply ACTIVATION to the output (after the residual)
+    PROLOGUE_BN: tl.constexpr,     # the input is raw y: the A tile becomes ACTIVATION(in_scale * y + in_shift)
+    STATS: tl.constexpr,
     STEM_CPAD: tl.constexpr,       # 0, or the padded channel count of the stem path (see the main loop)
     EVEN_C: tl.constexpr,          # CG % BLOCK_K == 0: no channel mask in the main loop (_even_c, per launch)
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 operands (follows cudnn.allow_tf32)
@@ -154,10 +162,10 @@ def _conv_bn_act_kernel(
                 b_off = r.to(tl.int64) * stride_w_r + s.to(tl.int64) * stride_w_s + c_off * stride_w_c
             a = tl.load(a_base + a_off, mask=a_mask, other=0.0)
             b_ptrs = b_base + b_off
-        if PROLOGUE_BN_RELU:
+        if PROLOGUE_BN:
             s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
-            a_act = relu_nan(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :])
+            a_act = activation(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION)
             a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
         b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
@@ -221,9 +229,10 @@ def _conv_bn_act_kernel(
         tl.store(part_mean_ptr + part, t_mean, mask=mask_n)
         tl.store(part_m2_ptr + part, t_m2, mask=mask_n)
 
-    add_residual_relu_store(y, n, p, q, offs_n, mask_m, mask_n, res_ptr, stride_res_n, stride_res_c, stride_res_h,
-                            stride_res_w, RES_C,
-                            out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, APPLY_RELU)
+    OUT_ACT: tl.constexpr = ACTIVATION if EPILOGUE_ACT else "none"  # a STATS conv activates its input only
+    add_residual_act_store(y, n, p, q, offs_n, mask_m, mask_n, res_ptr, stride_res_n, stride_res_c, stride_res_h,
+                           stride_res_w, RES_C,
+                           out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, OUT_ACT)
 
 
 @triton.jit
@@ -288,7 +297,7 @@ def projection_fold(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bia
 # ----------------------------------------------------------------------------------------------
 
 _KEY = ["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_SCALE", "HAS_RESIDUAL", "HAS_SHORTCUT",
-        "PROLOGUE_BN_RELU"]
+        "PROLOGUE_BN", "ACTIVATION"]
 
 
 def _even_c(args) -> bool:
@@ -364,7 +373,7 @@ class ConvStats(NamedTuple):
 
 
 def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                residual=None, relu=False, shortcut=None, prologue=None, config=None, *, bn=None):
+                residual=None, relu=False, shortcut=None, prologue=None, config=None, *, bn=None, activation=None):
     """Launch the fused conv. Tensors in, a new tensor out; inputs are assumed validated.
 
     x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] (either may be None: 1 / 0; both
@@ -373,29 +382,36 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     residual: optional [N, RES_C, P, Q] with RES_C <= K, added to the first RES_C channels.
     shortcut: optional ProjectionShortcut, or a plain tuple in its field order (xd [N, CD, HD, WD],
     wd [K, CD, 1, 1], scale_d [K] or BNFold, shift_d [K] or None, stride_d).
-    prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift).
+    prologue: optional (in_scale [C], in_shift [C]): the conv reads act(in_scale * x + in_shift).
+    relu / activation: the conv's activation (kernels/_launch.py ACTIVATIONS), applied to the output and by a
+    prologue. activation None: relu=True means "relu" on the output, and a prologue applies "relu" (the
+    legacy meaning: relu=False with a prologue activates the input only).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages) to bypass autotuning.
     Returns [N, K, P, Q] in x's dtype and memory format (channels_last in, channels_last out).
     """
     if isinstance(scale, BNFold):
         bn, scale = scale, None
+    out_act = activation_of(relu, activation)
+    act = check_activation(activation) if activation is not None else ("relu" if prologue is not None else out_act)
     return _conv(x, weight, bn=bn, scale=scale, shift=shift, stride=stride, padding=padding, dilation=dilation,
-                 groups=groups, residual=residual, relu=relu, shortcut=ProjectionShortcut.of(shortcut),
-                 prologue=prologue, stats=False, config=config).out
+                 groups=groups, residual=residual, activation=act, epilogue_act=out_act != "none",
+                 shortcut=ProjectionShortcut.of(shortcut), prologue=prologue, stats=False, config=config).out
 
 
 def conv_bn_stats(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, prologue=None,
-                  config=None) -> ConvStats:
+                  config=None, *, activation="relu") -> ConvStats:
     """The training forward's conv: the raw output and its per-tile BN partials (the STATS epilogue).
-    prologue: optional (in_scale [C], in_shift [C]): the conv reads relu(in_scale * x + in_shift)."""
+    prologue: optional (in_scale [C], in_shift [C]): the conv reads act(in_scale * x + in_shift), act the
+    ``activation`` (kernels/_launch.py ACTIVATIONS)."""
     return _conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups, prologue=prologue,
-                 stats=True, config=config)
+                 activation=check_activation(activation), stats=True, config=config)
 
 
 def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, stride, padding, dilation, groups,
-          residual=None, relu=False, shortcut: Optional[ProjectionShortcut] = None, prologue=None, stats: bool,
-          config=None) -> ConvStats:
-    """The launch of conv_bn_act / conv_bn_stats: a ConvStats whose partials are None without stats."""
+          residual=None, activation: str = "none", epilogue_act: bool = False,
+          shortcut: Optional[ProjectionShortcut] = None, prologue=None, stats: bool, config=None) -> ConvStats:
+    """The launch of conv_bn_act / conv_bn_stats: a ConvStats whose partials are None without stats.
+    activation: the prologue's and (epilogue_act) the output's; a checked name of ACTIVATIONS."""
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
     p = out_size(h, r, stride[0], padding[0], dilation[0])
@@ -422,6 +438,9 @@ def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, str
     if m == 0 or k == 0:
         return ConvStats(out, part_mean, part_m2, block_m)
     sc = shortcut if shortcut is not None else ProjectionShortcut(None, None)
+    epilogue_act = epilogue_act and activation != "none"
+    if prologue is None and not epilogue_act:
+        activation = "none"  # no site applies it: one compiled variant, whatever the caller's activation
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=None if bn is None else _dense(bn.conv_bias), out_ptr=out,
         res_ptr=out if residual is None else residual,  # a dummy pointer without a residual, never read
@@ -437,9 +456,9 @@ def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, str
         dil_w=dilation[1], stride_d=sc.stride,
         **_affine_args(scale, shift, bn), **_affine_args(sc.scale, sc.shift, sc.bn, "_d"),
         R=r, S=s, HAS_SCALE=bn is not None or scale is not None or shift is not None,
-        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None, APPLY_RELU=bool(relu),
-        PROLOGUE_BN_RELU=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad, **dot_args(x),
-        ACC_FP64=x.dtype == torch.float64)
+        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None, ACTIVATION=activation,
+        EPILOGUE_ACT=epilogue_act, PROLOGUE_BN=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad,
+        **dot_args(x), ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)

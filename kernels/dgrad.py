@@ -11,10 +11,11 @@ run the epilogue. At stride 1 there is one phase with every tap.
 GEMM per phase: M = N*HP*WP pixels x C input channels (per group), reduction over (tap, K block), one
 flattened loop whose tap and K-block counters advance without division.
 
-Epilogue: BN_RELU_GRAD gates the gradient by the ReLU of the previous BN, recomputed from its saved
-raw output y, and writes per-tile partial sums (of the stored, rounded values) for that BN's backward;
-HAS_RESIDUAL adds the shortcut's gradient read at stride RES_STRIDE (option A), gated by the block
-output's ReLU (HAS_RES_MASK). dx may alias res: each element is read, then written, by one program.
+Epilogue: BN_GRAD gates the gradient by the activation of the previous BN (ACTIVATION, _tiles.activation_grad),
+its input recomputed from the BN's saved raw output y, and writes per-tile partial sums (of the stored, rounded
+values) for that BN's backward; HAS_RESIDUAL adds the shortcut's gradient read at stride RES_STRIDE (option A),
+gated by the block output's activation (HAS_RES_MASK: the same ACTIVATION, at the output). dx may alias res:
+each element is read, then written, by one program.
 """
 from typing import NamedTuple
 
@@ -30,9 +31,9 @@ from ._conv_configs import (
     dgrad_prune,
     tile_configs,
 )
-from ._launch import device_guard, dot_args, empty_activation, out_size, stats_dtype, stride_args
-from ._tiles import mma, tile_ptrs
-from .bn import relu_grad, sum_rows
+from ._launch import check_activation, device_guard, dot_args, empty_activation, out_size, stats_dtype, stride_args
+from ._tiles import activation_grad, mma, tile_ptrs
+from .bn import sum_rows
 from .wgrad import max_offset
 
 
@@ -41,11 +42,11 @@ def _conv_dgrad_kernel(
     dy_ptr,        # [N, K, P, Q] gradient w.r.t. the conv output
     w_ptr,         # [K, C/groups, R, S]
     dx_ptr,        # [N, C, H, W] result (may alias res_ptr)
-    y_ptr,         # [N, C, H, W] raw output of the previous conv (BN_RELU_GRAD)
+    y_ptr,         # [N, C, H, W] raw output of the previous conv (BN_GRAD)
     in_scale_ptr, in_shift_ptr, mean_ptr, invstd_ptr,  # [C] that BN as scale/shift, and its batch stats
-    parts_ptr,     # [T, 2, C] per-tile partial sums of g and g*xhat (BN_RELU_GRAD); this phase from TILE0
+    parts_ptr,     # [T, 2, C] per-tile partial sums of g and g*xhat (BN_GRAD); this phase from TILE0
     res_ptr,       # [N, RES_C, H', W'] gradient to add at stride RES_STRIDE (HAS_RESIDUAL)
-    rmask_ptr,     # ReLU output gating res (HAS_RES_MASK), same shape and strides as res
+    rmask_ptr,     # activation output gating res (HAS_RES_MASK), same shape and strides as res
     M, HP, WP,     # this phase: M = N*HP*WP pixels h = PH0 + stride_h*i, w = PW0 + stride_w*j
     PH0, PW0, P, Q, CG, KG, RES_C, C, TILE0,
     stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w, stride_w_k, stride_w_c, stride_w_r, stride_w_s, stride_dx_n,
@@ -55,7 +56,9 @@ def _conv_dgrad_kernel(
     stride_h, stride_w, RES_STRIDE,
     R0, RSTEP, NR, PB, PD,   # taps along h: r = R0 + j*RSTEP reads dy row i + PB - j*PD (NR taps)
     S0, SSTEP, NS, QB, QD,   # the same along w
-    BN_RELU_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_RES_MASK: tl.constexpr,
+    BN_GRAD: tl.constexpr,   # the conv input was ACTIVATION(in_scale * y + in_shift): gate, and that BN's sums
+    HAS_RESIDUAL: tl.constexpr, HAS_RES_MASK: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "relu" or "none" (kernels/_launch.py ACTIVATIONS): the gates' activation
     IDX64: tl.constexpr,     # some offset may pass 2**31: loop index math in int64
     EVEN_K: tl.constexpr,    # KG % BLOCK_K == 0: no K mask in the loop (_even_k, per launch)
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ACC_FP64: tl.constexpr,
@@ -122,14 +125,15 @@ def _conv_dgrad_kernel(
     h = PH0 + stride_h * i
     w = PW0 + stride_w * j
     msk = mask_m[:, None] & mask_c[None, :]
-    if BN_RELU_GRAD:
+    if BN_GRAD:
         scale = tl.load(in_scale_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         shift = tl.load(in_shift_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         y = tl.load(tile_ptrs(y_ptr, n, h, w, offs_c, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
                     other=0.0).to(acc_dtype)
-        acc = relu_grad(acc, y * scale[None, :] + shift[None, :])  # same fp32 expression as the forward prologue
+        # the pre-activation, the same fp32 expression as the forward prologue
+        acc = activation_grad(acc, y * scale[None, :] + shift[None, :], ACTIVATION)
         # Reduce what is stored (rounded to the activation dtype), so that the BN backward applied to
         # the stored gradient removes exactly its own mean and xhat components.
         acc = tl.where(msk, acc.to(dx_ptr.dtype.element_ty).to(acc_dtype), 0.0)
@@ -144,8 +148,9 @@ def _conv_dgrad_kernel(
         res = tl.load(tile_ptrs(res_ptr, n, hr, wr, offs_c, stride_res_n, stride_res_c, stride_res_h, stride_res_w),
                       mask=r_msk, other=0.0).to(acc_dtype)
         if HAS_RES_MASK:
-            res = relu_grad(res, tl.load(tile_ptrs(rmask_ptr, n, hr, wr, offs_c, stride_rmask_n, stride_rmask_c,
-                                                   stride_rmask_h, stride_rmask_w), mask=r_msk, other=0.0))
+            res = activation_grad(res, tl.load(tile_ptrs(rmask_ptr, n, hr, wr, offs_c, stride_rmask_n, stride_rmask_c,
+                                                         stride_rmask_h, stride_rmask_w), mask=r_msk, other=0.0),
+                                  ACTIVATION)
         acc += res
     tl.store(tile_ptrs(dx_ptr, n, h, w, offs_c, stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w),
              acc.to(dx_ptr.dtype.element_ty), mask=msk)
@@ -207,31 +212,34 @@ _conv_dgrad = triton.heuristics({"EVEN_K": _even_k})(_conv_dgrad_kernel)  # set 
 # Per-shape config cache (the autotuner's, keyed below). The result may alias the residual (in-place
 # accumulation): the autotuner restores dx after every timed run, so each config sees the same input.
 _conv_dgrad_autotuned = triton.autotune(
-    configs=gpu_configs(), key=["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_RELU_GRAD", "HAS_RESIDUAL",
-                                "HAS_RES_MASK", "IDX64"],
+    configs=gpu_configs(), key=["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_GRAD", "HAS_RESIDUAL",
+                                "HAS_RES_MASK", "ACTIVATION", "IDX64"],
     prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr"],
 )(_conv_dgrad)
 
 
-def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, residual=None, out=None, config=None):
+def conv_dgrad(dy, weight, x_shape, stride, padding, dilation, groups, residual=None, out=None, config=None, *,
+               activation="relu"):
     """Gradient w.r.t. the conv input, [N, C, H, W] in dy's memory format.
 
-    residual: (res, relu_out or None, res_stride): adds res (gated by relu_out > 0) at stride res_stride.
+    residual: (res, act_out or None, res_stride): adds res at stride res_stride, gated by the gradient of
+    ``activation`` (kernels/_launch.py ACTIVATIONS) at its output act_out when given (ReLU: act_out > 0).
     out: write into this tensor (it may be res itself: in-place accumulation is safe).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages).
     """
-    return _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, None, residual, out, config).dx
+    return _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, None, residual, out, config, activation).dx
 
 
-def conv_dgrad_bn(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, residual=None, out=None,
-                  config=None) -> "DgradBN":
-    """``conv_dgrad`` through a previous BN + ReLU: bn_relu = (y, scale, shift, mean, invstd) when the conv
-    input was relu(scale*y + shift). Returns the ReLU-gated gradient w.r.t. bn(y) and that BN's sums."""
-    return _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, residual, out, config)
+def conv_dgrad_bn(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, residual=None, out=None,
+                  config=None, *, activation="relu") -> "DgradBN":
+    """``conv_dgrad`` through a previous BN and activation: bn_act = (y, scale, shift, mean, invstd) when the
+    conv input was act(scale*y + shift), act the ``activation`` (kernels/_launch.py ACTIVATIONS; it gates the
+    residual too). Returns the activation-gated gradient w.r.t. bn(y) and that BN's sums."""
+    return _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, residual, out, config, activation)
 
 
-def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, residual, out, config):
-    """The launches of conv_dgrad / conv_dgrad_bn: a DgradBN, whose sums are None without bn_relu."""
+def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, residual, out, config, activation):
+    """The launches of conv_dgrad / conv_dgrad_bn: a DgradBN, whose sums are None without bn_act."""
     n, c, h, w = x_shape
     k, cg, r, s = weight.shape
     p, q = dy.shape[2:]
@@ -241,9 +249,14 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
     cfg = dict(config) if config is not None else dgrad_fixed_config(n * h * w, cg, kg)
     bm = DGRAD_BLOCK_M if cfg is None else cfg["BLOCK_M"]
     tiles = [triton.cdiv(n * hp * wp, bm) for _, (hp, wp), _, _ in phases]
-    parts = torch.empty((sum(tiles), 2 * c), device=dy.device, dtype=stats_dtype(dy)) if bn_relu is not None else dx
-    y, in_scale, in_shift, mean, invstd = bn_relu if bn_relu is not None else (dx, dx, dx, dx, dx)
+    parts = torch.empty((sum(tiles), 2 * c), device=dy.device, dtype=stats_dtype(dy)) if bn_act is not None else dx
+    y, in_scale, in_shift, mean, invstd = bn_act if bn_act is not None else (dx, dx, dx, dx, dx)
     res, rmask, res_stride = residual if residual is not None else (dx, None, 1)
+    activation = check_activation(activation)
+    if activation == "none":
+        rmask = None  # no gate to read
+    elif bn_act is None and rmask is None:
+        activation = "none"  # no site applies it: one compiled variant
     rmask_t = rmask if rmask is not None else res
     idx64 = max(max_offset(t) for t in (dy, weight, dx, y, res, rmask_t)) >= 2**31 - 1
     args = dict(dy_ptr=dy, w_ptr=weight, dx_ptr=dx, y_ptr=y, in_scale_ptr=in_scale, in_shift_ptr=in_shift,
@@ -251,8 +264,8 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
                 KG=kg, RES_C=res.shape[1], C=c, **stride_args("dy", dy), **stride_args("w", weight, "kcrs"),
                 **stride_args("dx", dx), **stride_args("y", y), **stride_args("res", res),
                 **stride_args("rmask", rmask_t), stride_h=stride[0], stride_w=stride[1], RES_STRIDE=res_stride,
-                BN_RELU_GRAD=bn_relu is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
-                IDX64=idx64, **dot_args(dy),
+                BN_GRAD=bn_act is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
+                ACTIVATION=activation, IDX64=idx64, **dot_args(dy),
                 ACC_FP64=dy.dtype == torch.float64)
     tile0 = 0
     for ((ah, aw), (hp, wp), th, tw), t in zip(phases, tiles):
@@ -270,7 +283,7 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
             else:
                 _conv_dgrad[grid](**args, **phase, **cfg)
         tile0 += t
-    if bn_relu is None:
+    if bn_act is None:
         return DgradBN(dx, None, None)
     if tile0 == 0:
         zeros = torch.zeros(c, device=dy.device, dtype=parts.dtype)
@@ -280,7 +293,7 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_relu, resi
 
 
 class DgradBN(NamedTuple):
-    """What ``conv_dgrad_bn`` returns: the gradient w.r.t. bn(y) (ReLU-gated) and the BN reductions."""
+    """What ``conv_dgrad_bn`` returns: the gradient w.r.t. bn(y) (activation-gated) and the BN reductions."""
     dx: torch.Tensor         # [N, C, H, W], dy's memory format
     sum_g: torch.Tensor      # [C] sum of the gated gradient
     sum_gxhat: torch.Tensor  # [C] sum of the gated gradient times xhat

@@ -5,6 +5,8 @@ input itself (identity / option A) or a projection's ``bn_d(yd)``; ``row_scale``
 per-sample keep mask / keep probability and ``attn`` an attention module's gate, both on the branch only.
 Backward: the BN reductions of the activation-gated gradient and the BN backward (pixel-tile major), and
 for an attention tail one image-major pass that also reduces the gate's gradient per (image, channel).
+``act`` is the ACTIVATION constexpr ("relu" or "none", kernels/_launch.py ACTIVATIONS): the helpers
+_tiles.activation forward, _tiles.activation_grad gating by the tail's output backward.
 All work on tiles of logical [N, C, P, Q] tensors through their strides (see ``_tiles``).
 """
 from typing import NamedTuple, Optional
@@ -13,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, clamp_block, device_guard, empty_activation
-from ._tiles import add_residual_relu_store, pixel_channel_tile, tile_ptrs
-from .bn import relu_grad, sum_rows
+from ._launch import INTERPRETED, activation_of, clamp_block, device_guard, empty_activation, site_activation
+from ._tiles import activation_grad, add_residual_act_store, pixel_channel_tile, tile_ptrs
+from .bn import sum_rows
 
 
 @triton.jit
@@ -29,11 +31,12 @@ def _bn_act_kernel(
     stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_yd_n, stride_yd_c, stride_yd_h, stride_yd_w, stride_res_n,
     stride_res_c, stride_res_h, stride_res_w, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
     HAS_BN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_ATTN: tl.constexpr,
-    HAS_BN_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+    HAS_BN_SHORTCUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,           # "relu" or "none": act below
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Block tail: out = relu(bn(y) * attn[n, k] * row_scale[n] + [bn_d(yd) | residual]) in one pass; also
-    the stem's bn+relu. The branch factors multiply bn(y) only, as timm's se and drop_path do."""
+    """Block tail: out = act(bn(y) * attn[n, k] * row_scale[n] + [bn_d(yd) | residual]) in one pass; also
+    the stem's bn + act. The branch factors multiply bn(y) only, as timm's se and drop_path do."""
     n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
                 other=0.0)
@@ -50,9 +53,9 @@ def _bn_act_kernel(
         yd = tl.load(tile_ptrs(yd_ptr, n, p, q, offs_k, stride_yd_n, stride_yd_c, stride_yd_h, stride_yd_w), mask=msk,
                      other=0.0).to(scale_d.dtype)
         y += yd * scale_d[None, :] + shift_d[None, :]
-    add_residual_relu_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
-                            stride_res_w, RES_C,
-                            out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, APPLY_RELU)
+    add_residual_act_store(y, n, p, q, offs_k, mask_m, mask_k, res_ptr, stride_res_n, stride_res_c, stride_res_h,
+                           stride_res_w, RES_C,
+                           out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, ACTIVATION)
 
 
 @triton.jit
@@ -71,19 +74,19 @@ def branch_factors(v, n, offs_k, mask_m, mask_k, K, row_scale_ptr, attn_ptr, HAS
 @triton.jit
 def load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
                     stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-                    HAS_MASK: tl.constexpr):
-    """A gradient tile, gated by the ReLU output mask_ptr > 0 when HAS_MASK."""
+                    ACTIVATION: tl.constexpr):
+    """A gradient tile through the activation's backward, gated by its output at mask_ptr (not read for "none")."""
     g = tl.load(tile_ptrs(grad_ptr, n, p, q, offs_k, stride_g_n, stride_g_c, stride_g_h, stride_g_w), mask=msk,
                 other=0.0)
-    if HAS_MASK:
-        g = relu_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, stride_mask_n, stride_mask_c, stride_mask_h,
-                                           stride_mask_w), mask=msk, other=0.0))
+    if ACTIVATION != "none":
+        g = activation_grad(g, tl.load(tile_ptrs(mask_ptr, n, p, q, offs_k, stride_mask_n, stride_mask_c,
+                                                 stride_mask_h, stride_mask_w), mask=msk, other=0.0), ACTIVATION)
     return g
 
 
 @triton.jit
 def _bn_bwd_reduce_kernel(
-    grad_ptr, mask_ptr,            # upstream gradient; ReLU output whose > 0 gates it (HAS_MASK)
+    grad_ptr, mask_ptr,            # upstream gradient; the activation's output that gates it (ACTIVATION)
     y_ptr, mean_ptr, invstd_ptr,   # the BN input and its batch statistics
     row_scale_ptr,                 # [N] per-sample scale of the branch (HAS_ROW_SCALE)
     y2_ptr, mean2_ptr, invstd2_ptr,  # a second BN fed by the same gradient (HAS_Y2: projection shortcut)
@@ -91,10 +94,10 @@ def _bn_bwd_reduce_kernel(
     M, P, Q, K,
     stride_g_n, stride_g_c, stride_g_h, stride_g_w, stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
     stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_y2_n, stride_y2_c, stride_y2_h, stride_y2_w,
-    HAS_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_Y2: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_Y2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Per-tile partials of the BN backward reductions: sum(gb) and sum(gb * xhat), g = relu-gated grad and
+    """Per-tile partials of the BN backward reductions: sum(gb) and sum(gb * xhat), g = act-gated grad and
     gb = g * row_scale[n] the branch's share of it; for the projection sum(g) and sum(g * xhat2)."""
     pid_m = tl.program_id(0)
     n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
@@ -102,7 +105,7 @@ def _bn_bwd_reduce_kernel(
     invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
     g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
                         stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-                        HAS_MASK).to(mean.dtype)
+                        ACTIVATION).to(mean.dtype)
     gb = branch_factors(g, n, offs_k, mask_m, mask_k, K, row_scale_ptr, row_scale_ptr, HAS_ROW_SCALE, False)
     y = tl.load(tile_ptrs(y_ptr, n, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
                 other=0.0).to(mean.dtype)
@@ -122,7 +125,7 @@ def _bn_bwd_reduce_kernel(
 
 @triton.jit
 def _bn_bwd_apply_kernel(
-    grad_ptr, mask_ptr, y_ptr, dy_ptr,   # upstream grad, ReLU output gate (HAS_MASK), BN input, result
+    grad_ptr, mask_ptr, y_ptr, dy_ptr,   # upstream grad, the activation's output gating it, BN input, result
     gamma_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_gx_ptr,  # [K]
     row_scale_ptr,                       # [N] per-sample factor of the gradient (HAS_ROW_SCALE)
     nc_ptr,                              # [N, K] dense addend of the gradient (HAS_NC: a pooled output's grad)
@@ -130,11 +133,11 @@ def _bn_bwd_apply_kernel(
     COUNT,                               # pixels the sums are over (more than M under synchronized BN)
     stride_g_n, stride_g_c, stride_g_h, stride_g_w, stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
     stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_out_n, stride_out_c, stride_out_h, stride_out_w,
-    HAS_MASK: tl.constexpr, GAIN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_NC: tl.constexpr,
+    ACTIVATION: tl.constexpr, GAIN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dy = a * (g - sum(g)/COUNT - xhat * sum(g*xhat)/COUNT), the batch-statistics BN backward, where
-    g = relu-gated grad * row_scale[n] + nc[n, k] and a = GAIN: "gamma" gamma*invstd, "invstd" (affine=False),
+    g = act-gated grad * row_scale[n] + nc[n, k] and a = GAIN: "gamma" gamma*invstd, "invstd" (affine=False),
     "one" (the grad is already d/dy at fixed statistics: the attention tail's)."""
     n, p, q, mask_m, offs_k, mask_k, msk = pixel_channel_tile(M, P, Q, K, BLOCK_M, BLOCK_N)
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
@@ -149,7 +152,7 @@ def _bn_bwd_apply_kernel(
     mean_gx = tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(mean.dtype) / COUNT
     g = load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h, stride_g_w,
                         stride_mask_n, stride_mask_c, stride_mask_h, stride_mask_w,
-                        HAS_MASK).to(mean.dtype)
+                        ACTIVATION).to(mean.dtype)
     g = branch_factors(g, n, offs_k, mask_m, mask_k, K, row_scale_ptr, row_scale_ptr, HAS_ROW_SCALE, False)
     if HAS_NC:
         g += tl.load(nc_ptr + n[:, None] * K + offs_k[None, :], mask=msk, other=0.0).to(mean.dtype)
@@ -185,7 +188,7 @@ def _image_mean_kernel(
 
 @triton.jit
 def _attention_tail_bwd_kernel(
-    grad_ptr, out_ptr,              # upstream gradient and the tail's output (its ReLU gate)
+    grad_ptr, out_ptr,              # upstream gradient and the tail's output (its activation's gate)
     y_ptr, scale_ptr, shift_ptr,    # the branch's raw conv output and its BN as scale/shift [K]
     attn_ptr, row_scale_ptr,        # [N, K] gate, [N] per-sample scale (HAS_ROW_SCALE)
     yd_ptr, scale_d_ptr,            # projection's raw conv output and BN scale (HAS_BN_SHORTCUT)
@@ -198,10 +201,10 @@ def _attention_tail_bwd_kernel(
     stride_g_n, stride_g_c, stride_g_h, stride_g_w, stride_o_n, stride_o_c, stride_o_h, stride_o_w,
     stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_yd_n, stride_yd_c, stride_yd_h, stride_yd_w,
     stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w, stride_dr_n, stride_dr_c, stride_dr_h, stride_dr_w,
-    HAS_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BN_SHORTCUT: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BN_SHORTCUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Backward of out = relu(bn(y) * attn[n, k] * row_scale[n] + shortcut) in one pass over the image's
+    """Backward of out = act(bn(y) * attn[n, k] * row_scale[n] + shortcut) in one pass over the image's
     pixels (image-major, so the per-(image, channel) sum for d attn stays in registers): gz = g * attn *
     row_scale is the gradient of bn(y); the per-channel sums give the BN parameters and statistics theirs."""
     n = tl.program_id(0).to(tl.int64)
@@ -226,7 +229,7 @@ def _attention_tail_bwd_kernel(
         p, q = offs_pq // Q, offs_pq % Q
         msk = (offs_pq < PQ)[:, None] & mask_k[None, :]
         g = load_gated_grad(grad_ptr, out_ptr, rows, p, q, offs_k, msk, stride_g_n, stride_g_c, stride_g_h,
-                            stride_g_w, stride_o_n, stride_o_c, stride_o_h, stride_o_w, HAS_MASK).to(mean.dtype)
+                            stride_g_w, stride_o_n, stride_o_c, stride_o_h, stride_o_w, ACTIVATION).to(mean.dtype)
         y = tl.load(tile_ptrs(y_ptr, rows, p, q, offs_k, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
                     other=0.0).to(mean.dtype)
         z = y * scale[None, :] + shift[None, :]
@@ -285,9 +288,11 @@ class Projection(NamedTuple):
 
 
 def bn_act(y, scale, shift, shortcut: Optional[Projection] = None, residual=None, relu=True, row_scale=None,
-           attn=None):
-    """out = relu(bn(y) * attn[n, k] * row_scale[n] + [bn_d(yd) | residual]), bn(y) = scale*y + shift
-    (scale None: y as it is). row_scale: [N]; attn: [N, K] dense."""
+           attn=None, *, activation=None):
+    """out = act(bn(y) * attn[n, k] * row_scale[n] + [bn_d(yd) | residual]), bn(y) = scale*y + shift
+    (scale None: y as it is). row_scale: [N]; attn: [N, K] dense. act: ``activation`` (kernels/_launch.py
+    ACTIVATIONS), or when None "relu" / "none" by ``relu``."""
+    act = activation_of(relu, activation)
     n, k, p, q = y.shape
     out = empty_activation(y, y.shape)
     m = n * p * q
@@ -304,7 +309,7 @@ def bn_act(y, scale, shift, shortcut: Optional[Projection] = None, residual=None
             0 if residual is None else residual.shape[1],
             *y.stride(), *yd.stride(), *_strides(residual), *out.stride(),
             HAS_BN=scale is not None, HAS_ROW_SCALE=row_scale is not None, HAS_ATTN=attn is not None,
-            HAS_BN_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=relu,
+            HAS_BN_SHORTCUT=shortcut is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=act,
             BLOCK_M=bm, BLOCK_N=bn)
     return out
 
@@ -318,8 +323,11 @@ class TailSums(NamedTuple):
     sum_gx_d: Optional[torch.Tensor]  # sum g * xhat_d (projection only)
 
 
-def bn_bwd_reduce(grad, relu_out, y, mean, invstd, y2=None, mean2=None, invstd2=None, row_scale=None) -> TailSums:
-    """The BN backward reductions of the tail; grad gated by relu_out > 0 when given."""
+def bn_bwd_reduce(grad, act_out, y, mean, invstd, y2=None, mean2=None, invstd2=None, row_scale=None, *,
+                  activation="relu") -> TailSums:
+    """The BN backward reductions of the tail; grad through the ``activation``'s backward at its output act_out
+    when given (ReLU: gated by act_out > 0)."""
+    act = site_activation(activation, act_out is not None)
     n, k, p, q = y.shape
     m = n * p * q
     bm, bn = _tile(m, k)
@@ -328,35 +336,37 @@ def bn_bwd_reduce(grad, relu_out, y, mean, invstd, y2=None, mean2=None, invstd2=
     parts = torch.empty((t, j * k), device=y.device, dtype=mean.dtype)
     with device_guard(y):
         _bn_bwd_reduce_kernel[(t, triton.cdiv(k, bn))](
-            grad, relu_out if relu_out is not None else grad, y, mean, invstd,
+            grad, act_out if act_out is not None else grad, y, mean, invstd,
             row_scale if row_scale is not None else mean,
             y2 if y2 is not None else y, mean2 if y2 is not None else mean, invstd2 if y2 is not None else invstd,
             parts, m, p, q, k,
-            *grad.stride(), *_strides(relu_out), *y.stride(), *_strides(y2),
-            HAS_MASK=relu_out is not None, HAS_ROW_SCALE=row_scale is not None, HAS_Y2=y2 is not None,
+            *grad.stride(), *_strides(act_out), *y.stride(), *_strides(y2),
+            ACTIVATION=act, HAS_ROW_SCALE=row_scale is not None, HAS_Y2=y2 is not None,
             BLOCK_M=bm, BLOCK_N=bn)
     sums = sum_rows(parts).view(j, k).unbind(0)
     return TailSums(*sums) if j == 4 else TailSums(*sums, None, None)
 
 
-def bn_bwd_apply(grad, relu_out, y, gamma, mean, invstd, sum_g, sum_gx, count=None, row_scale=None, nc=None,
-                 unit_gain=False):
-    """Gradient w.r.t. the BN input y (batch statistics) of g = grad (gated by relu_out > 0 when given) *
-    row_scale[n] + nc[n, k]. unit_gain: grad is already d/dy at fixed statistics (no gamma * invstd).
+def bn_bwd_apply(grad, act_out, y, gamma, mean, invstd, sum_g, sum_gx, count=None, row_scale=None, nc=None,
+                 unit_gain=False, *, activation="relu"):
+    """Gradient w.r.t. the BN input y (batch statistics) of g = grad (through the ``activation``'s backward at
+    its output act_out when given; ReLU: gated by act_out > 0) * row_scale[n] + nc[n, k].
+    unit_gain: grad is already d/dy at fixed statistics (no gamma * invstd).
     count: the pixels the sums run over (all ranks' under synchronized BN; default: y's own)."""
     n, k, p, q = y.shape
     dy = empty_activation(y, y.shape)
     m = n * p * q
     bm, bn = _tile(m, k)
     gain = "one" if unit_gain else ("gamma" if gamma is not None else "invstd")
+    act = site_activation(activation, act_out is not None)
     with device_guard(y):
         _bn_bwd_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
-            grad, relu_out if relu_out is not None else grad, y, dy,
+            grad, act_out if act_out is not None else grad, y, dy,
             gamma if gamma is not None else mean, mean, invstd, sum_g, sum_gx,
             row_scale if row_scale is not None else mean, nc if nc is not None else mean, m, p, q, k,
             float(m if count is None else count),
-            *grad.stride(), *_strides(relu_out), *y.stride(), *dy.stride(),
-            HAS_MASK=relu_out is not None, GAIN=gain, HAS_ROW_SCALE=row_scale is not None, HAS_NC=nc is not None,
+            *grad.stride(), *_strides(act_out), *y.stride(), *dy.stride(),
+            ACTIVATION=act, GAIN=gain, HAS_ROW_SCALE=row_scale is not None, HAS_NC=nc is not None,
             BLOCK_M=bm, BLOCK_N=bn)
     return dy
 
@@ -384,8 +394,10 @@ class AttentionTailGrads(NamedTuple):
 
 def attention_tail_bwd(grad, out, y, scale, shift, mean, invstd, attn, row_scale=None,
                        projection: Optional[Projection] = None, mean_d=None, invstd_d=None,
-                       relu=True) -> AttentionTailGrads:
-    """Backward of out = relu(bn(y) * attn * row_scale + shortcut) in one image-major pass."""
+                       relu=True, *, activation=None) -> AttentionTailGrads:
+    """Backward of out = act(bn(y) * attn * row_scale + shortcut) in one image-major pass; act: ``activation``
+    (kernels/_launch.py ACTIVATIONS), or when None "relu" / "none" by ``relu``."""
+    act = activation_of(relu, activation)
     n, k, p, q = y.shape
     dy, dres = empty_activation(y, y.shape), empty_activation(y, y.shape)
     dattn = torch.empty((n, k), device=y.device, dtype=attn.dtype)
@@ -399,7 +411,7 @@ def attention_tail_bwd(grad, out, y, scale, shift, mean, invstd, attn, row_scale
             dy, dres, dattn, parts, mean, invstd, mean_d if mean_d is not None else mean,
             invstd_d if invstd_d is not None else invstd, p * q, q, k,
             *grad.stride(), *out.stride(), *y.stride(), *yd.stride(), *dy.stride(), *dres.stride(),
-            HAS_MASK=relu, HAS_ROW_SCALE=row_scale is not None, HAS_BN_SHORTCUT=projection is not None,
+            ACTIVATION=act, HAS_ROW_SCALE=row_scale is not None, HAS_BN_SHORTCUT=projection is not None,
             BLOCK_M=bm, BLOCK_N=bn)
     sums = sum_rows(parts).view(j, k).unbind(0)
     return AttentionTailGrads(dy, dres, dattn, TailSums(*sums) if j == 4 else TailSums(*sums, None, None))

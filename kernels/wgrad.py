@@ -14,8 +14,9 @@ The pixel (n, p, q) of each row is decoded once and then advanced incrementally 
 division in the loop), in int32 unless an offset can pass 2**31 (IDX64). When a column tile stays
 within one tap (TAP_PER_TILE: CG % BLOCK_M == 0) the tap's bounds test is per row, not per element.
 
-Prologue (PROLOGUE_BN_RELU): x holds the previous conv's raw output y; the loaded tile becomes
-relu(in_scale[c] * y + in_shift[c]) and out-of-image taps are zero after the transform. With one tap
+Prologue (PROLOGUE_BN): x holds the previous conv's raw output y; the loaded tile becomes
+act(in_scale[c] * y + in_shift[c]), act = ACTIVATION (_tiles.activation, as the forward conv's prologue),
+and out-of-image taps are zero after the transform. With one tap
 per tile, a padded row zeroes the dy row instead (one mask per row, not a select per element): such
 taps are skipped, as oneDNN does, so a non-finite dy never meets the padding.
 
@@ -34,23 +35,34 @@ from ._conv_configs import (
     wgrad_fixed_config,
     wgrad_prune,
 )
-from ._launch import INTERPRETED, STEM_CPAD, device_guard, dot_args, pad_channels_nhwc, stats_dtype, stride_args
-from ._tiles import mma
+from ._launch import (
+    INTERPRETED,
+    STEM_CPAD,
+    device_guard,
+    dot_args,
+    pad_channels_nhwc,
+    site_activation,
+    stats_dtype,
+    stride_args,
+)
+from ._tiles import activation, mma
 from .bn import sum_rows
 
 
 @triton.jit
 def _conv_wgrad_kernel(
     dy_ptr,        # [N, K, P, Q] gradient w.r.t. the conv output, any strides
-    x_ptr,         # [N, C, H, W] conv input, or the previous conv's raw output (PROLOGUE_BN_RELU)
-    in_scale_ptr, in_shift_ptr,   # [C] previous BN as scale/shift (PROLOGUE_BN_RELU)
+    x_ptr,         # [N, C, H, W] conv input, or the previous conv's raw output (PROLOGUE_BN)
+    in_scale_ptr, in_shift_ptr,   # [C] previous BN as scale/shift (PROLOGUE_BN)
     part_ptr,      # [SPLIT, K * C/groups * R * S] fp32 (fp64) partials, each laid out like the weight's memory
     M, H, W, P, Q, CG, KG, NCOL,  # M = N*P*Q pixels; channels per group; NCOL = CG*R*S columns
     ROWS_PER_SPLIT, SPLIT, NUMEL,  # pixels per split (a multiple of BLOCK_K); splits; weight numel
     stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w, stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_w_k,
     stride_w_c, stride_w_r, stride_w_s,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R: tl.constexpr, S: tl.constexpr, PROLOGUE_BN_RELU: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr,
+    PROLOGUE_BN: tl.constexpr,     # x is raw y: the conv input was ACTIVATION(in_scale * y + in_shift)
+    ACTIVATION: tl.constexpr,      # "relu" or "none" (kernels/_launch.py ACTIVATIONS)
     TAP_PER_TILE: tl.constexpr,    # CG % BLOCK_M == 0: every column of a tile has the same tap
     STEM_CPAD: tl.constexpr,       # > 0: x is a dense NHWC copy padded to STEM_CPAD channels (C <= 4, the stem)
     STEM_SP: tl.constexpr,         # S rounded up to a power of two (STEM_CPAD > 0)
@@ -107,7 +119,7 @@ def _conv_wgrad_kernel(
     else:
         k_off = k_idx * stride_dy_c
         col_off = offs_c * stride_x_c + (r * dil_h - pad_h) * stride_x_h + (s * dil_w - pad_w) * stride_x_w
-    if PROLOGUE_BN_RELU:
+    if PROLOGUE_BN:
         s_in = tl.load(in_scale_ptr + offs_c, mask=mask_col, other=0.0)
         t_in = tl.load(in_shift_ptr + offs_c, mask=mask_col, other=0.0)
 
@@ -137,7 +149,7 @@ def _conv_wgrad_kernel(
         ww = wb[:, None] + w_off
         row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
         x_mask = row_ok & mask_col[None, :]
-        if TAP_PER_TILE and PROLOGUE_BN_RELU:
+        if TAP_PER_TILE and PROLOGUE_BN:
             dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element
         else:
             dy_mask = mask_m[:, None] & mask_k[None, :]
@@ -148,9 +160,8 @@ def _conv_wgrad_kernel(
         else:
             x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
         xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
-        if PROLOGUE_BN_RELU:
-            # ReLU as one NaN-propagating max (like torch.relu), not a compare and a select
-            xt = tl.maximum(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        if PROLOGUE_BN:
+            xt = activation(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION, False)  # an MMA operand
             if not TAP_PER_TILE:
                 xt = tl.where(x_mask, xt, 0.0)  # zero padding of the activated tensor
             xt = xt.to(dy_ptr.dtype.element_ty)
@@ -195,7 +206,7 @@ def max_offset(t: torch.Tensor) -> int:
 # Per-shape config cache (the autotuner's). Each run overwrites its partials: rerunning is harmless.
 _conv_wgrad_autotuned = triton.autotune(
     configs=gpu_configs(), key=["M", "H", "W", "P", "Q", "CG", "KG", "NCOL", "SPLIT", "stride_h", "R", "S",
-                                "PROLOGUE_BN_RELU", "IDX64"],
+                                "PROLOGUE_BN", "ACTIVATION", "IDX64"],
     prune_configs_by={"early_config_prune": wgrad_prune},
 )(_conv_wgrad_kernel)
 
@@ -207,13 +218,15 @@ def _num_splits(tiles: int, m: int, bk: int) -> int:
     return max(1, min(triton.cdiv(264, tiles), triton.cdiv(m, bk * 8)))
 
 
-def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, config=None):
+def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, config=None, *, activation="relu"):
     """Gradient w.r.t. the weight: a new tensor like ``weight`` (same dtype and memory format).
 
-    prologue: (scale, shift) when the conv input was relu(scale*x + shift) of the raw x given here.
+    prologue: (scale, shift) when the conv input was act(scale*x + shift) of the raw x given here, act the
+    ``activation`` (kernels/_launch.py ACTIVATIONS).
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages): columns, output channels,
     pixels per step (kernels/_conv_configs.py).
     """
+    act = site_activation(activation, prologue is not None)
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
     p, q = dy.shape[2:]
@@ -249,7 +262,8 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
                 Q=q, CG=cg, KG=kg, NCOL=ncol, ROWS_PER_SPLIT=rows_per_split, SPLIT=split, NUMEL=dw.numel(),
                 **stride_args("dy", dy), **stride_args("x", x_strides), **stride_args("w", dw, "kcrs"),
                 stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
-                dil_w=dilation[1], R=r, S=s, PROLOGUE_BN_RELU=prologue is not None, STEM_CPAD=stem_cpad,
+                dil_w=dilation[1], R=r, S=s, PROLOGUE_BN=prologue is not None,
+                ACTIVATION=act, STEM_CPAD=stem_cpad,
                 STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, **dot_args(dy))
     with device_guard(dy):
         if cfg is None:

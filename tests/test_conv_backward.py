@@ -77,7 +77,7 @@ def test_wgrad_float64(device):
 @pytest.mark.parametrize("name", ["3x3_s1", "3x3_s2", "1x1_s2"])
 @pytest.mark.parametrize("small", [False, True], ids=["default_blocks", "small_blocks"])
 def test_dgrad_epilogues(name, small, device):
-    """BN_RELU_GRAD (gate + partial sums over the stored values, every pixel once across phases) and
+    """BN_GRAD (ReLU gate + partial sums over the stored values, every pixel once across phases) and
     an option-A residual at stride 2 gated by the block output's ReLU."""
     dtype = torch.float16
     x, w, dy, geo = _tensors(GEOMETRIES[name], dtype, device, True)

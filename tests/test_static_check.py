@@ -249,3 +249,11 @@ def test_budget_subset_must_hold_the_budgeted_rows():
     assert report.coverage_failures(rows) == []
     missing = report.coverage_failures(rows[1:])
     assert len(missing) == 2 and "no wgrad rows" in missing[0] and "stem wgrad" in missing[1]
+
+
+def test_variant_labels_name_the_activation():
+    """The row label shows the ACTIVATION constexpr (a name, not a flag) unless it is "none"."""
+    _, report = _static()
+    const = dict(R=1, S=1, PROLOGUE_BN=True, STATS=True, EPILOGUE_ACT=False, ACTIVATION="relu", BLOCK_M=64)
+    assert report._variant(const, "bf16") == "1x1 PROLOGUE_BN STATS ACTIVATION=relu"
+    assert report._variant(dict(const, ACTIVATION="none"), "bf16") == "1x1 PROLOGUE_BN STATS"

@@ -36,6 +36,9 @@ def _variant(const: Dict, dtype: str) -> str:
     parts += [k for k, v in const.items() if v is True and not k.startswith("BLOCK")]
     # the stem paths' channel padding (forward and wgrad STEM_CPAD, wgrad STEM_SP): ints, not flags
     parts += [f"{k}={v}" for k, v in const.items() if k.startswith("STEM_") and type(v) is int and v]
+    # the activation (kernels/_launch.py ACTIVATIONS): a name, not a flag; "none" is left out like a false flag
+    if const.get("ACTIVATION", "none") != "none":
+        parts.append(f"ACTIVATION={const['ACTIVATION']}")
     if dtype == "fp32" and const.get("DOT_PRECISION"):
         parts.append(const["DOT_PRECISION"])
     return " ".join(parts)
