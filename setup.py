@@ -3,4 +3,4 @@ the device code lives in the top-level kernels/ folder but is installed as fused
 "kernels" package name is taken on PyPI)."""
 from setuptools import setup
 
-setup(packages=["fusedres", "fusedres.kernels"], package_dir={"fusedres.kernels": "kernels"})
+setup(packages=["fusedres", "fusedres.bench", "fusedres.kernels"], package_dir={"fusedres.kernels": "kernels"})

@@ -1,18 +1,18 @@
 """Which cases the suite times: ResNet-50's distinct conv launches, the distinct blocks of ResNet-18/50,
 and three whole models, each in inference and a training step, bf16 and fp16, per provider.
 
-Shapes come from ``fusedres._bench.model_shapes`` (a meta-device forward with hooks), never typed here.
+Shapes come from ``fusedres.bench.measure.model_shapes`` (a meta-device forward with hooks), never typed here.
 FUSEDRES_BENCH_QUICK=1 keeps a representative handful (what benchmarks/gpu_check.sh runs).
 """
 import os
 from typing import List
 
-from fusedres import _bench as B
+from fusedres.bench import measure as B
 
 QUICK = os.environ.get("FUSEDRES_BENCH_QUICK", "0") == "1"
 # Self-test of the suite's machinery on the CPU (tests/test_cli.py): a few CIFAR cases in the interpreter.
 TINY = os.environ.get("_FUSEDRES_BENCH_DEVICE") == "cpu"
-DTYPE_NAMES = ("bf16",) if QUICK else ("bf16", "fp16")  # keys of fusedres._bench.DTYPE_OF
+DTYPE_NAMES = ("bf16",) if QUICK else ("bf16", "fp16")  # keys of fusedres.bench.measure.DTYPE_OF
 MODEL_BATCH = {"inference": 256, "training": 128}
 LAYER_BATCHES = (256,) if QUICK else (64, 256)
 

@@ -2,7 +2,7 @@
 
 How one case is timed (on a CUDA GPU; without one every case skips with one reason, exit code 0):
 
-1. ``fusedres._bench.build`` makes the callable (fused / eager / compile / compile-max / eager-amp), with
+1. ``fusedres.bench.measure.build`` makes the callable (fused / eager / compile / compile-max / eager-amp), with
    input sets that rotate through more than twice the L2 cache;
 2. its first call is timed apart (Triton autotuning, torch.compile): ``extra_info["first_call_s"]``;
 3. ``triton.testing.do_bench`` warms up, then times each run with CUDA events, the L2 flushed before
@@ -60,7 +60,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    from fusedres._bench import interrupt_on_sigterm
+    from fusedres.bench.measure import interrupt_on_sigterm
     interrupt_on_sigterm()  # `timeout` ends the run cleanly: the JSON still gets written
 
 
@@ -108,7 +108,7 @@ def time_case(benchmark):
     def run(case):
         import torch
 
-        from fusedres import _bench as B
+        from fusedres.bench import measure as B
         benchmark.group = case.group
         row = case.record()
         budget = float(os.environ.get("FUSEDRES_BENCH_BUDGET_S") or 0)

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh          # results under $OUT, or ./gpu-results when OUT is unset
 #
 # 1. pip install -e . (no deps, no build isolation: nothing is downloaded)
-# 2. the whole test suite on CUDA (bf16 included); the benchmarks run even if it fails
+# 2. the whole test suite on CUDA (bf16 included; -m "": the slow tests too); the benchmarks run even if it fails
 # 2b. the property tests (tests/test_properties.py) with hypothesis' "long" profile: fresh random
 #    examples each run, GPU_CHECK_PROPS_EXAMPLES per test (step 2 leaves them out: every new shape
 #    autotunes the inference conv, ~1 s each on a GPU)
@@ -49,10 +49,10 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, output to the conso
 
 step install "${GPU_CHECK_INSTALL_S:-90}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 
-step tests "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest tests -x -q -p no:cacheprovider --ignore=tests/test_properties.py
+step tests "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest tests -m "" -x -q -p no:cacheprovider --ignore=tests/test_properties.py
 
 step props "${GPU_CHECK_PROPS_S:-60}" env FUSEDRES_HYPOTHESIS_PROFILE=long \
-    FUSEDRES_HYPOTHESIS_MAX_EXAMPLES="${GPU_CHECK_PROPS_EXAMPLES:-30}" "$PY" -m pytest tests/test_properties.py -q \
+    FUSEDRES_HYPOTHESIS_MAX_EXAMPLES="${GPU_CHECK_PROPS_EXAMPLES:-30}" "$PY" -m pytest tests/test_properties.py -m "" -q \
     -p no:cacheprovider --hypothesis-show-statistics
 
 rm -f "$OUT/bench.json" "$OUT/bench.jsonl"

@@ -28,7 +28,7 @@ import triton  # noqa: E402
 from static import layers, report  # noqa: E402
 from static.driver import Launch, compile_only  # noqa: E402
 
-from fusedres._bench import DTYPE_OF  # noqa: E402
+from fusedres.bench.measure import DTYPE_OF  # noqa: E402
 
 # The CI subset, bf16, both archs, every config: the stem (7x7, 3 channels) and a projection block
 # (1x1 and 3x3 convs, the shortcut GEMM) in eval and training, and a stride-2 projection block in eval.

@@ -1,7 +1,7 @@
-"""``python -m fusedres``: see fusedres.cli."""
+"""``python -m fusedres``: see fusedres.bench.cli."""
 import sys
 
-from fusedres.cli import main
+from fusedres.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

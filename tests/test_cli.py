@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fusedres import cli
+from fusedres.bench import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_timing_path_and_report(tmp_path):
     """The GPU timing code (table, JSON) on the CPU in the interpreter, then report.py on its JSON."""
     argv = ["--device", "cpu", "--model", "cifar_resnet20", "--batch", "1", "--mode", "inference", "--no-layers",
             "--providers", "fused,eager", "--dtype", "fp32", "--out", "out"]
-    run_timing = f"from fusedres import cli; raise SystemExit(cli.main({argv!r}, time_on_cpu=True))"
+    run_timing = f"from fusedres.bench import cli; raise SystemExit(cli.main({argv!r}, time_on_cpu=True))"
     r = _run(["-c", run_timing], tmp_path, timeout=110, TRITON_INTERPRET="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "fused ms" in r.stdout and "vs eager" in r.stdout and "cifar_resnet20" in r.stdout
@@ -122,6 +122,7 @@ def test_benchmarks_skip_without_gpu():
     assert " passed" not in r.stdout and "error" not in r.stdout.lower()
 
 
+@pytest.mark.slow  # the benchmark suite's cases at every level, interpreted: ~1.5 minutes
 def test_benchmark_machinery_on_cpu(tmp_path):
     """The suite's fixture (timing, extra_info, JSONL, pytest-benchmark JSON) on tiny interpreted cases."""
     pytest.importorskip("pytest_benchmark")

@@ -177,7 +177,7 @@ def torchvision():
     return torchvision
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_convert_torchvision_model(torchvision, name, device):
     model = getattr(torchvision.models, name)(num_classes=10)
     before = model.state_dict(keep_vars=True)

@@ -46,7 +46,8 @@ def convert_quietly(model):
         return fusedres.convert(model)
 
 
-@pytest.mark.parametrize("source", ["layout", "torchvision"])
+# real torchvision models (full width, where torchvision imports) are slow: 1-5 minutes each interpreted
+@pytest.mark.parametrize("source", ["layout", pytest.param("torchvision", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_converted_torchvision_resnet_runs_no_aten_conv_or_bn(name, source, device):
     """Training forward and backward of the whole model: only fc (addmm) and maxpool stay PyTorch's."""

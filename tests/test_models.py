@@ -177,7 +177,8 @@ def test_cifar_bad_shortcut():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("builder", [fusedres.resnet18, fusedres.resnet50], ids=lambda b: b.__name__)
+@pytest.mark.parametrize("builder", [fusedres.resnet18, pytest.param(fusedres.resnet50, marks=pytest.mark.slow)],
+                         ids=lambda b: b.__name__)
 def test_imagenet_resnet_eval_parity(builder, fmt, device):
     fused, ref = twins(imagenet(builder), torch.float32, device, FORMATS[fmt])
     run_parity(fused, ref, torch.randn(1, 3, 32, 32, device=device), torch.float32, FORMATS[fmt])
@@ -210,6 +211,7 @@ def test_wide_and_grouped_stage_eval_parity(builder, layer, channels, device):
     assert_close(out, expected, torch.float32, f"{builder.__name__}.{layer}")
 
 
+@pytest.mark.slow  # a whole ResNet-50
 def test_dilated_resnet50_eval_parity(device):
     build = imagenet(fusedres.resnet50, replace_stride_with_dilation=[False, False, True], num_classes=10)
     fused, ref = twins(build, torch.float32, device)

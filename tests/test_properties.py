@@ -11,6 +11,7 @@ here is kept as a named regression test in tests/test_reliability.py (``run_conv
 import copy
 import functools
 
+import pytest
 import torch
 from hypothesis import assume, given, reject, settings
 from hypothesis import strategies as st
@@ -152,6 +153,7 @@ def run_conv_case(case):
         assert out.is_contiguous(memory_format=fmt), f"output lost the input's memory format {fmt}"
 
 
+@pytest.mark.slow  # 100 interpreted examples: ~1.5 minutes
 @given(conv_cases())
 def test_conv_bn_act_matches_float64(case):
     run_conv_case(case)
@@ -355,6 +357,7 @@ def test_block_eval_matches_float64(case):
     run_block_case(case, train=False)
 
 
+@pytest.mark.slow  # the longest test: ~3-4 minutes on 2 cores
 @settings(max_examples=TRAIN_EXAMPLES)
 @given(block_cases(train=True))
 def test_block_train_matches_float64(case):

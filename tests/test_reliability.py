@@ -117,6 +117,7 @@ def ill_posed_samples(name):
     return samples
 
 
+@pytest.mark.slow  # a statistical judge over many draws per family: 0.5-1 minute each
 @pytest.mark.parametrize("name", list(ILL_POSED_FAMILIES))
 def test_ill_posed_training_shapes_within_twice_eager(name, device):
     """DESIGN.md section 4's other judge where float64-at-TOL is ill-posed: per tensor, over the draws,

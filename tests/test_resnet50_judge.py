@@ -68,6 +68,7 @@ def over_twice_eager(verdicts):
             for k, (f, e) in verdicts.items() if f > FACTOR * e + ATOL}
 
 
+@pytest.mark.slow  # a whole ResNet-50 trained DRAWS x (1 + EAGER_RUNS) times
 def test_converted_resnet50_training_step_within_twice_eager(device):
     """Measured (RELIABILITY.md): fused / eager-envelope median ratio 0.66 over the 269 tensors, max 1.07;
     the same draws with fused errors 3x worse fail on 81 tensors, 4x on 159: the judge is not blind."""

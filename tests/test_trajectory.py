@@ -13,6 +13,7 @@ eager's error is the worst of an ensemble of EAGER_RUNS eager fp32 trajectories,
 start and the others from parameters nudged by one ulp: fp32's chaos envelope, not one run's luck."""
 import copy
 
+import pytest
 import torch
 
 import fusedres
@@ -53,6 +54,7 @@ def eager_ensemble(model, images, labels, device):
     return runs
 
 
+@pytest.mark.slow  # 20 steps of a ResNet-20, fused and EAGER_RUNS + 1 reference trajectories: ~2 minutes
 def test_twenty_sgd_steps_track_eager(device):
     images, labels = synthetic_cifar(128, size=SIZE)
     fused = fusedres.cifar_resnet(20)

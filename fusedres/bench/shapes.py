@@ -1,5 +1,5 @@
 """Shapes and weights for measuring: every distinct conv launch and block of a model, and weights
-that look trained. Shared by the command line and the benchmarks (through ``fusedres._bench``).
+that look trained. Shared by the command line and the benchmarks (through ``fusedres.bench.measure``).
 
 The shapes come from a forward with hooks on the meta device (nothing is typed by hand, nothing is
 allocated); ``twins`` materializes a reference model (or one block) and its fused twin with the same
@@ -64,12 +64,12 @@ class ConvShape:
 
     @property
     def p(self) -> int:
-        from .kernels.conv import out_size  # not at import: the command line imports this before the kernels
+        from ..kernels.conv import out_size  # not at import: the command line imports this before the kernels
         return out_size(self.h, self.r, self.stride, self.padding, self.dilation)
 
     @property
     def q(self) -> int:
-        from .kernels.conv import out_size
+        from ..kernels.conv import out_size
         return out_size(self.w, self.s, self.stride, self.padding, self.dilation)
 
     @property

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-# Every provider name, in the tables' order (fusedres._bench.PROVIDERS_BY_MODE: which are timed per mode).
+# Every provider name, in the tables' order (fusedres.bench.measure.PROVIDERS_BY_MODE: which are timed per mode).
 PROVIDERS = ("fused", "eager", "compile", "compile-max", "eager-amp")
 GPU_BATCH = {"inference": 256, "training": 128}
 _REEXEC = "_FUSEDRES_CLI_REEXEC"  # set by the re-execution itself: the interpreter was asked for once
@@ -53,7 +53,7 @@ def _providers(text: str) -> List[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from fusedres._shapes import MODELS  # torch only: the kernels' import is not decided here
+    from fusedres.bench.shapes import MODELS  # torch only: the kernels' import is not decided here
     p = argparse.ArgumentParser(
         prog="fusedres", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Fused ResNet conv+BN+ReLU+residual kernels. With a CUDA GPU: time the fused model and "
@@ -106,7 +106,7 @@ def main(argv: Optional[List[str]] = None, time_on_cpu: bool = False) -> int:
         _ensure_interpreter(argv)
         if time_on_cpu:
             return bench_gpu(args, "cpu")
-        from fusedres._verify import verify_cpu
+        from fusedres.bench.verify import verify_cpu
         return verify_cpu(args)
     return bench_gpu(args)
 
@@ -135,9 +135,9 @@ def bench_gpu(args, device: str = "cuda") -> int:
     import torch
 
     import fusedres
-    from fusedres import _bench as B
     from fusedres import _dispatch
-    from fusedres._bench import environment, log, write_json
+    from fusedres.bench import measure as B
+    from fusedres.bench.measure import environment, log, write_json
 
     if _dispatch.interpreted() and device == "cuda":
         sys.exit("fusedres: TRITON_INTERPRET=1 is set, so the kernels would run in the interpreter: unset it to "

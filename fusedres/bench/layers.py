@@ -1,4 +1,4 @@
-"""One conv launch of a model, alone, for the layer-level measurements of ``fusedres._bench``: as eager
+"""One conv launch of a model, alone, for the layer-level measurements of ``fusedres.bench.measure``: as eager
 PyTorch runs it, and as the fused blocks launch it (same weights)."""
 from typing import List
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._shapes import ConvShape
+from .shapes import ConvShape
 
 
 class EagerLayer(nn.Module):
@@ -43,11 +43,11 @@ class FusedLayer(nn.Module):
         self.eager = eager
 
     def forward(self, x, res=None, xd=None):
-        from .blocks import eval_bn, packed_weight
-        from .functional import conv_bn_act
+        from ..blocks import eval_bn, packed_weight
+        from ..functional import conv_bn_act
         e, sh = self.eager, self.eager.shape
         if self.training:  # batch statistics: the one-unit chain of fusedres.training (as the stem runs)
-            from .training import Shortcut, train_forward
+            from ..training import Shortcut, train_forward
             return train_forward("layer", x, [(e.conv, e.bn)], Shortcut("none"))
         kw = {}  # as the blocks launch it: the kernel folds the eval BNs
         if res is not None:

@@ -114,7 +114,7 @@ def count(launch: bool = True):
 
 
 def _fused_path_runs_kernels(device: torch.device) -> None:
-    from .kernels._launch import INTERPRETED
+    from ..kernels._launch import INTERPRETED
     if device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("fusedres counts: the fused path needs a GPU, or TRITON_INTERPRET=1 set before "
                            "fusedres is imported (else it falls back to PyTorch and the counts mean nothing)")
@@ -136,7 +136,7 @@ def resnet50_counts(batch: int = 2, size: int = 32, launch: Optional[bool] = Non
     uncounted warm-up call. Keys: "fused eval forward", "fused train step", "eager eval forward",
     "eager train step". launch: run the Triton launches (default: on a GPU only; a no-op launch on a
     GPU would also feed the autotuner meaningless timings)."""
-    from . import models
+    from .. import models
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _fused_path_runs_kernels(device)
     launch = device.type == "cuda" if launch is None else launch

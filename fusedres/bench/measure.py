@@ -1,6 +1,6 @@
 """Measuring, shared by the command line (``python -m fusedres``) and the suite in ``benchmarks/``.
 
-- shapes and FLOP / byte counts: ``fusedres._shapes`` (re-exported here);
+- shapes and FLOP / byte counts: ``fusedres.bench.shapes`` (re-exported here);
 - the floor of DESIGN.md section 7: max(FLOPs / peak, fewest bytes / bandwidth) with the card's ceilings;
 - cases: a plain-data description of one measurement (level, what, mode, dtype, batch, provider) that
   builds, on a device, the callable to time: ``fused`` (our kernels), ``eager`` (PyTorch modules, same
@@ -9,8 +9,9 @@
   events, L2 flushed before each run) over input sets that together exceed twice the L2 cache.
 
 A training step is forward, backward and an SGD (momentum 0.9) step, in the benchmark dtype throughout
-(parameters, activations, gradients: the fused training path has no autocast). At the model level
-``eager-amp`` adds the usual mixed-precision baseline: fp32 parameters and inputs under
+(parameters, activations, gradients) for ``eager``, ``fused`` and ``compile``. The fused blocks also
+run under ``torch.autocast`` (``fusedres/_autocast.py``), but no case times them that way. At the model
+level ``eager-amp`` adds the usual mixed-precision baseline: fp32 parameters and inputs under
 ``torch.autocast`` (a GradScaler for fp16). Nothing here touches CUDA at import.
 """
 import itertools
@@ -27,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import EagerLayer, FusedLayer, layer_inputs
-from ._shapes import ConvShape, image_size, init_module, model_shapes, total_flops_bytes, twins
-from .reference import rel_err
+from ..reference import rel_err
+from .layers import EagerLayer, FusedLayer, layer_inputs
+from .shapes import ConvShape, image_size, init_module, model_shapes, total_flops_bytes, twins
 
 # The command line's and the benchmarks' dtype names.
 DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

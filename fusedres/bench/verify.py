@@ -5,7 +5,7 @@ one small batch. Per point (the stem, each block, the output) the relative error
 is taken two ways: ``layer``, the stem or block alone on the reference's own input (DESIGN.md's
 tolerance applies), and ``model``, at that point of one whole fused forward (it passes up to
 max(tolerance, 2 x PyTorch's own error there in the same dtype), since errors add up through depth).
-One SGD step in fp32 is compared too (``--mode training`` / ``both``). Called by ``fusedres.cli`` after it
+One SGD step in fp32 is compared too (``--mode training`` / ``both``). Called by ``fusedres.bench.cli`` after it
 has made sure TRITON_INTERPRET=1 was set before fusedres was imported.
 """
 import copy
@@ -17,7 +17,7 @@ from typing import Dict, List
 def _capture(model, x) -> Dict[str, object]:
     """Forward ``model(x)``; returns the stem output (first block's input), each block's input and
     output (``path:in`` / ``path``), and ``output``."""
-    from fusedres._shapes import is_block
+    from fusedres.bench.shapes import is_block
     seen, hooks = {}, []
     blocks = [(n, m) for n, m in model.named_modules() if is_block(m)]
     for i, (name, m) in enumerate(blocks):
@@ -36,7 +36,7 @@ def _capture(model, x) -> Dict[str, object]:
 
 
 def _describe(model, name: str, size: int) -> Dict[str, str]:
-    from fusedres._shapes import model_shapes
+    from fusedres.bench.shapes import model_shapes
     shapes = model_shapes(name, size)
     what = {"stem": f"stem {shapes.layers[0].shape.label}" + ("" if name.startswith("cifar") else " +maxpool"),
             "output": "avgpool + fc (PyTorch)"}
@@ -50,10 +50,10 @@ def verify_cpu(args) -> int:
     import torch
 
     import fusedres
-    from fusedres import _bench as B
-    from fusedres import _counts
-    from fusedres._bench import environment, log, write_json
-    from fusedres._shapes import twins
+    from fusedres.bench import measure as B
+    from fusedres.bench.counts import format_table, resnet50_counts
+    from fusedres.bench.measure import environment, log, write_json
+    from fusedres.bench.shapes import twins
     from fusedres.reference import TOLERANCE, rel_err
 
     t0 = time.perf_counter()
@@ -110,9 +110,9 @@ def verify_cpu(args) -> int:
     if train_rows:
         _print_verify_table(train_rows, ["fp32"], TOLERANCE, "training step (batch statistics), fp32")
     log("host work per ResNet-50 call (launches counted, not run) ...")
-    counts = _counts.resnet50_counts()
+    counts = resnet50_counts()
     print("\nhost work per ResNet-50 call (batch 2, 32x32; aten ops dispatched, Triton launches):\n")
-    print(_counts.format_table(counts))
+    print(format_table(counts))
     wall = time.perf_counter() - t0
     n_rows = len(rows) + len(train_rows)
     verdict = "PASS" if not failed else f"FAIL ({failed} of {n_rows} rows out of tolerance)"
@@ -133,7 +133,7 @@ def verify_cpu(args) -> int:
 def _judge(rows, dtypes) -> int:
     """A row passes when its layer error is within DESIGN.md's tolerance and its whole-model error is
     within max(tolerance, 2 x PyTorch's own error at that point in the same dtype)."""
-    from fusedres._bench import DTYPE_OF
+    from fusedres.bench.measure import DTYPE_OF
     from fusedres.reference import TOLERANCE
     failed = 0
     for row in rows:
@@ -151,7 +151,7 @@ def _judge(rows, dtypes) -> int:
 
 
 def _print_verify_table(rows, dtypes, tolerance, title: str) -> None:
-    from fusedres._bench import DTYPE_OF
+    from fusedres.bench.measure import DTYPE_OF
     cols = [k for k in ("layer", "model", "torch") if any(f"{d}_{k}" in r for r in rows for d in dtypes)]
     print(f"\n{title}: relative error ||fused - ref|| / ||ref|| against float64 PyTorch")
     if "layer" in cols:
@@ -186,7 +186,7 @@ def _verify_training(ref, fused, x) -> List[Dict]:
     import torch
     import torch.nn.functional as F
 
-    from fusedres._shapes import is_block
+    from fusedres.bench.shapes import is_block
     from fusedres.reference import rel_err
     labels = torch.arange(x.shape[0]) % 10
 
