@@ -251,28 +251,29 @@ class AttentionGrads(NamedTuple):
         return cls(grads.ys[-1], last.mean, last.invstd, grads.yd, proj.mean, proj.invstd, grads.residual_sink)
 
 
-class ChainGrads(NamedTuple):
+# The ChainParams fields the backward differentiates: ChainGrads holds d<field> for each, per layer.
+TRAINED = ("weights", "gammas", "betas")
+
+
+class ChainGrads(NamedTuple("ChainGradsFields", [("dx", Optional[Tensor])]
+                            + [("d" + f, List[Optional[Tensor]]) for f in TRAINED])):
     """The result of fusedres::train_chain_backward, packed as [dx, then per layer dw, dgamma, dbeta];
     None (packed as ``absent``) where not needed or not there."""
-    dx: Optional[Tensor]
-    dweights: List[Optional[Tensor]]
-    dgammas: List[Optional[Tensor]]
-    dbetas: List[Optional[Tensor]]
+    __slots__ = ()
 
     def pack(self, like: Tensor) -> List[Tensor]:
-        return [absent(like) if t is None else t
-                for t in (self.dx, *(g for layer in zip(self.dweights, self.dgammas, self.dbetas) for g in layer))]
+        return [absent(like) if t is None else t for t in (self.dx, *(g for layer in zip(*self[1:]) for g in layer))]
 
     @classmethod
     def unpack(cls, flat: Sequence[Tensor]) -> "ChainGrads":
-        flat = [present(t) for t in flat]
-        return cls(flat[0], flat[1::3], flat[2::3], flat[3::3])
+        flat, n = [present(t) for t in flat], len(TRAINED)
+        return cls(flat[0], *(flat[1 + i::n] for i in range(n)))
 
     def params(self, lists: ChainParams) -> ChainParams:
         """The gradients of the op's ChainParams arguments, field by field. ``lists``: per field, whether the
         op got it as a list holding a tensor; torch.library takes any other argument (a tensor, None, a list
         of None only) as one leaf, whose gradient here is None."""
-        grads = {"weights": self.dweights, "gammas": self.dgammas, "betas": self.dbetas}
+        grads = dict(zip(TRAINED, self[1:]))
         return ChainParams(*(grads.get(name, [None] * len(self.dweights)) if is_list else None
                              for name, is_list in zip(ChainParams._fields, lists)))
 

@@ -58,6 +58,9 @@ class PadChannelsShortcut(nn.Module):
 class _ShortcutTail(nn.Module):
     """The end both blocks share: relu(out + shortcut(x)), or relu(out) for the plain twin."""
 
+    def _set_shortcut(self, downsample: Optional[nn.Module], stride: int, residual: bool) -> None:
+        self.downsample, self.stride, self.residual = downsample, stride, residual
+
     def extra_repr(self) -> str:
         return "" if self.residual else "residual=False"
 
@@ -75,21 +78,18 @@ class BasicBlock(_ShortcutTail):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, *, residual: bool = True) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock only supports groups=1 and base_width=64")
         if dilation > 1:
             raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
-        self.residual = residual
+        self._set_shortcut(downsample, stride, residual)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -105,8 +105,7 @@ class Bottleneck(_ShortcutTail):
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, *, residual: bool = True) -> None:
         super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+        norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
@@ -115,9 +114,7 @@ class Bottleneck(_ShortcutTail):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        self.residual = residual
+        self._set_shortcut(downsample, stride, residual)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -44,18 +44,22 @@ def tile_ptrs(base, n, p, q, offs_c, s_n, s_c, s_h, s_w):
 
 
 @triton.jit
+def check_activation(ACTIVATION: tl.constexpr):
+    """A compile error for an ACTIVATION the helpers below do not know (the host checks first: _launch)."""
+    tl.static_assert(ACTIVATION == "relu" or ACTIVATION == "none", "ACTIVATION: not in kernels/_launch.py ACTIVATIONS")
+
+
+@triton.jit
 def activation(y, ACTIVATION: tl.constexpr, KEEP_NEG_ZERO: tl.constexpr = True):
     """The forward activation (the names of _launch.ACTIVATIONS): "relu" as torch.relu, NaN propagating
     (a plain tl.maximum would drop it) and -0.0 kept; "none": y unchanged. KEEP_NEG_ZERO=False, for values
     that only feed an MMA (where a zero's sign cannot matter): ReLU as one NaN-propagating max instead of a
     compare and a select (wgrad's prologue: ~5% fewer main-loop SASS instructions, its budget needs them)."""
-    if ACTIVATION == "relu":
-        if KEEP_NEG_ZERO:
-            y = tl.where(y < 0, 0.0, y)
-        else:
-            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    else:
-        tl.static_assert(ACTIVATION == "none", "ACTIVATION: not in kernels/_launch.py ACTIVATIONS")
+    check_activation(ACTIVATION)
+    if ACTIVATION == "relu" and KEEP_NEG_ZERO:
+        y = tl.where(y < 0, 0.0, y)
+    elif ACTIVATION == "relu":
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return y
 
 
@@ -64,10 +68,9 @@ def activation_grad(grad, src, ACTIVATION: tl.constexpr):
     """The activation's backward of grad, gated by src: the activation's output, or its input where a kernel
     recomputes that (ReLU's gate is the same on both). "relu": torch's threshold_backward, 0 where src <= 0,
     else grad (a NaN src passes the gradient, as in PyTorch); "none": grad."""
+    check_activation(ACTIVATION)
     if ACTIVATION == "relu":
         grad = tl.where(src <= 0, 0.0, grad)
-    else:
-        tl.static_assert(ACTIVATION == "none", "ACTIVATION: not in kernels/_launch.py ACTIVATIONS")
     return grad
 
 
