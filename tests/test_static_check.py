@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from helpers import DTYPES, ON_GPU, assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELFTEST = os.path.join(ROOT, "benchmarks", "static", "selftest.py")
@@ -257,3 +259,28 @@ def test_variant_labels_name_the_activation():
     const = dict(R=1, S=1, PROLOGUE_BN=True, STATS=True, EPILOGUE_ACT=False, ACTIVATION="relu", BLOCK_M=64)
     assert report._variant(const, "bf16") == "1x1 PROLOGUE_BN STATS ACTIVATION=relu"
     assert report._variant(dict(const, ACTIVATION="none"), "bf16") == "1x1 PROLOGUE_BN STATS"
+
+
+def _anchor():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from static import anchor
+    finally:
+        sys.path.pop(0)
+    return anchor
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d is not torch.float32 or not ON_GPU])  # TF32 on a GPU
+def test_anchor_gemm_is_a_real_gemm(dtype, device):
+    """The static check's yardstick (benchmarks/static/anchor.py) computes a @ b^T: ragged edges in M, N and K,
+    more tiles than programs (the persistent walk and the grouped order), against float64 torch.matmul."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("device-side tensor descriptors need sm_90")
+    anchor = _anchor()
+    g = torch.Generator().manual_seed(17)
+    a = torch.randn(200, 96, generator=g).to(device, dtype)
+    b = torch.randn(72, 96, generator=g).to(device, dtype)
+    tile = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=3)  # 4 x 3 tiles (the last row group short), 3 steps
+    out = anchor.anchor_gemm(a, b, programs=5, tile=tile)
+    assert out.dtype == dtype
+    assert_close(out, torch.matmul(a.double(), b.double().T), dtype, "anchor GEMM")
