@@ -42,7 +42,7 @@ def _merge_tiles(part_mean_ptr, part_m2_ptr, t_lo, t_hi, M, K, TILE_M, offs_k, m
     return mean_a, m2_a
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M", "CHUNK"])  # loop bounds only: no variant per value
 def _bn_chunk_stats_kernel(
     part_mean_ptr, part_m2_ptr,    # [T, K] per-tile channel means and M2
     chunk_mean_ptr, chunk_m2_ptr,  # [cdiv(T, CHUNK), K] out: the same for chunks of CHUNK tiles
@@ -109,7 +109,7 @@ def _bn_finalize_kernel(
                  mask=mask_k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "ROWS"])  # loop bounds only: no variant per value
 def _sum_rows_kernel(src_ptr, dst_ptr, T, L, ROWS, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
     """dst[c, l] = sum of src[t, l] over the ROWS rows t of chunk c = program_id(1), in a fixed order
     (deterministic, no atomics); one chunk of all T rows is the plain column sum."""

@@ -27,6 +27,7 @@ from ._conv_configs import (
     DGRAD_BLOCK_M,
     DGRAD_TILES,
     arch_tiles,
+    autotune_options,
     dgrad_fixed_config,
     dgrad_prune,
     tile_configs,
@@ -36,8 +37,13 @@ from ._tiles import activation_grad, mma, tile_ptrs
 from .bn import sum_rows
 from .wgrad import max_offset
 
+# The tap and phase integers take few distinct values per network, but each specialized value (== 1, a multiple of 16)
+# would compile its own variant (~5x the variants of a ResNet-50 step); the loop shape they matter for is ONE_TAP.
+_TAP_INTS = ["PH0", "PW0", "TILE0", "stride_h", "stride_w", "R0", "RSTEP", "NR", "PB", "PD", "S0", "SSTEP", "NS", "QB",
+             "QD"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_TAP_INTS)
 def _conv_dgrad_kernel(
     dy_ptr,        # [N, K, P, Q] gradient w.r.t. the conv output
     w_ptr,         # [K, C/groups, R, S]
@@ -56,6 +62,7 @@ def _conv_dgrad_kernel(
     stride_h, stride_w, RES_STRIDE,
     R0, RSTEP, NR, PB, PD,   # taps along h: r = R0 + j*RSTEP reads dy row i + PB - j*PD (NR taps)
     S0, SSTEP, NS, QB, QD,   # the same along w
+    ONE_TAP: tl.constexpr,   # NR * NS <= 1 (1x1 convs, some phases of strided ones): no tap counters in the loop
     BN_GRAD: tl.constexpr,   # the conv input was ACTIVATION(in_scale * y + in_shift): gate, and that BN's sums
     HAS_RESIDUAL: tl.constexpr, HAS_RES_MASK: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "relu" or "none" (kernels/_launch.py ACTIVATIONS): the gates' activation
@@ -98,29 +105,44 @@ def _conv_dgrad_kernel(
     k0 = 0
     js = 0
     jr = 0
-    for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
-        hp = pi - jr * PD
-        wq = qj - js * QD
-        valid = mask_m & (hp >= 0) & (hp < P) & (wq >= 0) & (wq < Q)
-        mask_kk = (k0 + offs_kk < KG) | EVEN_K
+    if ONE_TAP:  # the one tap's rows and weight offset are loop-invariant
+        valid = mask_m & (pi >= 0) & (pi < P) & (qj >= 0) & (qj < Q)
         if IDX64:
-            a_off = k0.to(tl.int64) * stride_dy_c - jr.to(tl.int64) * PD * stride_dy_h \
-                - js.to(tl.int64) * QD * stride_dy_w
-            b_off = k0.to(tl.int64) * stride_w_k + (R0 + jr * RSTEP).to(tl.int64) * stride_w_r \
-                + (S0 + js * SSTEP).to(tl.int64) * stride_w_s
+            b_tap = R0.to(tl.int64) * stride_w_r + S0.to(tl.int64) * stride_w_s
         else:
-            a_off = k0 * stride_dy_c - jr * PD * stride_dy_h - js * QD * stride_dy_w
-            b_off = k0 * stride_w_k + (R0 + jr * RSTEP) * stride_w_r + (S0 + js * SSTEP) * stride_w_s
+            b_tap = R0 * stride_w_r + S0 * stride_w_s
+    for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
+        mask_kk = (k0 + offs_kk < KG) | EVEN_K
+        if ONE_TAP:
+            tap_a = 0
+            tap_b = b_tap
+        else:
+            hp = pi - jr * PD
+            wq = qj - js * QD
+            valid = mask_m & (hp >= 0) & (hp < P) & (wq >= 0) & (wq < Q)
+            if IDX64:
+                tap_a = -jr.to(tl.int64) * PD * stride_dy_h - js.to(tl.int64) * QD * stride_dy_w
+                tap_b = (R0 + jr * RSTEP).to(tl.int64) * stride_w_r + (S0 + js * SSTEP).to(tl.int64) * stride_w_s
+            else:
+                tap_a = -jr * PD * stride_dy_h - js * QD * stride_dy_w
+                tap_b = (R0 + jr * RSTEP) * stride_w_r + (S0 + js * SSTEP) * stride_w_s
+        if IDX64:
+            a_off = k0.to(tl.int64) * stride_dy_c + tap_a
+            b_off = k0.to(tl.int64) * stride_w_k + tap_b
+        else:
+            a_off = k0 * stride_dy_c + tap_a
+            b_off = k0 * stride_w_k + tap_b
         a = tl.load(a_base + a_off, mask=valid[:, None] & mask_kk[None, :], other=0.0)
         b = tl.load(b_base + b_off, mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         k0 += BLOCK_K
-        wrap = k0 >= KG
-        k0 = tl.where(wrap, 0, k0)
-        js += wrap.to(tl.int32)
-        wrap2 = js >= NS
-        js = tl.where(wrap2, 0, js)
-        jr += wrap2.to(tl.int32)
+        if not ONE_TAP:
+            wrap = k0 >= KG
+            k0 = tl.where(wrap, 0, k0)
+            js += wrap.to(tl.int32)
+            wrap2 = js >= NS
+            js = tl.where(wrap2, 0, js)
+            jr += wrap2.to(tl.int32)
 
     h = PH0 + stride_h * i
     w = PW0 + stride_w * j
@@ -214,7 +236,7 @@ _conv_dgrad = triton.heuristics({"EVEN_K": _even_k})(_conv_dgrad_kernel)  # set 
 _conv_dgrad_autotuned = triton.autotune(
     configs=gpu_configs(), key=["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_GRAD", "HAS_RESIDUAL",
                                 "HAS_RES_MASK", "ACTIVATION", "IDX64"],
-    prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr"],
+    prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr"], **autotune_options(),
 )(_conv_dgrad)
 
 
@@ -276,7 +298,7 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, resid
             return (t * triton.cdiv(cg, meta["BLOCK_N"]), groups)
 
         phase = dict(M=n * hp * wp, HP=hp, WP=wp, PH0=ah, PW0=aw, TILE0=tile0, **dict(zip(_TAPS_H, th)),
-                     **dict(zip(_TAPS_W, tw)))
+                     **dict(zip(_TAPS_W, tw)), ONE_TAP=th[2] <= 1 and tw[2] <= 1)
         with device_guard(dy):
             if cfg is None:
                 _conv_dgrad_autotuned[grid](**args, **phase)

@@ -20,7 +20,7 @@ from ._tiles import activation_grad, add_residual_act_store, pixel_channel_tile,
 from .bn import sum_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "Q"])  # pixel decode only: no variant per image size
 def _bn_act_kernel(
     y_ptr, scale_ptr, shift_ptr,        # raw conv output [N, K, P, Q] and its BN as scale/shift [K] (HAS_BN)
     row_scale_ptr,                      # [N] per-sample scale of the branch (HAS_ROW_SCALE: drop_path's mask/keep)
@@ -84,7 +84,7 @@ def load_gated_grad(grad_ptr, mask_ptr, n, p, q, offs_k, msk, stride_g_n, stride
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "Q"])  # pixel decode only: no variant per image size
 def _bn_bwd_reduce_kernel(
     grad_ptr, mask_ptr,            # upstream gradient; the activation's output that gates it (ACTIVATION)
     y_ptr, mean_ptr, invstd_ptr,   # the BN input and its batch statistics
@@ -123,7 +123,7 @@ def _bn_bwd_reduce_kernel(
                  tl.sum(tl.where(msk, g * (y2 - mean2[None, :]) * invstd2[None, :], 0.0), axis=0), mask=mask_k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "Q"])  # pixel decode only: no variant per image size
 def _bn_bwd_apply_kernel(
     grad_ptr, mask_ptr, y_ptr, dy_ptr,   # upstream grad, the activation's output gating it, BN input, result
     gamma_ptr, mean_ptr, invstd_ptr, sum_g_ptr, sum_gx_ptr,  # [K]

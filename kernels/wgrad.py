@@ -31,6 +31,7 @@ from ._conv_configs import (
     WGRAD_BLOCK_K,
     WGRAD_TILES,
     arch_tiles,
+    autotune_options,
     tile_configs,
     wgrad_fixed_config,
     wgrad_prune,
@@ -49,7 +50,9 @@ from ._tiles import activation, mma
 from .bn import sum_rows
 
 
-@triton.jit
+# Geometry and split integers: a specialized value (== 1, a multiple of 16) would compile a variant of its own; they
+# only enter per-program column decode and per-row index math (R and S are constexpr).
+@triton.jit(do_not_specialize=["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "ROWS_PER_SPLIT", "SPLIT"])
 def _conv_wgrad_kernel(
     dy_ptr,        # [N, K, P, Q] gradient w.r.t. the conv output, any strides
     x_ptr,         # [N, C, H, W] conv input, or the previous conv's raw output (PROLOGUE_BN)
@@ -207,7 +210,7 @@ def max_offset(t: torch.Tensor) -> int:
 _conv_wgrad_autotuned = triton.autotune(
     configs=gpu_configs(), key=["M", "H", "W", "P", "Q", "CG", "KG", "NCOL", "SPLIT", "stride_h", "R", "S",
                                 "PROLOGUE_BN", "ACTIVATION", "IDX64"],
-    prune_configs_by={"early_config_prune": wgrad_prune},
+    prune_configs_by={"early_config_prune": wgrad_prune}, **autotune_options(),
 )(_conv_wgrad_kernel)
 
 

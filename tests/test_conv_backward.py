@@ -50,6 +50,18 @@ def test_dgrad_wgrad_match_float64(name, dtype, channels_last, small, device):
     assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("name", ["3x3_s1", "1x1_s2", "3x3_s2"])
+def test_dgrad_int64_index_math(name, device, monkeypatch):
+    """The 64-bit index path (IDX64, taken past 2**31 elements) of both loop shapes: a one-tap phase (ONE_TAP:
+    1x1, strided phases) and the tap-counting one, forced here on small tensors."""
+    monkeypatch.setattr(dgrad, "max_offset", lambda t: 2**31)
+    x, w, dy, geo = _tensors(GEOMETRIES[name], torch.float32, device, True)
+    stride, pad, dil, g = geo
+    dx = dgrad.conv_dgrad(dy, w, x.shape, *geo, config=SMALL["dgrad"])
+    assert_close(dx, torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil, g),
+                 torch.float32, "dgrad")
+
+
 @pytest.mark.parametrize("name,config", [
     ("3x3_s2", None), ("grouped_dilated", None), ("stem_7x7_c3", None),
     ("3x3_s2_c16", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16)),  # one tap per column tile (TAP_PER_TILE)
