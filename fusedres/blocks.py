@@ -12,9 +12,10 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _dispatch, _sync
+from . import _dispatch, _fold, _sync
 from . import _validate as check
-from .functional import BNFold, bn_scale_shift, conv_bn_act
+from ._autocast import autocast_dtype
+from .functional import bn_scale_shift, conv_bn_act
 from .reference import BasicBlock, Bottleneck, PadChannelsShortcut
 from .training import Shortcut, train_forward
 
@@ -46,14 +47,27 @@ def sync_group(bns, process_group=None) -> Union[int, str]:
 
 
 def folded_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Eval BN (+ conv bias) as host-side scale/shift (the fused paths pass ``eval_bn`` to the kernel instead)."""
+    """Eval BN (+ conv bias) as scale/shift computed now, in ``dtype`` (the fused paths use ``eval_conv``'s cache)."""
     return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias, dtype)
 
 
-def eval_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> BNFold:
-    """Eval BN (+ conv bias) as the kernel's BNFold: the module's own tensors, read at launch, so the
-    kernel folds the current values on every call with no host-side math."""
-    return BNFold(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, conv.bias)
+def epilogue_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the eval kernels' per-channel math for input x: fp64 for fp64 (outside autocast), else fp32."""
+    return torch.float64 if x.dtype == torch.float64 and autocast_dtype(x.device.type) is None else torch.float32
+
+
+def eval_conv(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True,
+              projection: Optional[Tuple[nn.Conv2d, nn.BatchNorm2d]] = None, **tail) -> Tensor:
+    """One eval conv -> BN (-> shortcut) (-> ReLU) launch. The BN comes folded once per module (fusedres._fold,
+    refolded when a BN tensor changes); ``projection`` (conv_d, bn_d): the shortcut's pair, folded with it."""
+    dtype = epilogue_dtype(x)
+    if projection is None:
+        scale, shift = _fold.eval_affine(conv, bn, dtype)
+    else:
+        scale = shift = None
+        tail["shortcut_fold"] = _fold.eval_projection(conv, bn, *projection, dtype)
+    return conv_bn_act(x, packed_weight(conv), scale, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
+                       relu=relu, **tail)
 
 
 def packed_weight(conv: nn.Conv2d) -> Tensor:
@@ -133,6 +147,10 @@ class _FusedBlockMixin:
         super().__init__(*args, **kwargs)  # the reference block's, torchvision's signature
         self.process_group = process_group
 
+    def train(self, mode: bool = True):
+        _fold.invalidate(self)  # eval() refolds: the one refresh after writes through .data (see fusedres._fold)
+        return super().train(mode)
+
     def _units(self):
         return [(getattr(self, "conv" + i), getattr(self, "bn" + i)) for i in self._units_names]
 
@@ -167,8 +185,7 @@ class _FusedBlockMixin:
         return train_forward(type(self).__name__, x, self._units(), shortcut, self.recompute_last_conv, group)
 
     def _conv(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, **tail) -> Tensor:
-        return conv_bn_act(x, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,
-                           conv.groups, relu=relu, bn=eval_bn(conv, bn), **tail)
+        return eval_conv(x, conv, bn, relu, **tail)
 
     def _shortcut(self) -> Shortcut:
         """The shortcut branch, for both the training chain and the eval tail."""
@@ -191,7 +208,7 @@ class _FusedBlockMixin:
         if sc.kind in ("identity", "A"):
             # a view (none at stride 1: no aten op): nothing is copied or padded
             return {"residual": x if sc.stride == 1 else x[:, :, ::sc.stride, ::sc.stride]}
-        return {"shortcut_input": x, "shortcut_weight": packed_weight(sc.conv), "shortcut_bn": eval_bn(sc.conv, sc.bn),
+        return {"shortcut_input": x, "shortcut_weight": packed_weight(sc.conv), "projection": (sc.conv, sc.bn),
                 "shortcut_stride": sc.stride}
 
 

@@ -8,7 +8,8 @@
              + shortcut_shift )                                  (optional projection shortcut)
 
 ``bn_scale_shift`` folds an eval-mode ``nn.BatchNorm2d`` (and an optional conv bias) into scale/shift;
-``bn=BNFold(...)`` instead hands the BN's own tensors to the kernel, which folds them (no host math per call).
+``bn=BNFold(...)`` folds the BN's own tensors on every call (a few [K] ops; the fused modules fold once and
+cache, ``fusedres._fold``, and pass scale/shift).
 """
 from typing import Optional, Tuple
 
@@ -17,13 +18,14 @@ from torch import Tensor
 
 from . import (
     _dispatch,
+    _fold,
     ops,  # noqa: F401  (registers torch.ops.fusedres.*)
 )
 from . import _validate as check
 from ._autocast import cast_for_autocast
+from ._fold import BNFold
 from .kernels._launch import stats_dtype
-from .kernels.conv import BNFold
-from .reference import bn_scale_shift_reference, conv_bn_act_reference
+from .reference import conv_bn_act_reference
 
 _OP = "fusedres.functional.conv_bn_act"
 
@@ -31,11 +33,9 @@ _OP = "fusedres.functional.conv_bn_act"
 def bn_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float, conv_bias: Optional[Tensor] = None, dtype: torch.dtype = torch.float32
                    ) -> Tuple[Tensor, Tensor]:
-    """Eval-mode BN(conv(x) + conv_bias) as ``scale * conv(x) + shift``, per channel, in ``dtype`` (fp32)."""
-    scale, shift = bn_scale_shift_reference(weight, bias, running_mean, running_var, eps, dtype)
-    if conv_bias is not None:
-        shift = shift + scale * conv_bias.to(dtype)
-    return scale.detach(), shift.detach()
+    """Eval-mode BN(conv(x) + conv_bias) as ``scale * conv(x) + shift``, per channel, in ``dtype`` (fp32):
+    computed in float64, rounded once (``fusedres._fold.fold``, what the fused modules cache)."""
+    return _fold.fold(BNFold(running_mean, running_var, weight, bias, eps, conv_bias), dtype)
 
 
 def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
@@ -43,14 +43,16 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
                 relu: bool = False, shortcut_input: Optional[Tensor] = None,
                 shortcut_weight: Optional[Tensor] = None, shortcut_scale: Optional[Tensor] = None,
                 shortcut_shift: Optional[Tensor] = None, shortcut_stride: int = 1, bn: Optional[BNFold] = None,
-                shortcut_bn: Optional[BNFold] = None) -> Tensor:
+                shortcut_bn: Optional[BNFold] = None, shortcut_fold: Optional[Tensor] = None) -> Tensor:
     """Fused convolution + per-channel affine (folded BN) + residual/shortcut + ReLU. See module doc.
 
     ``scale``/``shift`` default to 1 and 0 (a plain conv). They and the shortcut's are applied in fp32
     (fp64 for fp64 input). ``bn`` (a ``BNFold`` of an eval BN's running mean, running var, weight, bias, eps
-    and the conv's bias) replaces scale/shift: the kernel folds it, with ``bn_scale_shift``'s formula;
-    ``shortcut_bn`` likewise replaces shortcut_scale/shortcut_shift. The output has input's dtype (the
-    autocast dtype under torch.autocast) and memory format.
+    and the conv's bias) replaces scale/shift, folded on the host with ``bn_scale_shift``'s formula in
+    float64; ``shortcut_bn`` likewise replaces shortcut_scale/shortcut_shift. ``shortcut_fold`` ([4, K],
+    ``fusedres.kernels.conv.projection_fold`` of the four) replaces scale/shift and the shortcut's pair, so
+    the launch does no math on them. The output has input's dtype (the autocast dtype under torch.autocast)
+    and memory format.
     """
     x = check.floating_input(_OP, input)
     x, weight, residual, shortcut_input, shortcut_weight = cast_for_autocast(x, weight, residual, shortcut_input,
@@ -74,7 +76,11 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
 
     shortcut_bn = _checked_bn(shortcut_bn, "shortcut_bn", "shortcut_scale", shortcut_scale, shortcut_shift, k,
                               x.device)
-    shortcut_parts = (shortcut_input, shortcut_weight, shortcut_bn or shortcut_scale, shortcut_bn or shortcut_shift)
+    if shortcut_fold is not None:
+        _check_fold(shortcut_fold, k, x.device, scale, shift, bn, shortcut_scale, shortcut_shift, shortcut_bn)
+    given = shortcut_fold if shortcut_fold is not None else shortcut_bn  # either one stands for the pair
+    shortcut_parts = (shortcut_input, shortcut_weight, *((given, given) if given is not None else
+                                                         (shortcut_scale, shortcut_shift)))
     shortcut = None
     if any(t is not None for t in shortcut_parts):
         if any(t is None for t in shortcut_parts):
@@ -95,18 +101,21 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
         if (pd, qd) != (p, q):
             raise RuntimeError(f"{_OP}: expected shortcut_input to give a {p}x{q} output at stride {sd[0]}, but got "
                                f"shortcut_input of size {list(shortcut_input.shape)} giving {pd}x{qd}")
-        if shortcut_bn is None:
+        if given is None:
             check.per_channel(_OP, "shortcut_scale", shortcut_scale, k, x.device)
             check.per_channel(_OP, "shortcut_shift", shortcut_shift, k, x.device)
         shortcut = sd[0]
 
+    if bn is not None:  # per call: the fused modules pass their cached fold as scale/shift instead
+        scale, shift = _fold.fold(bn, epi_dtype)
+    if shortcut_bn is not None:
+        shortcut_scale, shortcut_shift = _fold.fold(shortcut_bn, epi_dtype)
     reason = _dispatch.unsupported_device_reason(x.device)
     if reason is not None:
         _dispatch.fallback(_OP, reason)
-        if bn is not None:
-            scale, shift = _bn_fold_host(bn, epi_dtype)
-        if shortcut_bn is not None:
-            shortcut_scale, shortcut_shift = _bn_fold_host(shortcut_bn, epi_dtype)
+        if shortcut_fold is not None:  # mult * (ratio * acc + offset + live * acc_d)
+            ratio, offset, mult, live = shortcut_fold.to(epi_dtype)
+            scale, shift, shortcut_scale, shortcut_shift = mult * ratio, mult * offset, mult * live, 0 * mult
         scale = torch.ones(k, device=x.device, dtype=epi_dtype) if scale is None else scale
         shift = torch.zeros(k, device=x.device, dtype=epi_dtype) if shift is None else shift
         ref_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -116,26 +125,32 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
         return out.to(x.dtype)
 
     # The kernel reads per-channel vectors at stride 1 in the epilogue dtype: views (e.g. t[::2]) become
-    # dense K-element copies; BN tensors of any dtype are upcast in the kernel.
+    # dense K-element copies (none for the modules' cached folds, already dense in that dtype).
     scale, shift = _dense(scale, epi_dtype), _dense(shift, epi_dtype)
     shortcut_scale, shortcut_shift = _dense(shortcut_scale, epi_dtype), _dense(shortcut_shift, epi_dtype)
-    fold = () if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.conv_bias, float(bn.eps))
-    if shortcut_bn is not None:
-        fold = (fold or (None,) * 5 + (0.0,)) + (shortcut_bn.running_mean, shortcut_bn.running_var,
-                                                 shortcut_bn.weight, shortcut_bn.bias, float(shortcut_bn.eps))
+    shortcut_fold = _dense(shortcut_fold, epi_dtype)
     # The custom op fusedres::conv_bn_act (fusedres.ops): traceable by torch.compile / export; its
     # backward raises (eval-mode BN is folded), so nothing is silently non-differentiable.
     return torch.ops.fusedres.conv_bn_act(x, weight, scale, shift, list(stride), list(padding), list(dilation),
                                           groups, residual, relu, shortcut_input, shortcut_weight, shortcut_scale,
-                                          shortcut_shift, shortcut if shortcut is not None else 1, *fold)
+                                          shortcut_shift, shortcut if shortcut is not None else 1, shortcut_fold)
 
 
 def _dense(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype).contiguous()
 
 
-def _bn_fold_host(bn: BNFold, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, bn.conv_bias, dtype)
+def _check_fold(fold: Tensor, k: int, device, *others) -> None:
+    """shortcut_fold: a floating [4, K] tensor on the input's device, given instead of the four affines."""
+    if any(t is not None for t in others):
+        raise ValueError(f"{_OP}: expected either shortcut_fold or scale/shift/bn and the shortcut's scale/shift/bn, "
+                         f"but got both")
+    if not isinstance(fold, Tensor) or tuple(fold.shape) != (4, k) or fold.device != device \
+            or not fold.is_floating_point():
+        what = f"{type(fold).__name__}" if not isinstance(fold, Tensor) else \
+            f"a {fold.dtype} tensor of size {list(fold.shape)} on {fold.device}"
+        raise ValueError(f"{_OP}: expected shortcut_fold to be a floating [4, {k}] tensor on {device} "
+                         f"(kernels.conv.projection_fold), but got {what}")
 
 
 def _checked_bn(bn, name: str, scale_name: str, scale, shift, k: int, device) -> Optional[BNFold]:

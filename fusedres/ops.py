@@ -33,19 +33,12 @@ def conv_bn_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optio
                 padding: List[int], dilation: List[int], groups: int, residual: Optional[Tensor], relu: bool,
                 shortcut_input: Optional[Tensor], shortcut_weight: Optional[Tensor],
                 shortcut_scale: Optional[Tensor], shortcut_shift: Optional[Tensor], shortcut_stride: int,
-                bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
-                bn_bias: Optional[Tensor] = None, conv_bias: Optional[Tensor] = None, eps: float = 0.0,
-                shortcut_bn_mean: Optional[Tensor] = None, shortcut_bn_var: Optional[Tensor] = None,
-                shortcut_bn_weight: Optional[Tensor] = None, shortcut_bn_bias: Optional[Tensor] = None,
-                shortcut_eps: float = 0.0) -> Tensor:
-    # bn_var given: the kernel folds that eval BN itself (scale/shift are None); likewise for the shortcut.
-    if bn_var is not None:
-        scale, shift = kernels.BNFold(bn_mean, bn_var, bn_weight, bn_bias, eps, conv_bias), None
-    if shortcut_bn_var is not None:
-        shortcut_scale = kernels.BNFold(shortcut_bn_mean, shortcut_bn_var, shortcut_bn_weight, shortcut_bn_bias,
-                                        shortcut_eps)
+                shortcut_fold: Optional[Tensor] = None) -> Tensor:
+    # An eval BN arrives folded into scale/shift (fusedres._fold). shortcut_fold: the projection epilogue's
+    # [4, K] (kernels.conv.projection_fold), given instead of scale/shift and shortcut_scale/shortcut_shift.
     shortcut = None if shortcut_input is None else \
-        (shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift, shortcut_stride)
+        kernels.ProjectionShortcut(shortcut_input, shortcut_weight, shortcut_scale, shortcut_shift, shortcut_stride,
+                                   shortcut_fold)
     return kernels.conv_bn_act(x, weight, scale, shift, tuple(stride), tuple(padding), tuple(dilation), groups,
                                residual, relu, shortcut)
 

@@ -13,10 +13,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _dispatch
+from . import _dispatch, _fold
 from ._pickle import fused_class
-from .blocks import eval_bn, layer_reason, packed_weight, sync_group, uses_batch_stats
-from .functional import conv_bn_act
+from .blocks import eval_conv, layer_reason, sync_group, uses_batch_stats
 from .training import Shortcut, train_forward
 
 Units = List[Tuple[nn.Conv2d, nn.Module]]
@@ -37,9 +36,8 @@ def run_stem(what: str, x: Tensor, units: Units) -> Optional[Tensor]:
         reason = group
     if reason is None:
         out = x
-        for conv, bn in units:  # the kernel folds the eval BN
-            out = conv_bn_act(out, packed_weight(conv), None, None, conv.stride, conv.padding, conv.dilation,
-                              conv.groups, relu=True, bn=eval_bn(conv, bn))
+        for conv, bn in units:  # each BN folded once (fusedres._fold)
+            out = eval_conv(out, conv, bn)
         return out
     _dispatch.fallback(what, reason)
     return None
@@ -74,6 +72,10 @@ class _StemMixin:
     """Shared by the stem subclasses: the fused stem, or the model's own eager stem when it falls back."""
 
     _stem_act = "relu"
+
+    def train(self, mode: bool = True):
+        _fold.invalidate(self)  # eval() refolds the stem's BNs (see fusedres._fold)
+        return super().train(mode)
 
     def _fused_stem(self, x: Tensor) -> Tensor:
         units, _ = stem_units(self, self._stem_act)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import _dispatch
 from . import _validate as check
 from .attention import attention_gate, gate_reason
-from .blocks import _bn_mode, _FusedBlockMixin, _projection, eval_bn, packed_weight, pairs_reason
+from .blocks import _bn_mode, _FusedBlockMixin, _projection, packed_weight, pairs_reason
 from .training import Shortcut, train_forward
 
 _REQUIRED = {"BasicBlock": {"conv1", "bn1", "act1", "conv2", "bn2", "act2"},
@@ -146,7 +146,7 @@ class _TimmBlockMixin(_FusedBlockMixin):
             return {"residual": x}
         pool, conv, bn = pooled_projection(self.downsample)
         return {"shortcut_input": x if pool is None else pool(x), "shortcut_weight": packed_weight(conv),
-                "shortcut_bn": eval_bn(conv, bn), "shortcut_stride": conv.stride[0]}
+                "projection": (conv, bn), "shortcut_stride": conv.stride[0]}
 
     def _attention_eval(self, x: Tensor) -> Tensor:
         """Eval: the convs with folded BN (the branch's last one without ReLU), the projection as its own

@@ -1,5 +1,5 @@
 """Device code: Triton kernels and their launchers (installed as ``fusedres.kernels``)."""
 from ._launch import INTERPRETED
-from .conv import BNFold, ProjectionShortcut, conv_bn_act, gpu_configs
+from .conv import ProjectionShortcut, conv_bn_act, gpu_configs
 
-__all__ = ["INTERPRETED", "BNFold", "ProjectionShortcut", "conv_bn_act", "gpu_configs"]
+__all__ = ["INTERPRETED", "ProjectionShortcut", "conv_bn_act", "gpu_configs"]

@@ -44,6 +44,11 @@ def activation_of(relu: bool, activation=None) -> str:
     return check_activation(activation if activation is not None else ("relu" if relu else "none"))
 
 
+def rows_need_int64(m: int, block_m: int) -> bool:
+    """_tiles.pixel_rows' IDX64: some row index of an M-pixel launch in BLOCK_M tiles may pass int32."""
+    return m + block_m >= 2 ** 31
+
+
 def clamp_block(block: int, size: int, minimum: int = 16) -> int:
     """A power-of-two block no larger than needed for ``size`` elements (tl.dot needs >= 16)."""
     return max(minimum, min(block, triton.next_power_of_2(max(size, 1))))

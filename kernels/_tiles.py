@@ -8,13 +8,20 @@ import triton.language as tl
 
 
 @triton.jit
-def pixel_rows(pid_m, M, P, Q, BLOCK_M: tl.constexpr):
+def pixel_rows(pid_m, M, P, Q, BLOCK_M: tl.constexpr, IDX64: tl.constexpr = True):
     """Rows of an M = N*P*Q pixel tile: int64 offsets (N*P*Q*C may pass 2**31), (n, p, q), mask.
-    pid_m is widened before the product: pid_m * BLOCK_M itself passes 2**31 at >= 2**31 pixels."""
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m is widened before the product: pid_m * BLOCK_M itself passes 2**31 at >= 2**31 pixels.
+    IDX64=False (the launcher knows M + BLOCK_M < 2**31, see rows_need_int64): the pixel index is split in
+    int32, then widened: a 64-bit division is a SASS routine call (__cuda_sm20_div_s64), a 32-bit one inline."""
+    if IDX64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = offs_m // (P * Q)
     pq = offs_m % (P * Q)
-    return offs_m, n, pq // Q, pq % Q, offs_m < M
+    p = pq // Q
+    q = pq % Q
+    return offs_m.to(tl.int64), n.to(tl.int64), p.to(tl.int64), q.to(tl.int64), offs_m < M
 
 
 @triton.jit

@@ -12,11 +12,11 @@ becomes act(in_scale[c] * y + in_shift[c]), so the normalized activation never t
 padding belongs to the activated tensor: out-of-bounds taps are 0 after the transform.
 
 Epilogue, all in fp32 (fp64 for fp64 inputs), then one cast and store:
-    y = scale[k] * acc + shift[k]                         per-channel affine (none: y = acc), either given,
-                                                          or eval BN folded here from gamma, beta, running
-                                                          mean/var and eps (no host-side math per call)
+    y = scale[k] * acc + shift[k]                         per-channel affine (none: y = acc); an eval BN comes
+                                                          folded by the host (fusedres/_fold.py: once per module)
     y += scale_d[k] * (xd conv1x1 wd)[k] + shift_d[k]     HAS_SHORTCUT: projection shortcut, a 2nd GEMM into
-                                                          the same accumulator (see the epilogue)
+                                                          the same accumulator, its per-channel factors
+                                                          folded by the host too (projection_fold)
     y += residual[k]   for k < RES_C                      HAS_RESIDUAL: identity / option-A shortcut
     y = act(y)                                            EPILOGUE_ACT: ACTIVATION (ReLU NaN-propagating)
     STATS: per-tile per-channel mean and M2 of acc into [num_m_tiles, K] fp32 (training BN statistics)
@@ -35,9 +35,9 @@ from ._launch import (
     device_guard,
     dot_args,
     empty_activation,
-    fp32_hi_lo,
     out_size,
     pad_channels_nhwc,
+    rows_need_int64,
     stats_dtype,
     stride_args,
 )
@@ -48,24 +48,17 @@ from ._tiles import activation, add_residual_act_store, mma, pixel_rows, tile_me
 def _conv_bn_act_kernel(
     x_ptr,        # input activations, logical [N, C, H, W], any strides
     w_ptr,        # weights [K, C/groups, R, S], any strides (channels_last is the fast one)
-    scale_ptr,    # [K] per-output-channel multiplier, or BN's gamma when folding (None: 1)
-    shift_ptr,    # [K] per-output-channel offset, or BN's beta when folding (None: 0)
-    mean_ptr,     # [K] BN running mean (None: scale/shift are given, nothing to fold)
-    var_ptr,      # [K] BN running variance (None likewise)
-    bias_ptr,     # [K] conv bias folded into the BN shift (None: no bias)
+    scale_ptr,    # [K] per-output-channel multiplier (None: 1)
+    shift_ptr,    # [K] per-output-channel offset (None: 0)
     out_ptr,      # output [N, K, P, Q], any strides
     res_ptr,      # residual [N, RES_C, P, Q] (HAS_RESIDUAL), any strides
     xd_ptr,       # shortcut input [N, CD, HD, WD] (HAS_SHORTCUT), any strides
     wd_ptr,       # shortcut 1x1 weights [K, CD, 1, 1] (HAS_SHORTCUT)
-    scale_d_ptr,  # [K] shortcut multiplier or its BN's gamma (HAS_SHORTCUT), as scale_ptr
-    shift_d_ptr,  # [K] shortcut offset or its BN's beta, as shift_ptr
-    mean_d_ptr,   # [K] shortcut BN running mean, as mean_ptr
-    var_d_ptr,    # [K] shortcut BN running variance, as var_ptr
     in_scale_ptr,  # [C] prologue BN multiplier of the input (PROLOGUE_BN)
     in_shift_ptr,  # [C] prologue BN offset of the input (PROLOGUE_BN)
     part_mean_ptr,  # [num_m_tiles, K] fp32 per-tile channel means of acc (STATS)
     part_m2_ptr,    # [num_m_tiles, K] fp32 per-tile channel sums of squared deviations (STATS)
-    fold_ptr,       # [4, K] scratch (HAS_SHORTCUT): the projection's per-channel ratio, offset, multiplier, live
+    fold_ptr,       # [4, K] (HAS_SHORTCUT): the projection's per-channel ratio, offset, multiplier, live
     M, H, W, P, Q,          # M = N*P*Q output pixels; input H x W; output P x Q
     CG, KG,                 # input and output channels per group
     RES_C, CD,              # residual channels (<= K); shortcut input channels
@@ -77,9 +70,8 @@ def _conv_bn_act_kernel(
     stride_wd_k, stride_wd_c,             # strides of wd (output, input channel)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_d,               # shortcut conv stride (both axes)
-    eps_hi, eps_lo, eps_d_hi, eps_d_lo,  # BN eps as fp32 hi + lo parts (float args are fp32; fp64 needs both)
     R: tl.constexpr, S: tl.constexpr,          # filter size
-    HAS_SCALE: tl.constexpr,       # apply the per-channel affine (False: the raw conv, e.g. STATS convs)
+    HAS_SCALE: tl.constexpr,       # apply scale/shift (False: the raw conv, e.g. STATS convs; unused with a shortcut)
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
     ACTIVATION: tl.constexpr,      # "relu" or "none": the activation of the prologue and (EPILOGUE_ACT) the output
     EPILOGUE_ACT: tl.constexpr,    # apply ACTIVATION to the output (after the residual)
@@ -87,6 +79,7 @@ def _conv_bn_act_kernel(
     STATS: tl.constexpr,
     STEM_CPAD: tl.constexpr,       # 0, or the padded channel count of the stem path (see the main loop)
     EVEN_C: tl.constexpr,          # CG % BLOCK_K == 0: no channel mask in the main loop (_even_c, per launch)
+    IDX64: tl.constexpr,           # pixel indices may pass int32: split them in int64 (_tiles.pixel_rows, per launch)
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 operands (follows cudnn.allow_tf32)
     UPCAST_DOT: tl.constexpr,      # interpreter + bf16: its bf16 tl.dot is wrong, dot in fp32 instead
     ACC_FP64: tl.constexpr,        # fp64 inputs accumulate in fp64 (gradcheck, references)
@@ -101,7 +94,7 @@ def _conv_bn_act_kernel(
     pid_n = pid % num_n
     g = tl.program_id(1)
 
-    offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M)
+    offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M, IDX64)
     offs_ng = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
     offs_n = g * KG + offs_ng                                                # global output channel
     mask_n = offs_ng < KG
@@ -186,24 +179,12 @@ def _conv_bn_act_kernel(
         # Projection shortcut (1x1 conv, stride stride_d, no padding, its own BN) so the block tail is one
         # launch, on one accumulator whose operands go from memory to the MMA untouched (cp.async, pipelined):
         #   scale * acc + shift + scale_d * acc_d + shift_d = mult * (ratio * acc + offset + acc_d)
-        # The per-channel (ratio, offset, mult) are computed once per program in a 1-D layout (one value per
-        # thread), passed through a [4, K] scratch, and read back in the accumulator's layout: computed there,
-        # the two BN folds (32 values per thread each at 128x128) spilled, as did two live accumulators or
-        # scale_d folded into each B tile. Programs of one pid_n write identical values, so they may race.
+        # with the per-channel (ratio, offset, mult, live) folded by the host (projection_fold): two live
+        # accumulators, or scale_d folded into each B tile, spilled.
         tl.static_assert(not STATS)  # STATS reads the raw main accumulator
-        offs_f = g * KG + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # its own arange: its own (1-D) layout
-        mask_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N) < KG
-        ratio, offset, mult, live = projection_fold(
-            offs_f, mask_f, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
-            scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, eps_d_hi, eps_d_lo, HAS_SCALE, acc_dtype)
         k_all = KG * tl.num_programs(1)
-        tl.store(fold_ptr + offs_f, ratio, mask=mask_f)
-        tl.store(fold_ptr + k_all + offs_f, offset, mask=mask_f)
-        tl.store(fold_ptr + 2 * k_all + offs_f, mult, mask=mask_f)
-        tl.store(fold_ptr + 3 * k_all + offs_f, live.to(mult.dtype), mask=mask_f)
-        tl.debug_barrier()  # the CTA's stores are visible to all its threads
-        ratio = tl.load(fold_ptr + offs_n, mask=mask_n, other=0.0)
-        offset = tl.load(fold_ptr + k_all + offs_n, mask=mask_n, other=0.0)
+        ratio = tl.load(fold_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
+        offset = tl.load(fold_ptr + k_all + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
         acc = acc * ratio[None, :] + offset[None, :]
         ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
         bd_cols = wd_ptr + offs_n.to(tl.int64) * stride_wd_k
@@ -214,10 +195,9 @@ def _conv_bn_act_kernel(
             a = tl.load(ad_rows[:, None] + cc[None, :] * stride_sc_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
             b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & live_d[None, :], other=0.0)
             acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-        y = acc * tl.load(fold_ptr + 2 * k_all + offs_n, mask=mask_n, other=0.0)[None, :]
+        y = acc * tl.load(fold_ptr + 2 * k_all + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
     elif HAS_SCALE:
-        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
-                                      eps_hi, eps_lo, acc_dtype)
+        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, acc_dtype)
         y = acc * scale[None, :] + shift[None, :]
     else:
         y = acc
@@ -236,60 +216,15 @@ def _conv_bn_act_kernel(
 
 
 @triton.jit
-def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
-                   dtype: tl.constexpr):
-    """Per-output-channel (scale, shift) in ``dtype``. Given (var_ptr None): loaded, None meaning 1 / 0.
-    Eval BN folded here, the formula of reference.bn_scale_shift_reference: scale = gamma / sqrt(var + eps),
-    shift = beta - mean * scale (+ scale * conv bias); statistics of any dtype are upcast first."""
-    if var_ptr is not None:
-        var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(dtype)
-        if dtype == tl.float64:
-            scale = 1.0 / tl.sqrt(var + eps_hi + eps_lo)  # fp64 sqrt and division are IEEE
-        else:
-            scale = tl.div_rn(tl.full(var.shape, 1.0, dtype), tl.sqrt_rn(var + eps_hi))
-        if scale_ptr is not None:
-            scale = scale * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-        shift = -tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(dtype) * scale
-        if shift_ptr is not None:
-            shift = shift + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-        if bias_ptr is not None:
-            shift = shift + scale * tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-    else:
-        scale = tl.full(offs_n.shape, 1.0, dtype)
-        shift = tl.zeros(offs_n.shape, dtype)
-        if scale_ptr is not None:
-            scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
-        if shift_ptr is not None:
-            shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, dtype: tl.constexpr):
+    """Per-output-channel (scale, shift) in ``dtype``, loaded; a None pointer means 1 / 0."""
+    scale = tl.full(offs_n.shape, 1.0, dtype)
+    shift = tl.zeros(offs_n.shape, dtype)
+    if scale_ptr is not None:
+        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
+    if shift_ptr is not None:
+        shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(dtype)
     return scale, shift
-
-
-@triton.jit
-def projection_fold(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr, eps_hi, eps_lo,
-                    scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, eps_d_hi, eps_d_lo,
-                    HAS_SCALE: tl.constexpr, dtype: tl.constexpr):
-    """(ratio, offset, mult, live) per channel, with
-        mult * (ratio * acc + offset + live * acc_d) = scale * acc + shift + scale_d * acc_d + shift_d.
-    mult is scale_d, or 1 where the shortcut is skipped: |scale_d| < 2**-64, 0 included (its term is then
-    below the main term's fp32 resolution unless the shortcut's raw conv is 2**40 times larger; a NaN
-    scale_d stays live, so it propagates)."""
-    if HAS_SCALE:
-        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, mean_ptr, var_ptr, bias_ptr,
-                                      eps_hi, eps_lo, dtype)
-    else:
-        scale = tl.full(offs_n.shape, 1.0, dtype)
-        shift = tl.zeros(offs_n.shape, dtype)
-    scale_d, shift_d = channel_affine(offs_n, mask_n, scale_d_ptr, shift_d_ptr, mean_d_ptr, var_d_ptr, None,
-                                      eps_d_hi, eps_d_lo, dtype)
-    live = ~(tl.abs(scale_d) < 5.421010862427522e-20)
-    mult = tl.where(live, scale_d, 1.0)
-    if dtype == tl.float64:
-        ratio = scale / mult  # fp64 division is IEEE
-        offset = (shift + shift_d) / mult
-    else:
-        ratio = tl.div_rn(scale, mult)
-        offset = tl.div_rn(shift + shift_d, mult)
-    return ratio, offset, mult, live
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +240,11 @@ def _even_c(args) -> bool:
     return not args["STEM_CPAD"] and args["CG"] % args["BLOCK_K"] == 0
 
 
-_conv_bn_act = triton.heuristics({"EVEN_C": _even_c})(_conv_bn_act_kernel)  # set per launch from the tile
+def _idx64(args) -> bool:
+    return rows_need_int64(args["M"], args["BLOCK_M"])
+
+
+_conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64})(_conv_bn_act_kernel)  # per launch, per tile
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
                                          prune_configs_by={"early_config_prune": conv_prune})(_conv_bn_act)
 # Autotuning reruns a launch per config: safe for STATS, which only writes its output and partials. Its
@@ -318,50 +257,48 @@ _conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KE
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-class BNFold(NamedTuple):
-    """An eval-mode BatchNorm (and the conv's bias) that the kernel folds into scale/shift itself, in
-    fp32 (fp64 for fp64 inputs): no host-side math per call. [K] tensors of any floating dtype."""
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-    weight: Optional[torch.Tensor]      # gamma (None: affine=False)
-    bias: Optional[torch.Tensor]        # beta
-    eps: float
-    conv_bias: Optional[torch.Tensor] = None
-
-
 class ProjectionShortcut(NamedTuple):
-    """The projection shortcut fused into a conv's epilogue: scale_d * conv1x1(input, weight, stride) + shift_d,
-    or its eval BN (``bn``) folded in the kernel. The first five fields are in the order of the plain 5-tuple
-    ``conv_bn_act`` also accepts, whose ``scale`` may be a BNFold (see ``of``)."""
+    """The projection shortcut fused into a conv's epilogue: scale_d * conv1x1(input, weight, stride) + shift_d.
+    The first five fields are in the order of the plain 5-tuple ``conv_bn_act`` also accepts."""
     input: torch.Tensor                    # xd [N, CD, HD, WD]
     weight: torch.Tensor                   # wd [K, CD, 1, 1]
     scale: Optional[torch.Tensor] = None   # [K] multiplier (None: 1)
     shift: Optional[torch.Tensor] = None   # [K] offset (None: 0)
     stride: int = 1                        # both axes
-    bn: Optional[BNFold] = None            # instead of scale/shift
+    fold: Optional[torch.Tensor] = None    # instead of scale/shift and the conv's own: projection_fold's [4, K]
 
     @classmethod
     def of(cls, shortcut) -> Optional["ProjectionShortcut"]:
-        """A ProjectionShortcut from itself or a plain tuple in its field order, a BNFold in the scale slot
-        moved to ``bn``; None stays None."""
-        if shortcut is None:
-            return None
-        sc = cls(*shortcut)
-        return sc._replace(scale=None, bn=sc.scale) if isinstance(sc.scale, BNFold) else sc
+        """A ProjectionShortcut from itself or a plain tuple in its field order; None stays None."""
+        return None if shortcut is None else cls(*shortcut)
+
+
+# Below |scale_d| < 2**-64 (0 included) the shortcut's columns are not read: its term is then below the main
+# term's fp32 resolution unless the shortcut's raw conv is 2**40 times larger. A NaN scale_d stays live.
+_DEAD_SCALE = 2.0 ** -64
+
+
+def projection_fold(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], scale_d: Optional[torch.Tensor],
+                    shift_d: Optional[torch.Tensor], dtype: torch.dtype, k: Optional[int] = None) -> torch.Tensor:
+    """The projection epilogue's per-channel factors, a dense [4, K] tensor in ``dtype`` of rows (ratio, offset,
+    mult, live) with  mult * (ratio * acc + offset + live * acc_d) = scale * acc + shift + scale_d * acc_d + shift_d:
+    mult is scale_d, or 1 where the shortcut is skipped (live 0, see _DEAD_SCALE). Computed in float64 and rounded
+    once (the divisions are IEEE); None means 1 (scales) / 0 (shifts); ``k``: K when every vector is None."""
+    given = [t for t in (scale, shift, scale_d, shift_d) if t is not None]
+    like = given[0] if given else None
+    k = k if k is not None else like.shape[0]
+    device = like.device if like is not None else None
+    with torch.no_grad():
+        def f64(t, fill):
+            return torch.full((k,), fill, dtype=torch.float64, device=device) if t is None else t.to(torch.float64)
+        scale, shift, scale_d, shift_d = f64(scale, 1.0), f64(shift, 0.0), f64(scale_d, 1.0), f64(shift_d, 0.0)
+        live = ~(scale_d.abs() < _DEAD_SCALE)
+        mult = torch.where(live, scale_d, 1.0)
+        return torch.stack([scale / mult, (shift + shift_d) / mult, mult, live.to(mult.dtype)]).to(dtype)
 
 
 def _dense(t):
     return None if t is None else t.contiguous()  # the kernel reads per-channel vectors at stride 1
-
-
-def _affine_args(scale, shift, bn: Optional[BNFold], suffix: str = "") -> dict:
-    """The kernel's per-channel affine arguments (scale, shift, mean, var, bias, eps; ``suffix`` "_d": the
-    shortcut's): a given scale/shift pair, or an eval BN to fold in the kernel."""
-    names = [f"{a}{suffix}_ptr" for a in ("scale", "shift", "mean", "var")] + [f"eps{suffix}_hi", f"eps{suffix}_lo"]
-    if bn is None:
-        return dict(zip(names, (_dense(scale), _dense(shift), None, None, 0.0, 0.0)))
-    return dict(zip(names, (_dense(bn.weight), _dense(bn.bias), _dense(bn.running_mean), _dense(bn.running_var),
-                            *fp32_hi_lo(bn.eps))))
 
 
 class ConvStats(NamedTuple):
@@ -373,15 +310,15 @@ class ConvStats(NamedTuple):
 
 
 def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                residual=None, relu=False, shortcut=None, prologue=None, config=None, *, bn=None, activation=None):
+                residual=None, relu=False, shortcut=None, prologue=None, config=None, *, activation=None):
     """Launch the fused conv. Tensors in, a new tensor out; inputs are assumed validated.
 
     x: [N, C, H, W]; weight: [K, C/groups, R, S]; scale, shift: [K] (either may be None: 1 / 0; both
-    None: the raw conv output). bn: a BNFold instead of scale/shift, eval BN folded inside the kernel (a
-    BNFold passed as ``scale``, shift None, is taken as ``bn``).
+    None: the raw conv output); an eval BN comes folded (fusedres/_fold.py).
     residual: optional [N, RES_C, P, Q] with RES_C <= K, added to the first RES_C channels.
     shortcut: optional ProjectionShortcut, or a plain tuple in its field order (xd [N, CD, HD, WD],
-    wd [K, CD, 1, 1], scale_d [K] or BNFold, shift_d [K] or None, stride_d).
+    wd [K, CD, 1, 1], scale_d [K] or None, shift_d [K] or None, stride_d); its ``fold`` (projection_fold of
+    scale, shift, scale_d, shift_d) replaces all four, precomputed: the launch then does no math on them.
     prologue: optional (in_scale [C], in_shift [C]): the conv reads act(in_scale * x + in_shift).
     relu / activation: the conv's activation (kernels/_launch.py ACTIVATIONS), applied to the output and by a
     prologue. activation None: relu=True means "relu" on the output, and a prologue applies "relu" (the
@@ -389,11 +326,9 @@ def conv_bn_act(x, weight, scale=None, shift=None, stride=(1, 1), padding=(0, 0)
     config: optional dict of BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps/num_stages) to bypass autotuning.
     Returns [N, K, P, Q] in x's dtype and memory format (channels_last in, channels_last out).
     """
-    if isinstance(scale, BNFold):
-        bn, scale = scale, None
     out_act = activation_of(relu, activation)
     act = check_activation(activation) if activation is not None else ("relu" if prologue is not None else out_act)
-    return _conv(x, weight, bn=bn, scale=scale, shift=shift, stride=stride, padding=padding, dilation=dilation,
+    return _conv(x, weight, scale=scale, shift=shift, stride=stride, padding=padding, dilation=dilation,
                  groups=groups, residual=residual, activation=act, epilogue_act=out_act != "none",
                  shortcut=ProjectionShortcut.of(shortcut), prologue=prologue, stats=False, config=config).out
 
@@ -407,7 +342,7 @@ def conv_bn_stats(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
                  activation=check_activation(activation), stats=True, config=config)
 
 
-def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, stride, padding, dilation, groups,
+def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, groups,
           residual=None, activation: str = "none", epilogue_act: bool = False,
           shortcut: Optional[ProjectionShortcut] = None, prologue=None, stats: bool, config=None) -> ConvStats:
     """The launch of conv_bn_act / conv_bn_stats: a ConvStats whose partials are None without stats.
@@ -438,24 +373,24 @@ def _conv(x, weight, *, bn: Optional[BNFold] = None, scale=None, shift=None, str
     if m == 0 or k == 0:
         return ConvStats(out, part_mean, part_m2, block_m)
     sc = shortcut if shortcut is not None else ProjectionShortcut(None, None)
+    if shortcut is not None and sc.fold is None:  # a direct launch: the per-channel factors of the two affines
+        sc = sc._replace(fold=projection_fold(scale, shift, sc.scale, sc.shift, stats_dtype(x), k))
     epilogue_act = epilogue_act and activation != "none"
     if prologue is None and not epilogue_act:
         activation = "none"  # no site applies it: one compiled variant, whatever the caller's activation
     args = dict(
-        x_ptr=x, w_ptr=weight, bias_ptr=None if bn is None else _dense(bn.conv_bias), out_ptr=out,
+        x_ptr=x, w_ptr=weight, scale_ptr=_dense(scale), shift_ptr=_dense(shift), out_ptr=out,
         res_ptr=out if residual is None else residual,  # a dummy pointer without a residual, never read
         xd_ptr=sc.input, wd_ptr=sc.weight,
         in_scale_ptr=None if prologue is None else prologue[0], in_shift_ptr=None if prologue is None else prologue[1],
         part_mean_ptr=part_mean, part_m2_ptr=part_m2,
-        # the projection's per-channel scratch (see the kernel)
-        fold_ptr=None if shortcut is None else torch.empty((4, k), device=x.device, dtype=stats_dtype(x)),
+        fold_ptr=None if shortcut is None else _dense(sc.fold),
         M=m, H=h, W=w, P=p, Q=q, CG=cg, KG=kg, RES_C=0 if residual is None else residual.shape[1], CD=cd,
         **stride_args("x", x), **stride_args("w", weight, "kcrs"), **stride_args("out", out),
         **stride_args("res", residual), **stride_args("sc", sc.input), **stride_args("wd", sc.weight, "kc"),
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
         dil_w=dilation[1], stride_d=sc.stride,
-        **_affine_args(scale, shift, bn), **_affine_args(sc.scale, sc.shift, sc.bn, "_d"),
-        R=r, S=s, HAS_SCALE=bn is not None or scale is not None or shift is not None,
+        R=r, S=s, HAS_SCALE=scale is not None or shift is not None,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None, ACTIVATION=activation,
         EPILOGUE_ACT=epilogue_act, PROLOGUE_BN=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad,
         **dot_args(x), ACC_FP64=x.dtype == torch.float64)

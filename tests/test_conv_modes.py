@@ -1,6 +1,7 @@
 """The conv kernel's modes beyond conv_bn_act's scale/shift epilogue, against float64 references:
-eval BN folded inside the kernel (BNFold, affine=False, conv bias, the projection's BN), the raw conv
-(no scale/shift tensors at all), the projection shortcut and the C <= 4 stem path. Small shapes."""
+eval BN given as a BNFold (folded on the host; affine=False, conv bias, the projection's BN), the raw conv
+(no scale/shift tensors at all), the projection shortcut and its precomputed fold, and the C <= 4 stem path.
+Small shapes."""
 import pytest
 import torch
 from torch import nn
@@ -8,7 +9,8 @@ from torch import nn
 import fusedres
 from fusedres import functional as Fz
 from fusedres import kernels
-from fusedres.blocks import eval_bn, folded_bn
+from fusedres._fold import of_module as eval_bn
+from fusedres.blocks import folded_bn
 from fusedres.reference import conv_bn_act_reference
 from helpers import DTYPES, assert_close, randomize_bn
 
@@ -23,7 +25,7 @@ def _bn(k, affine=True, stats_dtype=torch.float32, device="cpu"):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("affine,bias", [(True, False), (False, False), (True, True)], ids=["affine", "no_affine",
                                                                                            "conv_bias"])
-def test_bn_folded_in_kernel_matches_host_fold(affine, bias, dtype, device):
+def test_bn_fold_matches_host_fold(affine, bias, dtype, device):
     """BNFold gives what folded_bn's scale/shift give, compared with the float64 reference."""
     torch.manual_seed(1)
     conv = nn.Conv2d(8, 24, 3, padding=1, bias=bias).to(device)
@@ -35,7 +37,7 @@ def test_bn_folded_in_kernel_matches_host_fold(affine, bias, dtype, device):
     ref = conv_bn_act_reference(x, w, scale, shift, 1, 1, relu=True)
     assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
     assert_close(out, ref, dtype)
-    if dtype == torch.float64:  # the fold itself runs in fp64 with eps split into two fp32 arguments
+    if dtype == torch.float64:  # the fold runs in fp64
         assert (out - ref).abs().max().item() < 1e-12
 
 
@@ -50,7 +52,7 @@ def test_bn_fold_upcasts_statistics_of_any_dtype(stats_dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_projection_shortcut_bn_folded_in_kernel(dtype, device):
+def test_projection_shortcut_bn_fold(dtype, device):
     torch.manual_seed(2)
     y1 = torch.randn(2, 16, 5, 5, device=device, dtype=dtype).to(memory_format=CL)
     x = torch.randn(2, 12, 9, 9, device=device, dtype=dtype).to(memory_format=CL)
@@ -66,20 +68,35 @@ def test_projection_shortcut_bn_folded_in_kernel(dtype, device):
     assert_close(out, ref, dtype)
 
 
-def test_launcher_takes_bn_and_a_named_shortcut(device):
-    """kernels.conv_bn_act: ``bn=`` and a ProjectionShortcut (its own ``bn``) launch exactly what the positional
-    forms ops.py passes (a BNFold in the scale slot, a plain 5-tuple) launch."""
+def test_launcher_takes_a_named_shortcut_and_its_fold(device):
+    """kernels.conv_bn_act: a ProjectionShortcut with its precomputed ``fold`` (what the fused modules pass)
+    launches exactly what the plain 5-tuple with scale/shift (folded by the launcher) launches, and
+    functional.conv_bn_act's ``shortcut_fold`` matches the float64 reference."""
     torch.manual_seed(3)
     y1 = torch.randn(2, 16, 5, 5, device=device).to(memory_format=CL)
     x = torch.randn(2, 12, 9, 9, device=device).to(memory_format=CL)
     conv2, convd = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.Conv2d(12, 32, 1, stride=2, bias=False)
     w2, wd = conv2.weight.detach().to(device), convd.weight.detach().to(device)
-    fold2, foldd = eval_bn(conv2, _bn(32, device=device)), eval_bn(convd, _bn(32, device=device))
+    s2, b2 = folded_bn(conv2, _bn(32, device=device), torch.float32)
+    sd, bd = folded_bn(convd, _bn(32, device=device), torch.float32)
+    sd[3] = 0.0  # a dead shortcut column: not read
     geo = ((1, 1), (1, 1), (1, 1), 1)
-    named = kernels.conv_bn_act(y1, w2, None, None, *geo, None, True,
-                                kernels.ProjectionShortcut(x, wd, stride=2, bn=foldd), bn=fold2)
-    positional = kernels.conv_bn_act(y1, w2, fold2, None, *geo, None, True, (x, wd, foldd, None, 2))
+    fold = kernels.conv.projection_fold(s2, b2, sd, bd, torch.float32)
+    named = kernels.conv_bn_act(y1, w2, None, None, *geo, None, True, kernels.ProjectionShortcut(x, wd, stride=2,
+                                                                                                fold=fold))
+    positional = kernels.conv_bn_act(y1, w2, s2, b2, *geo, None, True, (x, wd, sd, bd, 2))
     assert torch.equal(named, positional)
+    out = Fz.conv_bn_act(y1, w2, None, None, 1, 1, relu=True, shortcut_input=x, shortcut_weight=wd,
+                         shortcut_stride=2, shortcut_fold=fold)
+    ref = conv_bn_act_reference(y1, w2, s2, b2, 1, 1, relu=True, shortcut_input=x, shortcut_weight=wd,
+                                shortcut_scale=sd, shortcut_shift=bd, shortcut_stride=2)
+    assert_close(out, ref, torch.float32)
+    with pytest.raises(ValueError, match="either shortcut_fold or"):
+        Fz.conv_bn_act(y1, w2, s2, b2, 1, 1, shortcut_input=x, shortcut_weight=wd, shortcut_stride=2,
+                       shortcut_fold=fold)
+    with pytest.raises(ValueError, match=r"shortcut_fold to be a floating \[4, 32\]"):
+        Fz.conv_bn_act(y1, w2, None, None, 1, 1, shortcut_input=x, shortcut_weight=wd, shortcut_stride=2,
+                       shortcut_fold=fold[:3])
 
 
 def test_bn_and_scale_together_is_an_error(device):
@@ -88,7 +105,7 @@ def test_bn_and_scale_together_is_an_error(device):
     with pytest.raises(ValueError, match="either bn or scale"):
         Fz.conv_bn_act(x, w, torch.ones(8), None, bn=eval_bn(conv, bn))
     with pytest.raises(ValueError, match="bn.running_var.*8 elements"):
-        Fz.conv_bn_act(x, w, bn=kernels.BNFold(bn.running_mean, bn.running_var[:3], None, None, 1e-5))
+        Fz.conv_bn_act(x, w, bn=Fz.BNFold(bn.running_mean, bn.running_var[:3], None, None, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -102,8 +119,8 @@ def test_raw_conv_without_scale_tensors(dtype, device):
 
 
 def test_eval_block_forward_host_ops(device):
-    """Eval BN is folded in the kernels: a channels_last fused block's forward dispatches nothing but its
-    three fused ops (before: ~10 aten ops per conv folding BN on the host)."""""
+    """Eval BN is folded once per module (fusedres._fold): from its second call on, a channels_last fused
+    block's forward dispatches nothing but its three fused ops; the first call folds each BN once."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = []
@@ -116,6 +133,11 @@ def test_eval_block_forward_host_ops(device):
     down = nn.Sequential(nn.Conv2d(16, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
     block = randomize_bn(fusedres.FusedBottleneck(16, 4, 2, down)).eval().to(device, memory_format=CL)
     x = torch.randn(2, 16, 8, 8, device=device).to(memory_format=CL)
+    with torch.no_grad(), Record():
+        block(x)
+    first = [op for op in seen if not op.startswith("fusedres.")]
+    assert 0 < len(first) <= 4 * 16, first  # 4 BNs (one in the projection's fold), each a few [K] ops
+    seen.clear()
     with torch.no_grad(), Record():
         block(x)
     assert seen == ["fusedres.conv_bn_act.default"] * 3, seen
@@ -158,16 +180,15 @@ def test_stem_path_statistics(device):
         torch.testing.assert_close(pm2[t].double(), ((tile - tile.mean(0)) ** 2).sum(0), rtol=1e-4, atol=1e-4)
 
 
-def test_opcheck_bn_fold_schema(device):
-    """fusedres::conv_bn_act with the BN-fold arguments (main BN with a conv bias, an affine=False
-    projection BN) passes torch.library.opcheck."""
+def test_opcheck_shortcut_fold_schema(device):
+    """fusedres::conv_bn_act with a precomputed projection fold (what the fused blocks pass) passes
+    torch.library.opcheck."""
     x, w = torch.randn(2, 8, 7, 7, device=device), torch.randn(16, 8, 3, 3, device=device)
     xd, wd = torch.randn(2, 4, 13, 13, device=device), torch.randn(16, 4, 1, 1, device=device)
-    stats = [torch.randn(16, device=device), torch.rand(16, device=device) + 0.5]
-    gamma_beta_bias = [torch.randn(16, device=device) for _ in range(3)]
-    stats_d = [torch.randn(16, device=device), torch.rand(16, device=device) + 0.5]
-    args = (x, w, None, None, [1, 1], [1, 1], [1, 1], 1, None, True, xd, wd, None, None, 2,
-            *stats, *gamma_beta_bias, 1e-5, *stats_d, None, None, 1e-3)
+    fold = kernels.conv.projection_fold(torch.rand(16, device=device) + 0.5, torch.randn(16, device=device),
+                                        torch.rand(16, device=device) + 0.5, torch.randn(16, device=device),
+                                        torch.float32)
+    args = (x, w, None, None, [1, 1], [1, 1], [1, 1], 1, None, True, xd, wd, None, None, 2, fold)
     torch.library.opcheck(torch.ops.fusedres.conv_bn_act.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))

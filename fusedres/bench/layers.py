@@ -43,21 +43,18 @@ class FusedLayer(nn.Module):
         self.eager = eager
 
     def forward(self, x, res=None, xd=None):
-        from ..blocks import eval_bn, packed_weight
-        from ..functional import conv_bn_act
+        from ..blocks import eval_conv, packed_weight
         e, sh = self.eager, self.eager.shape
         if self.training:  # batch statistics: the one-unit chain of fusedres.training (as the stem runs)
             from ..training import Shortcut, train_forward
             return train_forward("layer", x, [(e.conv, e.bn)], Shortcut("none"))
-        kw = {}  # as the blocks launch it: the kernel folds the eval BNs
+        kw = {}  # as the blocks launch it: the eval BNs folded once (fusedres._fold)
         if res is not None:
             kw["residual"] = res[:, :, ::sh.res_stride, ::sh.res_stride] if sh.res_stride > 1 else res
         if xd is not None:
-            kw.update(shortcut_input=xd, shortcut_weight=packed_weight(e.conv_d), shortcut_bn=eval_bn(e.conv_d, e.bn_d),
+            kw.update(shortcut_input=xd, shortcut_weight=packed_weight(e.conv_d), projection=(e.conv_d, e.bn_d),
                       shortcut_stride=sh.sc_stride)
-        c = e.conv
-        return conv_bn_act(x, packed_weight(c), None, None, c.stride, c.padding, c.dilation, c.groups,
-                           bn=eval_bn(c, e.bn), relu=sh.relu, **kw)
+        return eval_conv(x, e.conv, e.bn, sh.relu, **kw)
 
 
 def layer_inputs(shape: ConvShape, n: int, device, dt, gen) -> List[torch.Tensor]:
