@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from helpers import DTYPES, ON_GPU, assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,3 +285,109 @@ def test_anchor_gemm_is_a_real_gemm(dtype, device):
     out = anchor.anchor_gemm(a, b, programs=5, tile=tile)
     assert out.dtype == dtype
     assert_close(out, torch.matmul(a.double(), b.double().T), dtype, "anchor GEMM")
+
+
+def _budgets():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from static import anchor_budgets
+    finally:
+        sys.path.pop(0)
+    return anchor_budgets
+
+
+def test_sm100_dot_must_be_tcgen05():
+    _, report = _static()
+    row = _row(report, arch=100, mma="tcgen05")
+    assert report.budget_failures([row]) == []
+    fails = report.budget_failures([dict(row, mma="mma.sync")])
+    assert len(fails) == 1 and "not tcgen05" in fails[0]
+
+
+def test_anchor_columns_and_issue_share():
+    ab = _budgets()
+    anchor = _row(None, layer=ab.ANCHOR_LAYER, kernel="anchor_gemm_kernel", instr_per_mflop=150.0)
+    conv = _row(None, kernel="_conv_bn_act_kernel", variant="1x1 HAS_SCALE", mode="eval", instr_per_mflop=375.0)
+    tf32 = dict(conv, dtype="fp32", instr_per_mflop=976.5625)
+    ab.annotate([anchor, conv, tf32])
+    assert conv["vs_anchor"] == 2.5 and anchor["vs_anchor"] == 1.0
+    assert ab.peak_instr_per_mflop(90, "bf16") == 976.5625  # 4 instructions per clock / 4096 FLOP per clock
+    assert conv["issue_share"] == 38.4 and tf32["issue_share"] == 50.0  # TF32 peaks at half the FLOP rate
+    assert "vs_anchor" not in tf32  # no fp32 anchor in these rows: no ratio
+
+
+def _budget_rows(ab, fwd_ratio):
+    anchor = _row(None, layer=ab.ANCHOR_LAYER, kernel="anchor_gemm_kernel", instr_per_mflop=150.0, mode="eval",
+                  config="128x128x64 w4 s3")
+    fwd = _row(None, kernel="_conv_bn_act_kernel", variant="1x1 PROLOGUE_BN STATS", mode="train", phase="fwd",
+               config="128x128x64 w8 s3")
+    worse = dict(fwd, config="128x128x64 w4 s4")  # a second config of the same kernel: the budget judges the best
+    rows = [anchor, dict(fwd, instr_per_mflop=150.0 * fwd_ratio), dict(worse, instr_per_mflop=150.0 * 20)]
+    ab.annotate(rows)
+    return rows
+
+
+def test_enforced_budget_fails_when_broken(monkeypatch):
+    ab = _budgets()
+    budget = next(b for b in ab.BUDGETS if b.name == "train_fwd_1x1_vs_anchor")
+    monkeypatch.setattr(ab, "BUDGETS", [budget])
+    monkeypatch.setattr(ab, "PENDING", {})
+    assert ab.evaluate(_budget_rows(ab, 2.5)) == ([], [])  # at the limit: met (its worse config does not count)
+    other_tile = _row(None, kernel="_conv_bn_act_kernel", variant="1x1 PROLOGUE_BN STATS", mode="train",
+                      config="64x64x64 w4 s4", layer="l2", vs_anchor=9.0)
+    assert ab.evaluate(_budget_rows(ab, 2.5) + [other_tile]) == ([], [])  # ratios compare at the anchor's tile
+    fails, pending = ab.evaluate(_budget_rows(ab, 2.6))
+    assert pending == [] and len(fails) == 1 and "vs anchor 2.6 > 2.5" in fails[0], fails
+    fails, _ = ab.evaluate([r for r in _budget_rows(ab, 2.0) if r["layer"] == ab.ANCHOR_LAYER])
+    assert len(fails) == 1 and "no rows to judge" in fails[0]  # a budget over no rows must not pass
+
+
+def test_pending_budget_reports_and_fails_once_met(monkeypatch):
+    """Like xfail(strict=True): a pending budget prints its figure and passes while unmet, fails when met."""
+    ab = _budgets()
+    budget = next(b for b in ab.BUDGETS if b.name == "train_fwd_1x1_vs_anchor")
+    monkeypatch.setattr(ab, "BUDGETS", [budget])
+    monkeypatch.setattr(ab, "PENDING", {budget.name: "10.2"})
+    fails, pending = ab.evaluate(_budget_rows(ab, 10.2))
+    assert fails == [] and len(pending) == 1
+    assert pending[0].startswith("PENDING train_fwd_1x1_vs_anchor") and "measured 10.2, limit 2.5" in pending[0]
+    fails, pending = ab.evaluate(_budget_rows(ab, 2.4))
+    assert len(pending) == 1 and len(fails) == 1 and "pending budget is met" in fails[0], fails
+
+
+def test_every_pending_budget_is_a_budget():
+    ab = _budgets()
+    names = {b.name for b in ab.BUDGETS}
+    assert set(ab.PENDING) <= names, set(ab.PENDING) - names
+
+
+def test_fp32_dots_must_be_tf32():
+    _, report = _static()
+    row = _row(report, dtype="fp32", mma_type="tf32")
+    assert report.budget_failures([row]) == []
+    fails = report.budget_failures([dict(row, mma_type="")])
+    assert len(fails) == 1 and "not TF32" in fails[0]
+    assert report.budget_failures([dict(row, dtype="bf16", mma_type="bf16")]) == []
+
+
+SASS_PERSISTENT = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IMAD R2, R3, R4, R5 ;
+.L_x_1:
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/               @P0 BRA `(.L_x_1) ;
+        /*0040*/                   STG.E desc[UR4][R6.64], R24 ;
+        /*0050*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath) ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_sass_per_tile_instructions_and_calls():
+    """Out of the main loop per tile: the rest of a persistent kernel's tile loop, else the rest of the kernel."""
+    analyze, _ = _static()
+    s = analyze.sass_summary(SASS_PERSISTENT)
+    assert s["main_loop_instrs"] == 2 and s["per_tile_instrs"] == 6 - 2 and s["sass_calls"] == 1
+    s = analyze.sass_summary(SASS)
+    assert s["per_tile_instrs"] == 6 - 4 and s["sass_calls"] == 0

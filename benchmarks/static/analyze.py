@@ -17,6 +17,7 @@ import triton
 ARCH_LIMITS = {
     90: dict(regs=65536, smem_cta=232448, smem_sm=233472, threads=2048, ctas=32, sms=132),
     80: dict(regs=65536, smem_cta=166912, smem_sm=167936, threads=2048, ctas=32, sms=108),
+    100: dict(regs=65536, smem_cta=232448, smem_sm=233472, threads=2048, ctas=32, sms=148),  # B200
 }
 RESERVED_SMEM = 1024  # per CTA, reserved by the driver on sm_80 and later
 
@@ -67,6 +68,9 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_x_\d+)\)")
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
 _HMMA = re.compile(r"\bHMMA\.168(\d+)")  # HMMA.16816 -> m16 n8 k16, HMMA.1688 -> m16 n8 k8
+# sm_100's tcgen05 MMA (UTCHMMA 16-bit, UTCQMMA 8-bit, ...): one thread issues it for the CTA, its shape is in
+# an instruction descriptor register, so it gives the MMA kind, not FLOPs (no main-loop figure on sm_100).
+_UTCMMA = re.compile(r"\bUTC\w*MMA\b")
 # A call of a routine, e.g. CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64): not one whose target is a
 # local label (ptxas on sm_80 leaves a loop by a predicated CALL.REL.NOINC to the label after it: a jump).
 _ROUTINE_CALL = re.compile(r"\bCALL\b(?!.*`\(\.L_x_\d+\))")
@@ -127,11 +131,12 @@ def sass_summary(text: str) -> Dict:
         if inner and (best is None or n_mma > best[2]):
             best = (lo, hi, n_mma)
     hgmma_n = [int(m[2]) for m in map(_HGMMA.search, ops) if m]
-    out = dict(mma="wgmma" if n_hgmma else ("mma.sync" if n_hmma else "none"), sass_instrs=len(ops),
+    kind = "wgmma" if n_hgmma else "mma.sync" if n_hmma else "tcgen05" if any(map(_UTCMMA.search, ops)) else "none"
+    out = dict(mma=kind, sass_instrs=len(ops), sass_calls=sum(1 for op in ops if _ROUTINE_CALL.search(op)),
                sass_wgmma_n=min(hgmma_n) if hgmma_n else None,
                sass_stl=sum(1 for op in ops if re.search(r"\bSTL\b", op)),
                main_loop="none", main_loop_instrs=0, main_loop_mma=0, instr_per_mflop=None, main_loop_calls=0,
-               main_loop_stl=0)
+               main_loop_stl=0, per_tile_instrs=None)
     if best is None and n_hgmma + n_hmma:  # the dot loop was fully unrolled: the whole kernel is its body
         best = (0, len(ops) - 1, n_hgmma + n_hmma)
         out["main_loop"] = "unrolled (whole kernel)"
@@ -145,6 +150,10 @@ def sass_summary(text: str) -> Dict:
                    instr_per_mflop=round(len(body) / (flops / 1e6), 1),
                    main_loop_calls=sum(1 for op in body if _ROUTINE_CALL.search(op)),
                    main_loop_stl=sum(1 for op in body if re.search(r"\bSTL\b", op)))
+        # Per output tile, outside the main loop: the rest of the smallest loop around it (a persistent
+        # kernel's tile loop), or of the whole kernel (one tile per program).
+        outer = [b - a + 1 for a, b in loops if a <= lo and hi <= b and (a, b) != (lo, hi)]
+        out["per_tile_instrs"] = (min(outer) if outer else len(ops)) - len(body)
     return out
 
 
@@ -159,6 +168,9 @@ _LD_GLOBAL = re.compile(_PRED + r"ld\.global((?:\.[\w:]+)*)\s")
 _CP_ASYNC_2B = re.compile(_PRED + r"cp\.async\.c[ag]\.shared(?:::\w+)?\.global\S*\s+"
                           r"\[[^\]]*\],\s*\[[^\]]*\],\s*(?:0x)?2\b")
 _WGMMA_SHAPE = re.compile(r"\bwgmma\.mma_async\S*?\.m(\d+)n(\d+)k(\d+)\b")
+# The MMA's operand type: wgmma / mma.sync spell it after the accumulator's (.f32.tf32.tf32), tcgen05 as kind::
+_MMA_TYPE = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\S*?\.m\d+n\d+k\d+(?:\.row\.col)?\.f32\.(\w+)\."
+                       r"|\btcgen05\.mma\S*?\.kind::(\w+)")
 
 
 def _two_byte_load(line: str) -> bool:
@@ -196,14 +208,17 @@ def ptx_summary(text: str) -> Dict:
         loads = "cp.async"
     else:
         loads = "ld.global"
-    mma = "wgmma" if "wgmma.mma_async" in text else ("mma.sync" if re.search(r"\bmma\.sync\b", text) else "none")
+    mma = "wgmma" if "wgmma.mma_async" in text else "tcgen05" if "tcgen05.mma" in text else (
+        "mma.sync" if re.search(r"\bmma\.sync\b", text) else "none")
+    types = sorted({a or b for a, b in _MMA_TYPE.findall(text)})
     return dict(div64_in_loop=div_loop, div64_total=len(_DIV64.findall(text)), operand_loads=loads, ptx_mma=mma,
+                mma_type="/".join(types),
                 calls_in_loop=calls_loop, b16_loads_in_loop=b16_loop, wgmma_n=min(wgmma_n) if wgmma_n else None)
 
 
 # --- TTGIR ----------------------------------------------------------------------------------------
 
-_DOT = re.compile(r"=\s*(?:ttng\.warp_group_dot|tt\.dot|ttng\.tc_gen5_mma)\b")
+_DOT = re.compile(r"(?:=\s*|^)(?:ttng\.warp_group_dot|tt\.dot|ttng\.tc_gen5_mma)\b")  # tc_gen5_mma: no result
 
 
 def ttgir_summary(text: str) -> Dict:

@@ -63,10 +63,11 @@ def anchor_gemm(a: torch.Tensor, b: torch.Tensor, programs: int = 132, tile: dic
     return c
 
 
-def compile_anchor(dtype: torch.dtype) -> None:
-    """The anchor at the layer-3 GEMM on meta tensors (nothing runs): under the static check's compile-only
-    driver this compiles it for the driver's arch and records it."""
+def compile_anchor(dtype: torch.dtype, blocks=(128, 128, 64)) -> None:
+    """The anchor at the layer-3 GEMM on meta tensors (nothing runs), at a tile (BLOCK_M, BLOCK_N, BLOCK_K):
+    under the static check's compile-only driver this compiles it for the driver's arch and records it."""
     g = LAYER3_GEMM
     a = torch.empty((g["M"], g["K"]), device="meta", dtype=dtype)
     b = torch.empty((g["N"], g["K"]), device="meta", dtype=dtype)
-    anchor_gemm(a, b, c=torch.empty((g["M"], g["N"]), device="meta", dtype=dtype))
+    tile = dict(TILE, BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2])
+    anchor_gemm(a, b, tile=tile, c=torch.empty((g["M"], g["N"]), device="meta", dtype=dtype))
