@@ -108,6 +108,19 @@ def test_bn_and_scale_together_is_an_error(device):
         Fz.conv_bn_act(x, w, bn=Fz.BNFold(bn.running_mean, bn.running_var[:3], None, None, 1e-5))
 
 
+def test_int64_pixel_split_matches_int32(device, monkeypatch):
+    """Pixel indices are split in int32 (no 64-bit division routine in the kernel) unless M + BLOCK_M reaches
+    2**31; the int64 split, forced here on a small conv, gives the same output bit for bit."""
+    from fusedres.kernels import _launch
+    assert _launch.rows_need_int64(2 ** 31 - 128, 128) and not _launch.rows_need_int64(2 ** 31 - 129, 128)
+    x = torch.randn(3, 8, 9, 7, device=device).to(memory_format=CL)
+    w = torch.randn(16, 8, 3, 3, device=device) / 8
+    scale, shift = torch.rand(16, device=device) + 0.5, torch.randn(16, device=device)
+    int32 = kernels.conv_bn_act(x, w, scale, shift, (2, 1), (1, 1), relu=True)
+    monkeypatch.setattr(kernels.conv, "rows_need_int64", lambda m, block_m: True)
+    assert torch.equal(kernels.conv_bn_act(x, w, scale, shift, (2, 1), (1, 1), relu=True), int32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_raw_conv_without_scale_tensors(dtype, device):
     """No scale/shift at all (the STATS convs' case): the raw conv, no identity tensors made."""
