@@ -91,6 +91,9 @@ def test_train_step_then_eval_refolds(device):
     fused.eval()
     with torch.no_grad():
         _check(fused, ref, x, "after a training step")
+    opt.step()  # a step in eval mode (frozen-BN fine-tuning): only the version counters tell
+    with torch.no_grad():
+        _check(fused, ref, x, "after an optimizer step in eval mode")
 
 
 def test_dtype_changes_refold(device):
