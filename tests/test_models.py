@@ -263,7 +263,7 @@ def test_stem_calls_fused_ops(monkeypatch, device):
     """Eval: the stem is one conv_bn_act launch (conv1+bn1+relu); training: the one-unit batch-stats chain."""
     import fusedres.stems as stems  # the models' stem runs stems.run_stem
     calls = []
-    for name in ("conv_bn_act", "train_forward"):
+    for name in ("eval_conv", "train_forward"):
         real = getattr(stems, name)
         monkeypatch.setattr(stems, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     fused, ref = twins(cifar("A"), torch.float32, device)
@@ -272,7 +272,7 @@ def test_stem_calls_fused_ops(monkeypatch, device):
         assert_close(fused._stem(x), ref.relu(ref.bn1(ref.conv1(x.double()))), torch.float32, "eval stem")
         fused.train(), ref.train()
         assert_close(fused._stem(x), ref.relu(ref.bn1(ref.conv1(x.double()))), torch.float32, "train stem")
-    assert calls == ["conv_bn_act", "train_forward"]
+    assert calls == ["eval_conv", "train_forward"]
     assert_close(fused.bn1.running_mean, ref.bn1.running_mean, torch.float32, "stem running_mean")
 
 
