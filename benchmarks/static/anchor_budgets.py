@@ -153,7 +153,6 @@ PENDING = {
     "dgrad_3x3_vs_anchor": "",
     "wgrad_vs_anchor": "5.82 (3.8)",
     "fwd_1x1_per_tile_instrs": "3315 (3.8)",
-    "eval_no_routine_calls": "80 (3.8)",
 }
 
 
