@@ -12,6 +12,7 @@ Compiles only: nothing is launched or timed on a GPU. The count needs no compile
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,12 +51,20 @@ def measure(a, mode: str, workers: int, count: bool) -> dict:
     model = getattr(fusedres, a.net)().to(dtype=dtype, memory_format=torch.channels_last)
     batch = a.batch_train if mode == "train" else a.batch_eval
     x = torch.empty(batch, 3, a.image, a.image, dtype=dtype).to(memory_format=torch.channels_last)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu()
     if count:
         n = count_variants(model, x, mode == "train", arch=a.arch)
         return dict(mode=mode, variants=n, seconds=time.perf_counter() - t0, workers=0)
     rep = precompile(model, x, mode == "train", workers=workers, arch=a.arch)
-    return dict(mode=mode, variants=rep.compiled, launches=rep.launches, seconds=rep.seconds, workers=workers)
+    cpu = [b - a for a, b in zip(cpu0, _cpu())]
+    return dict(mode=mode, variants=rep.compiled, launches=rep.launches, seconds=rep.seconds, workers=workers,
+                cpu_self=cpu[0], cpu_children=cpu[1])
+
+
+def _cpu():
+    """CPU seconds (user + system) of this process (all its threads) and of its finished children (ptxas)."""
+    return [sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime"))
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
 
 
 def fresh(a, mode: str, workers: int, count: bool = False) -> dict:
@@ -94,12 +103,13 @@ def main(argv=None) -> int:
             print("  BUDGET " + line)
         return 1 if bad else 0
     print(f"cold start, {where}; each cell a fresh process and an empty Triton cache")
-    print("| step | variants | compile threads | precompile s |")
-    print("|---|---|---|---|")
+    print("| step | variants | compile threads | precompile s (wall) | CPU s in process | CPU s in ptxas |")
+    print("|---|---|---|---|---|---|")
     for mode in ("train", "eval"):
         for w in (int(v) for v in a.workers.split(",")):
             r = fresh(a, mode, w)
-            print(f"| {mode} | {r['variants']} | {w} | {r['seconds']:.1f} |", flush=True)
+            print(f"| {mode} | {r['variants']} | {w} | {r['seconds']:.1f} | {r['cpu_self']:.1f} | "
+                  f"{r['cpu_children']:.1f} |", flush=True)
     return 0
 
 

@@ -3,20 +3,22 @@
 How: the model's fused path runs once on a "meta" copy of the model (parameters and buffers are empty meta
 tensors, so nothing is computed and the user's model, its running statistics and gradients are untouched),
 with every Triton launch recorded instead of run, and every config an autotuned launch may try recorded too.
-The recorded launches are then compiled ahead of time (Triton's warm-up, no launch) through Triton's
-AsyncCompileMode in a thread pool: it deduplicates equal variants by their compile key, and each compile's
-ptxas is a subprocess, so threads overlap it. Compiled kernels land in Triton's in-memory cache (the first
-real step finds them there) and in its on-disk cache (later processes load them).
+The recorded launches are deduplicated by Triton's own compile keys and each new variant is compiled ahead of
+time (Triton's warm-up, no launch) in a pool of forked processes: Triton's frontend and MLIR passes hold the GIL,
+so threads overlapped only ptxas (measured: 2 threads no faster than 1). The workers write Triton's on-disk
+cache; this process then loads every variant from it into its in-memory cache, so the first real step finds
+them, and later processes load them from disk.
 
 ``arch=`` compiles for a GPU target without one (a compile-only Triton driver), which is how the compile
 count and time of a ResNet-50 step are measured on a CPU-only machine (benchmarks/cold_start.py).
 """
 import contextlib
 import copy
+import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -33,7 +35,7 @@ class PrecompileReport(NamedTuple):
     launches: int    # kernel launches the step makes, each autotuned one counted once per config it may try
     compiled: int    # distinct kernel variants compiled now (not already in this process's Triton cache)
     seconds: float   # wall time of the whole call
-    workers: int     # compile threads
+    workers: int     # compile processes
     note: str        # one line for people
 
 
@@ -45,8 +47,9 @@ def precompile(model: nn.Module, example_input: torch.Tensor, train: bool = True
     parameter, buffer, running statistic or gradient; the step runs on a meta copy). Call it under the same
     ``torch.autocast`` as the step to compile the autocast dtype's variants.
 
-    workers: compile threads (default: the CPU count). arch: compile for sm_<arch> (80, 90, ...) without a
-    GPU, e.g. to measure compile time on a CPU machine; by default the example input's CUDA device.
+    workers: compile processes (default: the CPU count; forked, so POSIX only: elsewhere one).
+    arch: compile for sm_<arch> (80, 90, ...) without a GPU, e.g. to measure compile time on a CPU machine;
+    by default the example input's CUDA device.
     Where the kernels do not compile (the Triton interpreter, or CPU tensors that fall back to PyTorch)
     it does nothing and says so in the report's note."""
     t0 = time.perf_counter()
@@ -60,13 +63,13 @@ def precompile(model: nn.Module, example_input: torch.Tensor, train: bool = True
         reason = _dispatch.unsupported_device_reason(example_input.device)
         return PrecompileReport("none", 0, 0, time.perf_counter() - t0, 0,
                                 f"no GPU target: {reason}; pass arch= to compile for one without a GPU")
-    with _LOCK, _target(arch, example_input) as target:
+    with _LOCK, _target(arch, example_input) as target_arch:
         launches = _record_step(model, example_input, train)
-        compiled = _compile_all(launches, workers)
-    seconds = time.perf_counter() - t0
+        compiled = _compile_all(launches, workers, target_arch)
+    seconds, target = time.perf_counter() - t0, _target_name(target_arch)
     return PrecompileReport(target, len(launches), compiled, seconds, workers,
                             f"{compiled} kernel variants compiled for {target} from {len(launches)} launches "
-                            f"in {seconds:.1f} s on {workers} threads")
+                            f"in {seconds:.1f} s with {workers} compile processes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,17 +82,18 @@ def _target_name(arch) -> str:
 
 @contextlib.contextmanager
 def _target(arch: Optional[int], example_input: torch.Tensor):
-    """The active Triton target for the block: the example's CUDA device, or a compile-only sm_<arch>."""
+    """The active Triton target for the block (yields its arch): the example's CUDA device, or a compile-only
+    sm_<arch>."""
     if arch is None:
         with torch.cuda.device(example_input.device):
             major, minor = torch.cuda.get_device_capability()
-            yield _target_name(major * 10 + minor)
+            yield major * 10 + minor
         return
     from triton.runtime import driver
     saved = driver._active
     driver.set_active(_compile_only_driver(arch))
     try:
-        yield _target_name(arch)
+        yield arch
     finally:
         driver._active = saved
 
@@ -250,23 +254,64 @@ class _CountOnly(Executor):
         return done
 
 
-def _compile_all(launches: List[Launch], workers: int, count_only: bool = False) -> int:
-    """Warm up (compile, no launch) every recorded launch in ``workers`` threads; the number compiled. Triton's
-    AsyncCompileMode submits each new compile key once; variants already in the in-memory cache are skipped.
-    count_only: count the variants that would compile, compiling none."""
+def _new_variants(launches: List[Launch]) -> List[Launch]:
+    """One launch per kernel variant not yet in this process's Triton cache, by Triton's own compile keys:
+    AsyncCompileMode submits a compile once per new key (here to an executor that compiles nothing)."""
     from triton.runtime._async_compile import AsyncCompileMode
     from triton.runtime.jit import JITFunction
 
-    pool = _CountOnly() if count_only else ThreadPoolExecutor(workers, thread_name_prefix="fusedres-precompile")
-    with pool, AsyncCompileMode(pool, ignore_errors=count_only) as mode:
+    new = []
+    with _CountOnly() as pool, AsyncCompileMode(pool, ignore_errors=True) as mode:
         for fn, args, kwargs in launches:
+            before = len(mode.raw_futures)
             JITFunction.run(fn, *args, grid=None, warmup=True, **kwargs)
-    return len(mode.raw_futures)
+            if len(mode.raw_futures) > before:
+                new.append((fn, args, kwargs))
+    return new
+
+
+_JOBS: List[Launch] = []  # what forked compile workers read (inherited memory: nothing is pickled)
+
+
+def _worker_start(arch: int) -> None:
+    from triton.runtime import driver
+    driver.set_active(_compile_only_driver(arch))  # never touch the parent's GPU context
+
+
+def _worker_compile(i: int) -> None:
+    from triton.runtime.jit import JITFunction
+    fn, args, kwargs = _JOBS[i]
+    JITFunction.run(fn, *args, grid=None, warmup=True, **kwargs)  # written to Triton's on-disk cache
+
+
+def _compile_all(launches: List[Launch], workers: int, arch: int, count_only: bool = False) -> int:
+    """Compile (warm up, no launch) one launch per new variant; the number of variants. Triton's frontend and
+    MLIR passes hold the GIL (threads were measured no faster than one), so ``workers`` forked processes compile
+    into Triton's on-disk cache, then this process loads each compiled kernel from there into its in-memory
+    cache. Without fork (or with one worker) it compiles here, one at a time.
+    count_only: count the variants that would compile, compiling none."""
+    from triton.runtime.jit import JITFunction
+
+    new = _new_variants(launches)
+    if count_only or not new:
+        return len(new)
+    if workers > 1 and len(new) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        _JOBS[:] = new
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(workers, len(new)), mp_context=ctx, initializer=_worker_start,
+                                     initargs=(arch,)) as pool:
+                list(pool.map(_worker_compile, range(len(new))))
+        finally:
+            _JOBS.clear()
+    for fn, args, kwargs in new:  # compiles here when no worker did; else an on-disk cache hit
+        JITFunction.run(fn, *args, grid=None, warmup=True, **kwargs)
+    return len(new)
 
 
 def count_variants(model: nn.Module, example_input: torch.Tensor, train: bool = True, *,
                    arch: Optional[int] = None) -> int:
     """How many kernel variants ``precompile`` would compile in a fresh process, compiling none (a cold-start
     budget's count; benchmarks/cold_start.py)."""
-    with _LOCK, _target(arch, example_input):
-        return _compile_all(_record_step(model, example_input, train), 1, count_only=True)
+    with _LOCK, _target(arch, example_input) as target_arch:
+        return _compile_all(_record_step(model, example_input, train), 1, target_arch, count_only=True)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_configs import STATS_BLOCK_M, conv_fixed_config, conv_prune, gpu_configs
+from ._conv_configs import STATS_BLOCK_M, autotune_options, conv_fixed_config, conv_prune, gpu_configs
 from ._launch import (
     STEM_CPAD,
     activation_of,
@@ -44,7 +44,9 @@ from ._launch import (
 from ._tiles import activation, add_residual_act_store, mma, pixel_rows, tile_mean_m2
 
 
-@triton.jit
+# Geometry integers only shift per-tile row bases (R and S are constexpr): a specialized value (== 1, a multiple of
+# 16) would compile a variant of its own.
+@triton.jit(do_not_specialize=["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "stride_d"])
 def _conv_bn_act_kernel(
     x_ptr,        # input activations, logical [N, C, H, W], any strides
     w_ptr,        # weights [K, C/groups, R, S], any strides (channels_last is the fast one)
@@ -246,11 +248,13 @@ def _idx64(args) -> bool:
 
 _conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64})(_conv_bn_act_kernel)  # per launch, per tile
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
-                                         prune_configs_by={"early_config_prune": conv_prune})(_conv_bn_act)
+                                         prune_configs_by={"early_config_prune": conv_prune},
+                                         **autotune_options())(_conv_bn_act)
 # Autotuning reruns a launch per config: safe for STATS, which only writes its output and partials. Its
 # configs all have BLOCK_M = STATS_BLOCK_M (_conv_configs.stats_partials_fit: the partials are sized first).
 _conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KEY,
-                                        prune_configs_by={"early_config_prune": conv_prune})(_conv_bn_act)
+                                        prune_configs_by={"early_config_prune": conv_prune},
+                                        **autotune_options())(_conv_bn_act)
 
 
 # ----------------------------------------------------------------------------------------------
