@@ -1,7 +1,7 @@
 """Cold start of a fused ResNet, without a GPU: how many Triton kernel variants its first step compiles, and how long
 ``fusedres.precompile`` takes to compile them for a GPU target (sm_90 by default) from an empty Triton cache.
 
-    python benchmarks/cold_start.py                     # the table: ResNet-50 train and eval, 1 and 2 compile threads
+    python benchmarks/cold_start.py                     # the table: ResNet-50 train and eval, 1 and 2 compile processes
     python benchmarks/cold_start.py --budget            # CI: exit 1 if a training step compiles > 90 variants (~10 s)
     python benchmarks/cold_start.py --budget --seconds  # and if precompile (all CPUs) of training takes > 60 s
     python benchmarks/cold_start.py --one train --workers 2   # one timing (what the table runs per cell)
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-train", type=int, default=128)
     p.add_argument("--batch-eval", type=int, default=256)
     p.add_argument("--image", type=int, default=224)
-    p.add_argument("--workers", default="1,2", help="compile threads per timing, comma-separated (table)")
+    p.add_argument("--workers", default="1,2", help="compile processes per timing, comma-separated (table)")
     p.add_argument("--one", choices=["train", "eval"], help="one timing in this process; prints JSON")
     p.add_argument("--count", action="store_true", help="with --one: count the variants, compile none")
     p.add_argument("--budget", action="store_true", help=f"exit 1 if a training step compiles > {COMPILE_BUDGET}")
@@ -62,7 +62,7 @@ def measure(a, mode: str, workers: int, count: bool) -> dict:
 
 
 def _cpu():
-    """CPU seconds (user + system) of this process (all its threads) and of its finished children (ptxas)."""
+    """CPU seconds (user + system) of this process and of its finished child processes (compile workers, ptxas)."""
     return [sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime"))
             for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             bad.append(f"{r['variants']} variants > {COMPILE_BUDGET}")
         if a.seconds:
             r = fresh(a, "train", os.cpu_count() or 1)
-            print(f"precompile of the training step: {r['seconds']:.1f} s on {r['workers']} threads "
+            print(f"precompile of the training step: {r['seconds']:.1f} s with {r['workers']} processes "
                   f"(budget {SECONDS_BUDGET:.0f} s)")
             if r["seconds"] > SECONDS_BUDGET:
                 bad.append(f"precompile {r['seconds']:.1f} s > {SECONDS_BUDGET:.0f} s")
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
             print("  BUDGET " + line)
         return 1 if bad else 0
     print(f"cold start, {where}; each cell a fresh process and an empty Triton cache")
-    print("| step | variants | compile threads | precompile s (wall) | CPU s in process | CPU s in ptxas |")
+    print("| step | variants | compile processes | precompile s (wall) | CPU s in process "
+          "| CPU s in children (workers, ptxas) |")
     print("|---|---|---|---|---|---|")
     for mode in ("train", "eval"):
         for w in (int(v) for v in a.workers.split(",")):
