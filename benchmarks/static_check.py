@@ -12,6 +12,7 @@ instructions per MFLOP of the main loop, programs per launch (and which pass of 
 Written to <out>/static.json and <out>/static.md. Compiled evidence only: nothing here is timed.
 """
 import argparse
+import json
 import os
 import resource
 import sys
@@ -59,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="override an issue-17 budget's limit (benchmarks/static/anchor_budgets.py), e.g. to see it "
                    "fail, or a pending one met")
+    p.add_argument("--rejudge", metavar="JSON", help="judge the rows of an earlier run's JSON against today's budgets "
+                   "(with --limit: see a budget fail, or a pending one met) instead of compiling")
     p.add_argument("--budget", action="store_true", help="the CI subset, with --enforce")
     p.add_argument("--enforce", action="store_true", help="exit 1 when a compiled row breaks a budget")
     p.add_argument("--no-sass", action="store_true", help="skip the disassembly (faster; no main-loop columns) "
@@ -143,9 +146,14 @@ def collect(a) -> list:
 def main(argv=None) -> int:
     a = parse_args(argv)
     t0 = time.time()
-    rows = collect(a)
-    anchor_budgets.annotate(rows)
-    paths = report.write(rows, a.out, a.name or ("budget" if a.budget else "static"))
+    if a.rejudge:
+        with open(a.rejudge) as f:
+            rows = json.load(f)
+        a.enforce, paths = True, [a.rejudge]
+    else:
+        rows = collect(a)
+        anchor_budgets.annotate(rows)
+        paths = report.write(rows, a.out, a.name or ("budget" if a.budget else "static"))
     bad = report.budget_failures(rows) + (report.coverage_failures(rows) if a.budget else [])
     pending = []
     if a.budget or a.enforce:  # issue 17's budgets in anchor terms (sm_90 rows; pending ones listed)

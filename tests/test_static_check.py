@@ -391,3 +391,19 @@ def test_sass_per_tile_instructions_and_calls():
     assert s["main_loop_instrs"] == 2 and s["per_tile_instrs"] == 6 - 2 and s["sass_calls"] == 1
     s = analyze.sass_summary(SASS)
     assert s["per_tile_instrs"] == 6 - 4 and s["sass_calls"] == 0
+
+
+def test_fp32_spills_are_a_named_budget(monkeypatch):
+    """fp32 (TF32) rows' spills on sm_90 are judged by the item-5 budget fp32_no_spills (pending while any
+    row spills), not row by row; bf16 rows and other archs keep the per-row spill budget."""
+    ab = _budgets()
+    _, report = _static()
+    row = _row(report, dtype="fp32", mma_type="tf32", spill_bytes=40, config="64x128x64 w4 s3")
+    assert report.budget_failures([row]) == []
+    assert "spills 40 B" in report.budget_failures([dict(row, dtype="bf16", mma_type="bf16")])[0]
+    assert "spills 40 B" in report.budget_failures([dict(row, arch=80, mma="mma.sync")])[0]
+    budget = next(b for b in ab.BUDGETS if b.name == "fp32_no_spills")
+    monkeypatch.setattr(ab, "BUDGETS", [budget])
+    monkeypatch.setattr(ab, "PENDING", {})
+    fails, _ = ab.evaluate([row])
+    assert len(fails) == 1 and "spill bytes 40 > 0" in fails[0], fails
