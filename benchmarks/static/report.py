@@ -17,14 +17,14 @@ _CACHE: Dict[str, Dict] = {}  # analysis per compiled-kernel hash: identical cod
 # these kernels are disassembled even under --no-sass (~25 cubins in the CI subset: a second or two).
 WGRAD_KERNEL = "_conv_wgrad_kernel"
 SASS_KERNELS = frozenset({WGRAD_KERNEL})
-# Issue 17's budgets read every conv kernel's main loop (and its calls) on sm_90: disassembled there even under
-# --no-sass (about 1 s a cubin), with the anchor.
+# Issue 17's budgets read every bf16 conv kernel's main loop (and its calls) on sm_90: disassembled there even
+# under --no-sass (about 1 s a cubin), with the anchor.
 CONV_KERNELS = frozenset({"_conv_bn_act_kernel", "_conv_dgrad_kernel", WGRAD_KERNEL, "anchor_gemm_kernel"})
 
 
-def needs_sass(kernel: str, arch: int) -> bool:
-    """Whether a budget needs this kernel's SASS (so --no-sass still disassembles it)."""
-    return kernel in SASS_KERNELS or (arch == anchor_budgets.BUDGET_ARCH and kernel in CONV_KERNELS)
+def needs_sass(kernel: str, arch: int, dtype: str) -> bool:
+    """Whether a budget needs this kernel's SASS (so --no-sass still disassembles it): issue 17's are bf16."""
+    return kernel in SASS_KERNELS or (arch == anchor_budgets.BUDGET_ARCH and kernel in CONV_KERNELS and dtype == "bf16")
 # Main-loop SASS instructions per MFLOP before the rewrite (ee19f73: 16 CALLs of the 64-bit divide per
 # iteration, N=32 wgmma): a median of ~10101 as counted here (sass_summary; ~2500 per warpgroup, the
 # convention of benchmarks/RESULTS.md). The budget: 3x fewer, on sm_90 (the arch the baseline is from).
@@ -148,7 +148,7 @@ def make_rows(records: List[Launch], arch: int, sass: bool = True) -> List[Dict]
         row["launches"] = 1
         if rec.compiled is not None:
             try:
-                row.update(analyse(rec.compiled, sass or needs_sass(rec.kernel, arch)))
+                row.update(analyse(rec.compiled, sass or needs_sass(rec.kernel, arch, row["dtype"])))
                 row["ctas_per_sm"], row["occupancy_limit"] = analyze.ctas_per_sm(arch, row["regs"], row["smem"],
                                                                                  row["num_warps"])
             except Exception as exc:  # noqa: BLE001 - an analysis failure is reported on its row
