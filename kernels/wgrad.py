@@ -50,9 +50,10 @@ from ._tiles import activation, mma
 from .bn import sum_rows
 
 
-# Geometry and split integers: a specialized value (== 1, a multiple of 16) would compile a variant of its own; they
-# only enter per-program column decode and per-row index math (R and S are constexpr).
-@triton.jit(do_not_specialize=["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "ROWS_PER_SPLIT", "SPLIT"])
+# Stride, padding and split integers: a specialized value (== 1, a multiple of 16) would compile a variant of its own;
+# they only enter per-program column decode and per-row index math (R and S are constexpr). Dilation stays
+# specialized (1 in every ResNet: no extra variant).
+@triton.jit(do_not_specialize=["stride_h", "stride_w", "pad_h", "pad_w", "ROWS_PER_SPLIT", "SPLIT"])
 def _conv_wgrad_kernel(
     dy_ptr,        # [N, K, P, Q] gradient w.r.t. the conv output, any strides
     x_ptr,         # [N, C, H, W] conv input, or the previous conv's raw output (PROLOGUE_BN)
