@@ -39,5 +39,8 @@ for v in 3.6.0 "$V_MAIN"; do
     echo "=== triton $v (static-results/budget-triton$v.md)"
     grep -v '^sm_' "static-results/budget-triton$v.log" || true
 done
+# Cold start (issue 17 item 8): a ResNet-50 training step compiles at most 90 variants, per triton (no compile:
+# Triton's compile keys only; the newest triton's run is tests/test_precompile.py's budget test).
+"$V36/bin/python" benchmarks/cold_start.py --budget || RC=1
 echo "static_ci: $((SECONDS - START)) s, exit $RC"
 exit $RC

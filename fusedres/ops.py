@@ -147,7 +147,7 @@ def _train_chain_backward(ctx, grads):
     no_tail = chain.AttentionGrads(*[None] * len(chain.AttentionGrads._fields))
     tail = chain.AttentionGrads.of(grads, spec) if spec.tail == "attention" else no_tail
     if grads.out is None and all(t is None for t in tail):
-        g = ChainGrads(None, *[[None] * spec.num_layers] * 3)
+        g = ChainGrads(None, *[[None] * spec.num_layers] * len(chain.TRAINED))
     else:
         saved = SavedChain.unflatten(ctx.saved_tensors, ctx.structure)
         g = ChainGrads.unpack(torch.ops.fusedres.train_chain_backward(
