@@ -68,6 +68,7 @@ def test_cuda_without_gpu(capsys):
     assert "--device cuda: torch" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the main job's whole CPU verification: ~30 s
 def test_cpu_verification(tmp_path):
     """The CPU main job, as a user runs it: no TRITON_INTERPRET set, a table, JSON, exit 0."""
     r = _run(["-m", "fusedres", "--device", "cpu", "--model", "cifar_resnet20", "--batch", "1", "--out", "out"],
@@ -85,6 +86,7 @@ def test_cpu_verification(tmp_path):
     assert all(row["result"] == "PASS" for row in report["rows"] + report["training_rows"])
 
 
+@pytest.mark.slow  # ~15 s
 def test_timing_path_and_report(tmp_path):
     """The GPU timing code (table, JSON) on the CPU in the interpreter, then report.py on its JSON."""
     argv = ["--device", "cpu", "--model", "cifar_resnet20", "--batch", "1", "--mode", "inference", "--no-layers",

@@ -143,7 +143,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("group", ["look-alike", "real"])
+@pytest.mark.parametrize("group", ["look-alike", pytest.param("real", marks=pytest.mark.slow)])
 def test_torch_load_in_fresh_process(group, tmp_path):
     """The files load in a process that imported fusedres but converted nothing (no made class exists there
     yet): same classes by name, state_dict, summary, and eval output within the fp32 tolerance (a GPU may

@@ -61,7 +61,8 @@ class ActivationOps(TorchDispatchMode):
         return sorted({op for op in self.ops if not any(word in op for word in ALLOWED)})
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("name", [n if n == "seresnet50" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in RECIPES])  # 12-17 s each interpreted: one in the fast set
 def test_training_runs_no_eager_op_on_activations(name, device):
     model = converted(randomize_bn(recipe_model(name))).to(device).train()
     x = torch.randn(BATCH, 3, 64, 64, device=device, requires_grad=True)
@@ -125,6 +126,7 @@ def test_export(name, train, device):
     assert_close(out, want.double(), torch.float32)
 
 
+@pytest.mark.slow  # ~17 s
 def test_eca_eval_against_float64_and_training_within_twice_eager(device):
     model = randomize_bn(recipe_model("ecaresnet50d")).to(device)
     eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()

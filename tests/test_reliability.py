@@ -128,6 +128,7 @@ def test_ill_posed_training_shapes_within_twice_eager(name, device):
     assert not bad, f"fused error over 2x eager fp32's (geometric mean over draws): {bad}"
 
 
+@pytest.mark.slow  # the slow judge above, re-run on worsened errors: 25-35 s each
 @pytest.mark.parametrize("name", ["basic_1ch_3_values", "bottleneck_2_values"])
 def test_ill_posed_judge_catches_a_real_accuracy_loss(name, device):
     """The judge above is not blind: the same draws with the fused errors made 4x worse fail on every

@@ -47,8 +47,13 @@ def converted(model):
     return model
 
 
-@pytest.mark.parametrize("source", ["like", "timm"])
-@pytest.mark.parametrize("name", FAMILY_NAMES)
+# Real timm models over ~8 s interpreted (issue 19 item 10): slow, CI runs them; their look-alikes stay fast.
+SLOW_TIMM = {"resnext50_32x4d", "wide_resnet50_2", "seresnet50", "resnet50d", "resnet50", "ecaresnet26t"}
+
+
+@pytest.mark.parametrize("name, source", [
+    pytest.param(n, s, marks=pytest.mark.slow) if s == "timm" and n in SLOW_TIMM else (n, s)
+    for n in FAMILY_NAMES for s in ("like", "timm")])
 def test_eval_parity_and_everything_fused(name, source, device):
     model = randomize_bn(build(name, source)).to(device).eval()
     ref = copy.deepcopy(model).double()
