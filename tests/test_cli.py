@@ -18,9 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(**extra):
-    """This environment without the switches a user would not have set."""
+    """This environment without the switches a user would not have set, nor a pytest-xdist worker's own (with
+    PYTEST_XDIST_WORKER set, pytest-benchmark in a child pytest disables itself and rejects --benchmark-only)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "FUSEDRES_STRICT") and not k.startswith("_FUSEDRES")}
+           if k not in ("TRITON_INTERPRET", "FUSEDRES_STRICT") and not k.startswith(("_FUSEDRES", "PYTEST_XDIST"))}
     env.update(PYTHONUNBUFFERED="1", **extra)
     return env
 

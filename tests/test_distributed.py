@@ -21,7 +21,8 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("mode", ["syncbn_convert", "block_process_group", "ddp", "syncbn_attention"])
+@pytest.mark.parametrize("mode", ["syncbn_convert", "block_process_group", "ddp",
+                                  pytest.param("syncbn_attention", marks=pytest.mark.slow)])  # SE: ~20 s
 def test_two_ranks_match_whole_batch_batchnorm(mode):
     port, world = free_port(), 2
     env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"), FUSEDRES_STRICT="1",

@@ -185,8 +185,9 @@ def test_imagenet_resnet_eval_parity(builder, fmt, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shortcut,plain", [("A", False), ("B", False), ("C", False), ("A", True)],
-                         ids=["A", "B", "C", "plain"])
+# Option A with projections off stays in the fast set through "plain" (the same shortcut, no stage BN): "A" is slow.
+@pytest.mark.parametrize("shortcut,plain", [pytest.param("A", False, marks=pytest.mark.slow), ("B", False),
+                                            ("C", False), ("A", True)], ids=["A", "B", "C", "plain"])
 def test_cifar_resnet_eval_parity(shortcut, plain, dtype, device):
     fused, ref = twins(cifar(shortcut, plain), dtype, device)
     run_parity(fused, ref, torch.randn(2, 3, 32, 32, device=device), dtype)
@@ -233,7 +234,9 @@ def small_imagenet_resnet(fused):
 # parameter gradients (BN biases followed by another batch-statistics BN) measured 2.5e-6 to 9.5e-6 over
 # seeds, too close to the table's 1e-5 for a stable test (eager CPU accumulates BN reductions in double).
 @pytest.mark.parametrize("build,size,dtype", [(lambda fused: fusedres.cifar_resnet(8, "B", fused=fused), 32,
-                                               torch.float64), (small_imagenet_resnet, 48, torch.float32)],
+                                               torch.float64),
+                                              pytest.param(small_imagenet_resnet, 48, torch.float32,
+                                                           marks=pytest.mark.slow)],  # ~20 s: CI's full pass
                          ids=["cifar8B-float64", "imagenet_layout-float32"])
 def test_train_step_parity(build, size, dtype, device):
     """Training forward, backward and running statistics of the whole model (stem included) on the kernels."""

@@ -108,6 +108,7 @@ def test_compile_fullgraph_eval_matches_uncompiled(device):
         assert torch.equal(compiled(x), uncompiled(x))
 
 
+@pytest.mark.slow  # ~30 s interpreted; the fast set compiles a training model in test_timm (train=True)
 def test_compile_fullgraph_train_matches_uncompiled(device):
     """Same outputs, gradients and running statistics as the uncompiled fused model, over two steps."""
     fused, uncompiled = _twins(True, device)
