@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional
 import torch
 import triton
 
-from ._launch import INTERPRETED, clamp_block, target_arch
+from ._launch import INTERPRETED, clamp_block, rows_need_int64, target_arch
 
 
 class Tile(NamedTuple):
@@ -174,6 +174,67 @@ def gpu_configs(arch: Optional[int] = None, stats: bool = False) -> List[triton.
     return tile_configs(t for t in tiles if not stats or _stats_tunable(t))
 
 
+# Issue 17 item 3: 1x1 stride-1 convs may load their operands through device-side tensor descriptors (TMA; the
+# kernel's TMA switch), beside the pointer configs, on sm_90 only (sm_80 has no TMA) and for launches that
+# tma_eligible admits. 128x128x64 at 4 warps is the anchor GEMM's tile: its main loop runs 164 SASS instructions
+# per MFLOP (1.09x / 0.98x the anchor, triton 3.6 / 3.8; the pointer loop at 8 warps 2.4x). At 8 warps the same
+# loop costs 290 (two warpgroups each wait for every stage): it is there for the residual epilogue, which spills
+# 88-136 B at 4 warps. STATS convs tune over the 4-warp tile only: each config is a compile of every eligible
+# STATS variant of a training step (benchmarks/cold_start.py budget: 90 for ResNet-50).
+CONV_TMA_TILES = {90: [Tile(128, 128, 64, 4, 3), Tile(128, 128, 64, 8, 3)]}
+# Descriptor tiles that spill (static check, sm_90, ResNet-50 shapes, triton 3.6 / 3.8): with the residual epilogue
+# at 4 warps (88-136 B), and fp32 (TF32) at 4 warps (the projection 8 B on 3.8; eval 8 B, STATS 176 B, prologue +
+# STATS 184 B on 3.6): fp32 eval tunes over the 8-warp descriptor tile, fp32 STATS over pointers only.
+CONV_TMA_SPILLS = {"residual": {Tile(128, 128, 64, 4, 3)}, "fp32": {Tile(128, 128, 64, 4, 3)}}
+TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tma_mode() -> str:
+    """FUSEDRES_TMA: "auto" (default: descriptor configs join the autotune set on sm_90; fixed configs, in the
+    interpreter and under deterministic algorithms, keep pointers), "1" (fixed configs take the descriptor path
+    too, wherever a launch is eligible: how the tests run it in the interpreter) or "0" (never: pointers only)."""
+    v = os.environ.get("FUSEDRES_TMA", "auto").strip().lower()
+    return {"1": "on", "on": "on", "0": "off", "off": "off"}.get(v, "auto")
+
+
+def _extent(t) -> int:
+    """1 + the largest element offset of a strided tensor (0 when empty)."""
+    return 0 if t.numel() == 0 else 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
+
+
+def tma_eligible(a: dict) -> bool:
+    """Whether a forward launch (its keyword arguments) may take the descriptor path: a 1x1 conv of stride 1, no
+    padding, one group, not the stem path, 16-bit operands; x a [M = N*H*W, C] matrix (channel stride 1, rows at
+    one stride: channels_last, or a channel slice of it) and w a [K, C] one (channel stride 1), each with a
+    16-byte aligned base and row stride (TMA's rule), and pixel indices in int32 (tile coordinates are 32-bit).
+    A projection shortcut's operands stay on pointers, with int32 offsets there (their extent below 2**31)."""
+    x, w = a.get("x_ptr"), a.get("w_ptr")
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dtype not in TMA_DTYPES:
+        return False
+    if (a["R"], a["S"], a["stride_h"], a["stride_w"], a["pad_h"], a["pad_w"]) != (1, 1, 1, 1, 0, 0):
+        return False
+    if a.get("STEM_CPAD") or w.shape[0] != a["KG"] or w.dtype != x.dtype:  # KG == K: one group
+        return False
+    if rows_need_int64(a["M"], 256):  # 256: the largest BLOCK_M of any config (the interpreter's)
+        return False
+    esize, row, wrow = x.element_size(), a["stride_x_w"], a["stride_w_k"]
+    dense = (a["stride_x_c"] == 1 and a["stride_x_h"] == a["W"] * row and a["stride_x_n"] == a["H"] * a["W"] * row
+             and a["stride_w_c"] == 1)
+    aligned = all(v % 16 == 0 for v in (x.data_ptr(), w.data_ptr(), row * esize, wrow * esize))
+    if not (dense and aligned):
+        return False
+    if a.get("HAS_SHORTCUT"):
+        return all(isinstance(t, torch.Tensor) and _extent(t) < 2 ** 31 for t in (a["xd_ptr"], a["wd_ptr"]))
+    return True
+
+
+def tma_configs(stats: bool = False) -> List[triton.Config]:
+    """The descriptor configs of every arch that has them (the kernel's TMA=True), for the autotuners of
+    eligible launches (conv_prune keeps them on sm_90 only); stats: those of STATS convs (4 warps)."""
+    tiles = arch_tiles(CONV_TMA_TILES)
+    return [t.config(TMA=True) for t in tiles if not stats or (stats_partials_fit(t) and t.num_warps == 4)]
+
+
 def conv_fit(tile: Tile, kg: int, red: int, stem: bool = False) -> Tile:
     """Shrink a forward tile to the problem (4-channel ResNeXt groups): BLOCK_N to the output channels per
     group, BLOCK_K to the reduction's channel block (``red``); on the stem path BLOCK_K holds a whole filter
@@ -203,10 +264,17 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     def fit(tile):
         return conv_fit(tile, kg, red, stem)
 
+    descriptor = [c for c in configs if c.kwargs.get("TMA")]
+    configs = [c for c in configs if not c.kwargs.get("TMA")]
     out = prune(configs, CONV_TILES[arch], fit, keep=lambda tile, fitted: tile not in spills and fitted not in spills)
     if not out:  # never leave a variant without a config
         tiles = CONV_REPLACE.get(key)
         out = prune(tile_configs(tiles), tiles, fit) if tiles else prune(configs, CONV_TILES[arch], fit)
+    if descriptor and arch in CONV_TMA_TILES and tma_eligible(a):  # the launcher sends eligible launches only
+        tma_spills = set().union(*(CONV_TMA_SPILLS[k] for k, on in (("residual", a.get("HAS_RESIDUAL")),
+                                                                     ("fp32", fp32)) if on))
+        out += prune(descriptor, CONV_TMA_TILES[arch], fit, keep=lambda tile, fitted: tile not in tma_spills,
+                     extra=lambda fitted: dict(TMA=True))
     assert not stats or all(stats_partials_fit(Tile.of(c)) for c in out), \
         f"a STATS conv's tiles must have BLOCK_M = {STATS_BLOCK_M} (the partials' size), got {out}"
     return out
@@ -214,12 +282,14 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
 
 def conv_fixed_config(m: int, kg: int, red: int, stem: bool = False, shortcut: bool = False,
                       stats: bool = False) -> Optional[dict]:
-    """The forward conv's fixed config (see fixed_config), or None to autotune."""
+    """The forward conv's fixed config (see fixed_config), or None to autotune. With FUSEDRES_TMA=1 it asks
+    for the descriptor path (TMA=True; the launcher drops it where the launch is not eligible)."""
     def deterministic():
         tile = CONV_FIXED.get((target_arch(), _conv_variant(stem, shortcut, stats)), CONV_FIXED_DEFAULT)
         return conv_fit(tile, kg, red, stem)
 
-    return fixed_config(m, kg, red, deterministic)
+    cfg = fixed_config(m, kg, red, deterministic)
+    return cfg if cfg is None or tma_mode() != "on" else dict(cfg, TMA=True)
 
 
 # ----------------------------------------------------------------------------------------------

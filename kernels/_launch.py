@@ -1,10 +1,12 @@
 """Host helpers shared by the launchers: interpreter detection, tile sizes, output layout."""
 import contextlib
 import struct
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation  # the global-scratch allocator (a ContextVar in triton 3.6 and 3.8)
 
 
 @triton.jit
@@ -84,6 +86,31 @@ def stride_args(name: str, t, dims: str = "nchw") -> dict:
 def device_guard(x: torch.Tensor):
     """Launch on the tensor's device (cuda:1 must work), on its current stream."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's allocator for a kernel's global scratch (device-side tensor descriptors: 128 B per descriptor per
+    program), on the current device (the launch runs under device_guard) and stream: PyTorch's caching allocator,
+    so a CUDA-graph capture takes it from the graph's pool. alignment: at most 128, below torch's 512."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def descriptor_scratch(x: Optional[torch.Tensor]):
+    """Within: Triton has an allocator for a descriptor kernel's global scratch when ``x`` is a CUDA tensor and the
+    caller set none (a user's own, set by triton.set_allocator, stays in use). Triton keeps the allocator in a
+    ContextVar (triton 3.6 and 3.8): ours is set for this launch only and reset after it, so nothing leaks out to
+    the caller's context. None, or a CPU/meta tensor (the interpreter and the compile-only driver allocate
+    nothing): no change."""
+    var = getattr(_allocation, "_allocator", None)
+    if x is None or not x.is_cuda or var is None or not isinstance(var.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = var.set(_scratch)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:

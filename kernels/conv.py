@@ -27,11 +27,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_configs import STATS_BLOCK_M, autotune_options, conv_fixed_config, conv_prune, gpu_configs
+from ._conv_configs import (
+    STATS_BLOCK_M,
+    autotune_options,
+    conv_fixed_config,
+    conv_prune,
+    gpu_configs,
+    tma_configs,
+    tma_eligible,
+    tma_mode,
+)
 from ._launch import (
+    INTERPRETED,
     STEM_CPAD,
     activation_of,
     check_activation,
+    descriptor_scratch,
     device_guard,
     dot_args,
     empty_activation,
@@ -40,6 +51,7 @@ from ._launch import (
     rows_need_int64,
     stats_dtype,
     stride_args,
+    target_arch,
 )
 from ._tiles import activation, add_residual_act_store, mma, pixel_rows, tile_mean_m2
 
@@ -87,6 +99,7 @@ def _conv_bn_act_kernel(
     UPCAST_DOT: tl.constexpr,      # interpreter + bf16: its bf16 tl.dot is wrong, dot in fp32 instead
     ACC_FP64: tl.constexpr,        # fp64 inputs accumulate in fp64 (gradcheck, references)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr = False,     # a config switch: operands through tensor descriptors (_conv_configs.tma_eligible)
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     # 1-D grid over (m-tile, n-tile), n fastest: neighbouring programs share the A tile.
@@ -106,7 +119,20 @@ def _conv_bn_act_kernel(
     # Row bases: each output pixel's input offset and coordinates at tap (0, 0); a tap adds a scalar.
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
-    if STEM_CPAD:
+    if TMA:
+        # A 1x1 stride-1 conv over dense rows (the host checked: tma_eligible) is a plain GEMM: x is [M, CG] with row
+        # stride stride_x_w, w is [KG, CG] with row stride stride_w_k, both channel-contiguous and 16-byte aligned.
+        # The device-side descriptors (global scratch: the launcher's allocator) load zeros out of bounds: rows past
+        # M (masked at the store and in STATS) and channels past CG (zero in A and B alike).
+        tl.static_assert(R * S == 1 and not STEM_CPAD)
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, CG], strides=[stride_w_k, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        num_k = tl.cdiv(CG, BLOCK_K)
+    elif STEM_CPAD:
         # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, S, STEM_CPAD], both dense,
         # so one filter row (r) reads a contiguous run of S * STEM_CPAD values per pixel: R K-steps of one
         # block each, instead of R*S, and constexpr strides and masks let the loads vectorize.
@@ -134,7 +160,12 @@ def _conv_bn_act_kernel(
     for _ in range(num_k):
         dh = r * dil_h
         h = h0 + dh
-        if STEM_CPAD:
+        if TMA:
+            cc = c0 + offs_c
+            mask_c = (cc < CG) | EVEN_C
+            a = x_desc.load([m0, c0])
+            b = w_desc.load([n0, c0]).T
+        elif STEM_CPAD:
             cc = offs_c
             mask_c = cc < S * STEM_CPAD
             w_el = w0[:, None] + (cc // STEM_CPAD).to(tl.int32)[None, :]  # each value's input column
@@ -162,12 +193,16 @@ def _conv_bn_act_kernel(
             s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
             a_act = activation(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION)
-            a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
-        b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            if TMA:  # no padding in a 1x1 stride-1 conv: channels past CG read act(0) = 0; rows past M are never stored
+                a = a_act.to(x_ptr.dtype.element_ty)
+            else:
+                a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
+        if not TMA:
+            b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         if STEM_CPAD:
             r += 1
-        elif R * S == 1:
+        elif R * S == 1 or TMA:
             c0 += BLOCK_K
         else:
             c0 += BLOCK_K
@@ -189,11 +224,24 @@ def _conv_bn_act_kernel(
         ratio = tl.load(fold_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
         offset = tl.load(fold_ptr + k_all + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
         acc = acc * ratio[None, :] + offset[None, :]
-        ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
-        bd_cols = wd_ptr + offs_n.to(tl.int64) * stride_wd_k
         live_d = tl.load(fold_ptr + 3 * k_all + offs_n, mask=mask_n, other=0.0) != 0  # shortcut columns read
-        for c0 in range(0, CD, BLOCK_K):
-            cc = c0 + offs_c
+        if TMA:
+            # within the 4-warp descriptor tile's registers (128 x 128 x 64: 255, 0 spilled; 160 B with int64 offsets
+            # and BLOCK_K-wide steps): half-width channel steps on int32 offsets (tma_eligible: xd and wd have fewer
+            # than 2**31 elements). A strided conv in general, so pointers, not a descriptor; its B tile keeps the
+            # live mask (projection_fold), which a descriptor load could not apply without a register round trip.
+            SC_K: tl.constexpr = BLOCK_K // 2 if BLOCK_K >= 32 else BLOCK_K
+            ad_rows = xd_ptr + (n.to(tl.int32) * stride_sc_n + (p.to(tl.int32) * stride_d) * stride_sc_h
+                                + (q.to(tl.int32) * stride_d) * stride_sc_w)
+            bd_cols = wd_ptr + offs_n * stride_wd_k
+            sc_c = tl.arange(0, SC_K)
+        else:
+            SC_K: tl.constexpr = BLOCK_K
+            ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
+            bd_cols = wd_ptr + offs_n.to(tl.int64) * stride_wd_k
+            sc_c = offs_c
+        for c0 in range(0, CD, SC_K):
+            cc = c0 + sc_c
             mask_c = cc < CD
             a = tl.load(ad_rows[:, None] + cc[None, :] * stride_sc_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
             b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & live_d[None, :], other=0.0)
@@ -256,6 +304,14 @@ _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
 _conv_stats_autotuned = triton.autotune(configs=gpu_configs(stats=True), key=_KEY,
                                         prune_configs_by={"early_config_prune": conv_prune},
                                         **autotune_options())(_conv_bn_act)
+# Launches that tma_eligible admits tune over the descriptor configs too (conv_prune keeps them on sm_90 only):
+# autotuners of their own, as eligibility (strides, alignment) is not in the tuning key.
+_conv_tma_autotuned = triton.autotune(configs=gpu_configs() + tma_configs(), key=_KEY,
+                                      prune_configs_by={"early_config_prune": conv_prune},
+                                      **autotune_options())(_conv_bn_act)
+_conv_stats_tma_autotuned = triton.autotune(configs=gpu_configs(stats=True) + tma_configs(stats=True), key=_KEY,
+                                            prune_configs_by={"early_config_prune": conv_prune},
+                                            **autotune_options())(_conv_bn_act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,9 +459,19 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    with device_guard(x):
+    # The descriptor path (issue 17 item 3): in the autotune set of eligible launches on sm_90; a fixed config
+    # takes it when it asks (TMA=True: FUSEDRES_TMA=1, or the caller's config) and the launch is eligible.
+    config_tma = config is not None and bool(config.get("TMA"))
+    tma = tma_mode() != "off" and (INTERPRETED or (x.is_cuda or x.is_meta) and target_arch() >= 90) \
+        and tma_eligible(args)
+    with device_guard(x), descriptor_scratch(x if tma else None):
         if config is None:
-            (_conv_stats_autotuned if stats else _conv_bn_act_autotuned)[grid](**args)
+            tuners = (_conv_stats_tma_autotuned, _conv_tma_autotuned) if tma else (_conv_stats_autotuned,
+                                                                                  _conv_bn_act_autotuned)
+            tuners[0 if stats else 1][grid](**args)
         else:
+            config = {k: v for k, v in config.items() if k != "TMA"}
+            if tma and config_tma:
+                config["TMA"] = True  # (omitted otherwise: the pointer path's compile key stays as it was)
             _conv_bn_act[grid](**args, **config)
     return ConvStats(out, part_mean, part_m2, block_m)

@@ -41,7 +41,9 @@ MIN_CHUNK_ROWS = 8  # bn._split's chunks are a multiple of 8 rows (its BLOCK_T 8
 def _variant(const: Dict, dtype: str) -> str:
     """The constexpr switches that change the code (true flags, filter size), not the tile sizes."""
     parts = [f"{const['R']}x{const['S']}"] if "R" in const and "S" in const else []
-    parts += [k for k, v in const.items() if v is True and not k.startswith("BLOCK")]
+    # TMA (the forward's descriptor path) is a config switch, not a variant: the autotuner picks it or a pointer
+    # config for the same launch, so both are rows of one kernel (the config label says "tma")
+    parts += [k for k, v in const.items() if v is True and not k.startswith("BLOCK") and k != "TMA"]
     # the stem paths' channel padding (forward and wgrad STEM_CPAD, wgrad STEM_SP): ints, not flags
     parts += [f"{k}={v}" for k, v in const.items() if k.startswith("STEM_") and type(v) is int and v]
     # the activation (kernels/_launch.py ACTIVATIONS): a name, not a flag; "none" is left out like a false flag
@@ -58,9 +60,10 @@ def _shape(ints: Dict) -> str:
 
 def _config(const: Dict, meta) -> str:
     blocks = "x".join(str(const[k]) for k in const if k.startswith("BLOCK"))
+    tma = " tma" if const.get("TMA") is True else ""
     if meta is None:
-        return blocks
-    return f"{blocks} w{meta.num_warps} s{meta.num_stages}"
+        return blocks + tma
+    return f"{blocks} w{meta.num_warps} s{meta.num_stages}{tma}"
 
 
 def analyse(compiled, sass: bool = True) -> Dict:
