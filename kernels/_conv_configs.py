@@ -202,6 +202,35 @@ def _extent(t) -> int:
     return 0 if t.numel() == 0 else 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
 
 
+def tma_wanted(x) -> bool:
+    """Whether a launch on x's device may take the descriptor path at all: FUSEDRES_TMA is not "0", and it runs in
+    the interpreter or for an sm_90+ target (a CUDA or meta tensor: the static check). Each kernel's launcher adds
+    its own eligibility rule (tma_eligible, dgrad_tma_eligible, wgrad_tma_eligible)."""
+    return tma_mode() != "off" and (INTERPRETED or (x.is_cuda or x.is_meta) and target_arch() >= 90)
+
+
+def tma_config(cfg: Optional[dict], tma: bool) -> Optional[dict]:
+    """A fixed config as launched: TMA=True only where it asked (FUSEDRES_TMA=1, or a caller's config) and the
+    launch is eligible (tma); no TMA key otherwise, so the pointer path's compile key stays as it was."""
+    if cfg is None:
+        return None
+    out = {k: v for k, v in cfg.items() if k != "TMA"}
+    return dict(out, TMA=True) if tma and cfg.get("TMA") else out
+
+
+def tma_rows(t: torch.Tensor, dtypes=TMA_DTYPES, weight: bool = False) -> bool:
+    """Whether t may be read by a tensor descriptor as a matrix with channel stride 1 and a 16-byte aligned base and
+    row stride (TMA's rule), in a descriptor dtype: an [N, C, H, W] activation as [N*H*W, C] with row stride
+    stride(3) (channels_last, or a channel slice of it), or (weight) a [K, C, 1, 1] weight as [K, C] with row
+    stride stride(0)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in dtypes or t.stride(1) != 1:
+        return False
+    n, _, h, w = t.shape
+    row = t.stride(0) if weight else t.stride(3)
+    dense = weight or ((h == 1 or t.stride(2) == w * row) and (n == 1 or t.stride(0) == h * w * row))
+    return dense and t.data_ptr() % 16 == 0 and row * t.element_size() % 16 == 0
+
+
 def tma_eligible(a: dict) -> bool:
     """Whether a forward launch (its keyword arguments) may take the descriptor path: a 1x1 conv of stride 1, no
     padding, one group, not the stem path, 16-bit operands; x a [M = N*H*W, C] matrix (channel stride 1, rows at
@@ -288,7 +317,12 @@ def conv_fixed_config(m: int, kg: int, red: int, stem: bool = False, shortcut: b
         tile = CONV_FIXED.get((target_arch(), _conv_variant(stem, shortcut, stats)), CONV_FIXED_DEFAULT)
         return conv_fit(tile, kg, red, stem)
 
-    cfg = fixed_config(m, kg, red, deterministic)
+    return with_tma(fixed_config(m, kg, red, deterministic))
+
+
+def with_tma(cfg: Optional[dict]) -> Optional[dict]:
+    """A fixed config, asking for the descriptor path under FUSEDRES_TMA=1 (TMA=True; each launcher drops it where
+    the launch is not eligible: tma_config)."""
     return cfg if cfg is None or tma_mode() != "on" else dict(cfg, TMA=True)
 
 
@@ -313,15 +347,71 @@ def _dgrad_keep(tile: Tile, fitted: Tile) -> bool:
     return not (fitted.num_warps == 8 and fitted.block_n < tile.block_n)
 
 
+# Issue 17 item 3, backward part: 1x1 stride-1 dgrad and wgrad are plain GEMMs over [N*H*W, C] matrices, which
+# their kernels' TMA switch loads through device-side descriptors (sm_90). The descriptor tile REPLACES the pointer
+# tile of the same blocks (TMA_REPLACES; replace_by_tma) instead of joining beside it: each extra config is a
+# compile of every eligible variant of a training step (benchmarks/cold_start.py: 89 of 90 before this, 88 after).
+# dgrad: 4 warps (the anchor's loop) without an epilogue that reads tiles; with the BN gradient or a residual (both
+# read a 128x128 tile beside the accumulator: the forward's residual spilled 88-136 B at 4 warps) 8 warps.
+DGRAD_TMA_TILES = {90: [Tile(DGRAD_BLOCK_M, 128, 64, 4, 3), Tile(DGRAD_BLOCK_M, 128, 64, 8, 3)]}
+TMA_REPLACES = Tile(128, 128, 64, 8, 3)  # the pointer tile a descriptor tile stands in for (dgrad and wgrad)
+# 16-bit operands only on the backward descriptor paths: fp32 (TF32) tiles were not compiled without spills there
+# (the fp32 wgrad keeps x as the B operand: X_AS_A), so fp32 keeps pointers.
+BWD_TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64: bool) -> bool:
+    """Whether a dgrad launch may take the descriptor path: a 1x1 conv of stride 1, no padding, one group (one
+    phase, one tap: ONE_TAP), 16-bit operands, pixel indices in int32 (not IDX64; descriptor coordinates are
+    32-bit), dy a [N*P*Q, K] matrix and the weight a [K, C] one (tma_rows). dx, y and the residual stay on
+    pointers (the epilogue: any strides)."""
+    if tuple(weight.shape[2:]) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0) or groups != 1:
+        return False
+    return not idx64 and weight.dtype == dy.dtype and tma_rows(dy, BWD_TMA_DTYPES) and \
+        tma_rows(weight, BWD_TMA_DTYPES, weight=True)
+
+
+def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: Callable[[], list]) -> list:
+    """The configs of a launch whose variant may take the descriptor path (a 1x1-shaped variant, 16-bit): the
+    pointer set (``pointer(configs)`` prunes pointer configs) without the pointer tile TMA_REPLACES, plus, for an
+    eligible launch, the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one).
+    Variants are shared: a 1x1 stride-2 launch compiles the same variant as a stride-1 one, so a pointer tile kept
+    for the one would still compile beside the other's descriptor tile (benchmarks/cold_start.py: +1 per kernel).
+    Never more configs than the pointer set alone (where the replaced tile was pruned anyway: fitted to 64
+    channels beside a tile of the same blocks, a launch keeps that set)."""
+    alone = pointer(configs)
+    out = descriptor() + pointer([c for c in configs if Tile.of(c) != TMA_REPLACES])
+    return out if len(out) <= len(alone) else alone
+
+
 def dgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
-    """This arch's dgrad configs, fitted to the channels (no block wider than the problem), deduplicated."""
+    """This arch's dgrad configs, fitted to the channels (no block wider than the problem), deduplicated; with
+    TMA configs (an eligible launch's autotuner), the descriptor tile in place of the pointer one it replaces."""
     a = launch_args(named_args, kwargs)
-    tiles = DGRAD_TILES[target_arch()]
+    arch = target_arch()
+    tiles = DGRAD_TILES[arch]
 
     def fit(tile):
         return tile.fit(n=a["CG"], k=a["KG"])
 
-    return prune(configs, tiles, fit, _dgrad_keep) or prune(configs, tiles, fit)  # never no config
+    descriptor = [c for c in configs if c.kwargs.get("TMA")]
+    configs = [c for c in configs if not c.kwargs.get("TMA")]
+
+    def pointer(cs):
+        return prune(cs, tiles, fit, _dgrad_keep) or prune(cs, tiles, fit)  # never no config
+
+    dy = a.get("dy_ptr")
+    capable = a.get("ONE_TAP") and not a.get("IDX64") and getattr(dy, "dtype", None) in BWD_TMA_DTYPES
+    if not (capable and arch in DGRAD_TMA_TILES):
+        return pointer(configs)
+    warps = 8 if a.get("BN_GRAD") or a.get("HAS_RESIDUAL") else 4
+    return replace_by_tma(pointer, configs, lambda: prune(
+        [c for c in descriptor if c.num_warps == warps], DGRAD_TMA_TILES[arch], fit, extra=lambda _: dict(TMA=True)))
+
+
+def dgrad_tma_configs() -> List[triton.Config]:
+    """The dgrad descriptor configs of every arch that has them (the autotuner of eligible launches)."""
+    return [t.config(TMA=True) for t in arch_tiles(DGRAD_TMA_TILES)]
 
 
 def dgrad_fixed_config(m: int, cg: int, kg: int) -> Optional[dict]:
@@ -330,7 +420,7 @@ def dgrad_fixed_config(m: int, cg: int, kg: int) -> Optional[dict]:
         bn = clamp_block(128, cg)
         return Tile(DGRAD_BLOCK_M, bn, clamp_block(64, kg), 8 if bn >= 128 else 4, 3)
 
-    return fixed_config(m, cg, kg, deterministic)
+    return with_tma(fixed_config(m, cg, kg, deterministic))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +449,45 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         # a tile across taps masks per element where a 64-wide one masks per row (~13% more SASS/MFLOP)
         return not (cg % 64 == 0 and cg % fitted.block_m != 0)
 
-    return prune(configs, WGRAD_TILES[target_arch()], lambda tile: tile.fit(m=a["NCOL"], n=a["KG"]), keep,
-                 extra=lambda fitted: dict(TAP_PER_TILE=cg % fitted.block_m == 0))
+    arch = target_arch()
+
+    def fit(tile):
+        return tile.fit(m=a["NCOL"], n=a["KG"])
+
+    def tap(fitted):
+        return dict(TAP_PER_TILE=cg % fitted.block_m == 0)
+
+    def pointer(cs):
+        return prune(cs, WGRAD_TILES[arch], fit, keep, extra=tap)
+
+    descriptor = [c for c in configs if c.kwargs.get("TMA")]
+    configs = [c for c in configs if not c.kwargs.get("TMA")]
+    capable = a["R"] * a["S"] == 1 and a.get("X_AS_A") and not (a.get("STEM_CPAD") or a.get("IDX64"))
+    if not (capable and arch in WGRAD_TMA_TILES):
+        return pointer(configs)
+    return replace_by_tma(pointer, configs, lambda: prune(descriptor, WGRAD_TMA_TILES[arch], fit,
+                                                          extra=lambda fitted: dict(tap(fitted), TMA=True)))
+
+
+# wgrad's descriptor tile (see DGRAD_TMA_TILES): the anchor's, 128 columns x 128 output channels x 64 pixels at
+# 4 warps; its epilogue stores the accumulator only.
+WGRAD_TMA_TILES = {90: [Tile(128, 128, WGRAD_BLOCK_K, 4, 3)]}
+
+
+def wgrad_tma_configs() -> List[triton.Config]:
+    """The wgrad descriptor configs of every arch that has them (the autotuner of eligible launches)."""
+    return [t.config(TMA=True) for t in arch_tiles(WGRAD_TMA_TILES)]
+
+
+def wgrad_tma_eligible(dy, x, weight, stride, padding, groups, stem: bool, idx64: bool) -> bool:
+    """Whether a wgrad launch may take the descriptor path: a 1x1 conv of stride 1, no padding, one group, not the
+    stem path, 16-bit operands (X_AS_A: x the MMA's A operand, transposed from shared memory), pixel indices in
+    int32 (not IDX64), dy and x [N*H*W, C] matrices (tma_rows). The BN prologue applies to the loaded x tile in
+    registers as on the pointer path: rows past M load 0 and become act(shift) there, against dy rows that load 0
+    (no contribution); a split's pixel range is whole BLOCK_K steps except at M (ROWS_PER_SPLIT)."""
+    if tuple(weight.shape[2:]) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0) or groups != 1:
+        return False
+    return not (stem or idx64) and x.dtype == dy.dtype and all(tma_rows(t, BWD_TMA_DTYPES) for t in (dy, x))
 
 
 def wgrad_fixed_config(m: int, kg: int, cg: int, ncol: int) -> Optional[dict]:
@@ -370,4 +497,4 @@ def wgrad_fixed_config(m: int, kg: int, cg: int, ncol: int) -> Optional[dict]:
         return Tile(bm, bn, WGRAD_BLOCK_K, 8 if bm * bn >= 128 * 128 else 4, 3)
 
     # the interpreter's blocks as before the rename: 128 columns x 128 output channels x 256 pixels
-    return fixed_config(ncol, kg, m, deterministic, interpreted=(128, 128, 256))
+    return with_tma(fixed_config(ncol, kg, m, deterministic, interpreted=(128, 128, 256)))

@@ -30,9 +30,22 @@ from ._conv_configs import (
     autotune_options,
     dgrad_fixed_config,
     dgrad_prune,
+    dgrad_tma_configs,
+    dgrad_tma_eligible,
     tile_configs,
+    tma_config,
+    tma_wanted,
 )
-from ._launch import check_activation, device_guard, dot_args, empty_activation, out_size, stats_dtype, stride_args
+from ._launch import (
+    check_activation,
+    descriptor_scratch,
+    device_guard,
+    dot_args,
+    empty_activation,
+    out_size,
+    stats_dtype,
+    stride_args,
+)
 from ._tiles import activation_grad, mma, tile_ptrs
 from .bn import sum_rows
 from .wgrad import max_offset
@@ -70,6 +83,7 @@ def _conv_dgrad_kernel(
     EVEN_K: tl.constexpr,    # KG % BLOCK_K == 0: no K mask in the loop (_even_k, per launch)
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr = False,  # a config switch: dy and w through tensor descriptors (dgrad_tma_eligible)
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0)
@@ -90,59 +104,76 @@ def _conv_dgrad_kernel(
     offs_kk = tl.arange(0, BLOCK_K)
     pi = i + PB  # dy row and column of the first tap; tap j steps back by PD (QD)
     qj = j + QB
-    if IDX64:
-        dy_rows = dy_ptr + n * stride_dy_n + (g * KG).to(tl.int64) * stride_dy_c + pi * stride_dy_h + qj * stride_dy_w
-        w_cols = w_ptr + (g * KG).to(tl.int64) * stride_w_k + offs_cg.to(tl.int64) * stride_w_c
-        offs_kk = offs_kk.to(tl.int64)
+    if TMA:
+        # A 1x1 stride-1 dgrad over dense rows (the host checked: dgrad_tma_eligible; one phase, one group) is the
+        # GEMM dx[M, C] = dy[M, K] @ w[K, C]: dy as [M, KG] with row stride stride_dy_w, w as [KG, CG] with row
+        # stride stride_w_k, both channel-contiguous and 16-byte aligned. Out-of-bounds reads load zeros: rows past M
+        # (masked at the store and in the BN sums), channels past KG (zero in A and B alike), past CG (not stored).
+        tl.static_assert(ONE_TAP)
+        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, KG], strides=[stride_dy_w, 1],
+                                            block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, CG], strides=[stride_w_k, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+        m0 = pid_m * BLOCK_M
+        c0 = (pid % num_n) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        for k0 in range(0, KG, BLOCK_K):
+            acc = mma(dy_desc.load([m0, k0]), w_desc.load([k0, c0]), acc, DOT_PRECISION, UPCAST_DOT)
     else:
-        dy_rows = dy_ptr + (n * stride_dy_n + (g * KG) * stride_dy_c + pi * stride_dy_h + qj * stride_dy_w)
-        w_cols = w_ptr + ((g * KG) * stride_w_k + offs_cg * stride_w_c)
-    # Loop-invariant operand pointers: a step adds one scalar (tap and K-block offset) to each.
-    a_base = dy_rows[:, None] + (offs_kk * stride_dy_c)[None, :]
-    b_base = w_cols[None, :] + (offs_kk * stride_w_k)[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    # One loop over (tap row jr, tap column js, K block k0), k0 fastest, counters advanced without division.
-    k0 = 0
-    js = 0
-    jr = 0
-    if ONE_TAP:  # the one tap's rows and weight offset are loop-invariant
-        valid = mask_m & (pi >= 0) & (pi < P) & (qj >= 0) & (qj < Q)
         if IDX64:
-            b_tap = R0.to(tl.int64) * stride_w_r + S0.to(tl.int64) * stride_w_s
+            dy_rows = dy_ptr + n * stride_dy_n + (g * KG).to(tl.int64) * stride_dy_c + pi * stride_dy_h \
+                + qj * stride_dy_w
+            w_cols = w_ptr + (g * KG).to(tl.int64) * stride_w_k + offs_cg.to(tl.int64) * stride_w_c
+            offs_kk = offs_kk.to(tl.int64)
         else:
-            b_tap = R0 * stride_w_r + S0 * stride_w_s
-    for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
-        mask_kk = (k0 + offs_kk < KG) | EVEN_K
-        if ONE_TAP:
-            tap_a = 0
-            tap_b = b_tap
-        else:
-            hp = pi - jr * PD
-            wq = qj - js * QD
-            valid = mask_m & (hp >= 0) & (hp < P) & (wq >= 0) & (wq < Q)
+            dy_rows = dy_ptr + (n * stride_dy_n + (g * KG) * stride_dy_c + pi * stride_dy_h + qj * stride_dy_w)
+            w_cols = w_ptr + ((g * KG) * stride_w_k + offs_cg * stride_w_c)
+        # Loop-invariant operand pointers: a step adds one scalar (tap and K-block offset) to each.
+        a_base = dy_rows[:, None] + (offs_kk * stride_dy_c)[None, :]
+        b_base = w_cols[None, :] + (offs_kk * stride_w_k)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        # One loop over (tap row jr, tap column js, K block k0), k0 fastest, counters advanced without division.
+        k0 = 0
+        js = 0
+        jr = 0
+        if ONE_TAP:  # the one tap's rows and weight offset are loop-invariant
+            valid = mask_m & (pi >= 0) & (pi < P) & (qj >= 0) & (qj < Q)
             if IDX64:
-                tap_a = -jr.to(tl.int64) * PD * stride_dy_h - js.to(tl.int64) * QD * stride_dy_w
-                tap_b = (R0 + jr * RSTEP).to(tl.int64) * stride_w_r + (S0 + js * SSTEP).to(tl.int64) * stride_w_s
+                b_tap = R0.to(tl.int64) * stride_w_r + S0.to(tl.int64) * stride_w_s
             else:
-                tap_a = -jr * PD * stride_dy_h - js * QD * stride_dy_w
-                tap_b = (R0 + jr * RSTEP) * stride_w_r + (S0 + js * SSTEP) * stride_w_s
-        if IDX64:
-            a_off = k0.to(tl.int64) * stride_dy_c + tap_a
-            b_off = k0.to(tl.int64) * stride_w_k + tap_b
-        else:
-            a_off = k0 * stride_dy_c + tap_a
-            b_off = k0 * stride_w_k + tap_b
-        a = tl.load(a_base + a_off, mask=valid[:, None] & mask_kk[None, :], other=0.0)
-        b = tl.load(b_base + b_off, mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
-        acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-        k0 += BLOCK_K
-        if not ONE_TAP:
-            wrap = k0 >= KG
-            k0 = tl.where(wrap, 0, k0)
-            js += wrap.to(tl.int32)
-            wrap2 = js >= NS
-            js = tl.where(wrap2, 0, js)
-            jr += wrap2.to(tl.int32)
+                b_tap = R0 * stride_w_r + S0 * stride_w_s
+        for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
+            mask_kk = (k0 + offs_kk < KG) | EVEN_K
+            if ONE_TAP:
+                tap_a = 0
+                tap_b = b_tap
+            else:
+                hp = pi - jr * PD
+                wq = qj - js * QD
+                valid = mask_m & (hp >= 0) & (hp < P) & (wq >= 0) & (wq < Q)
+                if IDX64:
+                    tap_a = -jr.to(tl.int64) * PD * stride_dy_h - js.to(tl.int64) * QD * stride_dy_w
+                    tap_b = (R0 + jr * RSTEP).to(tl.int64) * stride_w_r + (S0 + js * SSTEP).to(tl.int64) * stride_w_s
+                else:
+                    tap_a = -jr * PD * stride_dy_h - js * QD * stride_dy_w
+                    tap_b = (R0 + jr * RSTEP) * stride_w_r + (S0 + js * SSTEP) * stride_w_s
+            if IDX64:
+                a_off = k0.to(tl.int64) * stride_dy_c + tap_a
+                b_off = k0.to(tl.int64) * stride_w_k + tap_b
+            else:
+                a_off = k0 * stride_dy_c + tap_a
+                b_off = k0 * stride_w_k + tap_b
+            a = tl.load(a_base + a_off, mask=valid[:, None] & mask_kk[None, :], other=0.0)
+            b = tl.load(b_base + b_off, mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
+            acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+            k0 += BLOCK_K
+            if not ONE_TAP:
+                wrap = k0 >= KG
+                k0 = tl.where(wrap, 0, k0)
+                js += wrap.to(tl.int32)
+                wrap2 = js >= NS
+                js = tl.where(wrap2, 0, js)
+                jr += wrap2.to(tl.int32)
 
     h = PH0 + stride_h * i
     w = PW0 + stride_w * j
@@ -233,9 +264,16 @@ def _even_k(args) -> bool:
 _conv_dgrad = triton.heuristics({"EVEN_K": _even_k})(_conv_dgrad_kernel)  # set per launch from the tile
 # Per-shape config cache (the autotuner's, keyed below). The result may alias the residual (in-place
 # accumulation): the autotuner restores dx after every timed run, so each config sees the same input.
+_KEY = ["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_GRAD", "HAS_RESIDUAL", "HAS_RES_MASK", "ACTIVATION",
+        "IDX64"]
 _conv_dgrad_autotuned = triton.autotune(
-    configs=gpu_configs(), key=["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_GRAD", "HAS_RESIDUAL",
-                                "HAS_RES_MASK", "ACTIVATION", "IDX64"],
+    configs=gpu_configs(), key=_KEY,
+    prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr"], **autotune_options(),
+)(_conv_dgrad)
+# Launches that dgrad_tma_eligible admits: the descriptor tile in place of its pointer twin (dgrad_prune; sm_90
+# only), an autotuner of their own, as eligibility (strides, alignment) is not in the tuning key.
+_conv_dgrad_tma_autotuned = triton.autotune(
+    configs=gpu_configs() + dgrad_tma_configs(), key=_KEY,
     prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr"], **autotune_options(),
 )(_conv_dgrad)
 
@@ -289,6 +327,9 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, resid
                 BN_GRAD=bn_act is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
                 ACTIVATION=activation, IDX64=idx64, **dot_args(dy),
                 ACC_FP64=dy.dtype == torch.float64)
+    # the descriptor path (issue 17 item 3): a 1x1 stride-1 launch's operands (one phase)
+    tma = tma_wanted(dy) and dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64)
+    cfg = tma_config(cfg, tma)
     tile0 = 0
     for ((ah, aw), (hp, wp), th, tw), t in zip(phases, tiles):
         if t == 0:
@@ -299,9 +340,9 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, resid
 
         phase = dict(M=n * hp * wp, HP=hp, WP=wp, PH0=ah, PW0=aw, TILE0=tile0, **dict(zip(_TAPS_H, th)),
                      **dict(zip(_TAPS_W, tw)), ONE_TAP=th[2] <= 1 and tw[2] <= 1)
-        with device_guard(dy):
+        with device_guard(dy), descriptor_scratch(dy if tma else None):
             if cfg is None:
-                _conv_dgrad_autotuned[grid](**args, **phase)
+                (_conv_dgrad_tma_autotuned if tma else _conv_dgrad_autotuned)[grid](**args, **phase)
             else:
                 _conv_dgrad[grid](**args, **phase, **cfg)
         tile0 += t

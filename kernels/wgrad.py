@@ -33,12 +33,17 @@ from ._conv_configs import (
     arch_tiles,
     autotune_options,
     tile_configs,
+    tma_config,
+    tma_wanted,
     wgrad_fixed_config,
     wgrad_prune,
+    wgrad_tma_configs,
+    wgrad_tma_eligible,
 )
 from ._launch import (
     INTERPRETED,
     STEM_CPAD,
+    descriptor_scratch,
     device_guard,
     dot_args,
     pad_channels_nhwc,
@@ -76,6 +81,7 @@ def _conv_wgrad_kernel(
     BLOCK_M: tl.constexpr,         # (r, s, c) columns of dw per tile
     BLOCK_N: tl.constexpr,         # output channels (rows of dw) per tile
     BLOCK_K: tl.constexpr,         # pixels per step (the reduction)
+    TMA: tl.constexpr = False,     # a config switch: dy and x through tensor descriptors (wgrad_tma_eligible)
 ):
     pid = tl.program_id(0)
     num_col = tl.cdiv(NCOL, BLOCK_M)
@@ -132,55 +138,75 @@ def _conv_wgrad_kernel(
         split = split.to(tl.int64)  # before the product: pixel indices may pass 2**31
     start = split * ROWS_PER_SPLIT
     end = tl.minimum(start + ROWS_PER_SPLIT, M)
-    offs_m = start + tl.arange(0, BLOCK_K)
-    n = offs_m // (P * Q)
-    pq = offs_m - n * (P * Q)
-    p = pq // Q
-    q = pq - p * Q
-    dq = BLOCK_K % Q
-    dp = (BLOCK_K // Q) % P
-    dn = BLOCK_K // (P * Q)
-
     if X_AS_A:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=part_ptr.dtype.element_ty)  # dw^T
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=part_ptr.dtype.element_ty)
-    for _ in range(start, end, BLOCK_K):
-        mask_m = offs_m < end
-        hb = p * stride_h
-        wb = q * stride_w
-        hh = hb[:, None] + h_off
-        ww = wb[:, None] + w_off
-        row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
-        x_mask = row_ok & mask_col[None, :]
-        if TAP_PER_TILE and PROLOGUE_BN:
-            dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element
-        else:
-            dy_mask = mask_m[:, None] & mask_k[None, :]
-        dyt = tl.load(dy_ptr + (n * stride_dy_n + p * stride_dy_h + q * stride_dy_w)[:, None] + k_off[None, :],
-                      mask=dy_mask, other=0.0)
-        if STEM_CPAD > 0:
-            x_rows = n * stride_x_n + hb * stride_x_h + wb * STEM_CPAD  # a multiple of STEM_CPAD: aligned loads
-        else:
-            x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
-        xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
-        if PROLOGUE_BN:
-            xt = activation(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION, False)  # an MMA operand
-            if not TAP_PER_TILE:
-                xt = tl.where(x_mask, xt, 0.0)  # zero padding of the activated tensor
-            xt = xt.to(dy_ptr.dtype.element_ty)
-        if X_AS_A:
-            acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
-        else:
-            acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
-        offs_m += BLOCK_K
-        q += dq
-        cq = q >= Q
-        q = tl.where(cq, q - Q, q)
-        p += dp + cq.to(p.dtype)
-        cp = p >= P
-        p = tl.where(cp, p - P, p)
-        n += dn + cp.to(n.dtype)
+    if TMA:
+        # A 1x1 stride-1 wgrad over dense rows (the host checked: wgrad_tma_eligible; one group, 16-bit: X_AS_A) is
+        # the GEMM dw^T[C, K] = x[M, C]^T @ dy[M, K]: x as [M, CG] with row stride stride_x_w, dy as [M, KG] with row
+        # stride stride_dy_w. A split's pixels are whole BLOCK_K steps but at M, where the descriptors load zeros
+        # (x rows past M may become act(shift) in the prologue, against zero dy rows: no contribution); columns past
+        # CG and KG load zeros and are not stored.
+        tl.static_assert(R * S == 1 and STEM_CPAD == 0 and X_AS_A)
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, KG], strides=[stride_dy_w, 1],
+                                            block_shape=[BLOCK_K, BLOCK_N])
+        c0 = pid_col * BLOCK_M
+        n0 = pid_out * BLOCK_N
+        for m0 in range(start, end, BLOCK_K):
+            xt = x_desc.load([m0, c0])
+            if PROLOGUE_BN:
+                xt = activation(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION, False)
+                xt = xt.to(dy_ptr.dtype.element_ty)
+            acc = mma(tl.trans(xt), dy_desc.load([m0, n0]), acc, DOT_PRECISION, UPCAST_DOT)
+    else:
+        offs_m = start + tl.arange(0, BLOCK_K)
+        n = offs_m // (P * Q)
+        pq = offs_m - n * (P * Q)
+        p = pq // Q
+        q = pq - p * Q
+        dq = BLOCK_K % Q
+        dp = (BLOCK_K // Q) % P
+        dn = BLOCK_K // (P * Q)
+
+        for _ in range(start, end, BLOCK_K):
+            mask_m = offs_m < end
+            hb = p * stride_h
+            wb = q * stride_w
+            hh = hb[:, None] + h_off
+            ww = wb[:, None] + w_off
+            row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
+            x_mask = row_ok & mask_col[None, :]
+            if TAP_PER_TILE and PROLOGUE_BN:
+                dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element
+            else:
+                dy_mask = mask_m[:, None] & mask_k[None, :]
+            dyt = tl.load(dy_ptr + (n * stride_dy_n + p * stride_dy_h + q * stride_dy_w)[:, None] + k_off[None, :],
+                          mask=dy_mask, other=0.0)
+            if STEM_CPAD > 0:
+                x_rows = n * stride_x_n + hb * stride_x_h + wb * STEM_CPAD  # a multiple of STEM_CPAD: aligned loads
+            else:
+                x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
+            xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
+            if PROLOGUE_BN:
+                xt = activation(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION, False)  # an MMA operand
+                if not TAP_PER_TILE:
+                    xt = tl.where(x_mask, xt, 0.0)  # zero padding of the activated tensor
+                xt = xt.to(dy_ptr.dtype.element_ty)
+            if X_AS_A:
+                acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
+            else:
+                acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
+            offs_m += BLOCK_K
+            q += dq
+            cq = q >= Q
+            q = tl.where(cq, q - Q, q)
+            p += dp + cq.to(p.dtype)
+            cp = p >= P
+            p = tl.where(cp, p - P, p)
+            n += dn + cp.to(n.dtype)
 
     k_part = k_idx.to(tl.int64) * stride_w_k
     col_part = c.to(tl.int64) * stride_w_c + r * stride_w_r + s * stride_w_s
@@ -208,10 +234,16 @@ def max_offset(t: torch.Tensor) -> int:
 
 
 # Per-shape config cache (the autotuner's). Each run overwrites its partials: rerunning is harmless.
+_KEY = ["M", "H", "W", "P", "Q", "CG", "KG", "NCOL", "SPLIT", "stride_h", "R", "S", "PROLOGUE_BN", "ACTIVATION",
+        "IDX64"]
 _conv_wgrad_autotuned = triton.autotune(
-    configs=gpu_configs(), key=["M", "H", "W", "P", "Q", "CG", "KG", "NCOL", "SPLIT", "stride_h", "R", "S",
-                                "PROLOGUE_BN", "ACTIVATION", "IDX64"],
-    prune_configs_by={"early_config_prune": wgrad_prune}, **autotune_options(),
+    configs=gpu_configs(), key=_KEY, prune_configs_by={"early_config_prune": wgrad_prune}, **autotune_options(),
+)(_conv_wgrad_kernel)
+# Launches that wgrad_tma_eligible admits: the descriptor tile in place of its pointer twin (wgrad_prune; sm_90
+# only), an autotuner of their own, as eligibility (strides, alignment) is not in the tuning key.
+_conv_wgrad_tma_autotuned = triton.autotune(
+    configs=gpu_configs() + wgrad_tma_configs(), key=_KEY, prune_configs_by={"early_config_prune": wgrad_prune},
+    **autotune_options(),
 )(_conv_wgrad_kernel)
 
 
@@ -269,9 +301,12 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
                 dil_w=dilation[1], R=r, S=s, PROLOGUE_BN=prologue is not None,
                 ACTIVATION=act, STEM_CPAD=stem_cpad,
                 STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, **dot_args(dy))
-    with device_guard(dy):
+    # the descriptor path (issue 17 item 3): a 1x1 stride-1 launch's operands
+    tma = tma_wanted(dy) and wgrad_tma_eligible(dy, x, weight, stride, padding, groups, stem_cpad > 0, idx64)
+    cfg = tma_config(cfg, tma)
+    with device_guard(dy), descriptor_scratch(dy if tma else None):
         if cfg is None:
-            _conv_wgrad_autotuned[grid](**args)
+            (_conv_wgrad_tma_autotuned if tma else _conv_wgrad_autotuned)[grid](**args)
         else:
             _conv_wgrad_kernel[grid](**args, **cfg, TAP_PER_TILE=cg % cfg["BLOCK_M"] == 0)
     if not direct:

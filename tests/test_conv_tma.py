@@ -17,7 +17,7 @@ from fusedres.kernels import _conv_configs as cc
 from fusedres.kernels import _launch
 from fusedres.kernels import conv as conv_mod
 from fusedres.reference import conv_bn_act_reference
-from helpers import DTYPES, ON_GPU, TOL, assert_close, rel_err
+from helpers import DTYPES, ON_GPU, TOL, assert_close, launch_spy, rel_err
 
 SM90 = ON_GPU and torch.cuda.get_device_capability() >= (9, 0)
 RUNS = not ON_GPU or SM90  # where an eligible launch that asks for descriptors gets them (sm_80: pointers)
@@ -30,18 +30,7 @@ N, C, H, W, K = 2, 40, 5, 7, 24
 @pytest.fixture
 def launches(monkeypatch):
     """Every fixed-config launch of the forward kernel, as the TMA value it ran with."""
-    seen = []
-    real = conv_mod._conv_bn_act
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(**kw):
-                seen.append(bool(kw.get("TMA", False)))
-                return real[grid](**kw)
-            return launch
-
-    monkeypatch.setattr(conv_mod, "_conv_bn_act", Spy())
-    return seen
+    return launch_spy(monkeypatch, conv_mod, "_conv_bn_act")
 
 
 def _x(dtype, device, shape=(N, C, H, W), fmt=torch.channels_last):

@@ -1,0 +1,197 @@
+"""The backward convs' descriptor paths (issue 17 item 3): 1x1 stride-1 dgrad (dx = dy @ w) and wgrad
+(dw = dy^T @ x) with operands through device-side tensor descriptors (the kernels' TMA switch), against float64.
+
+In the interpreter the path runs when a config asks for it (TMA=True, or FUSEDRES_TMA=1 for the fixed config); on an
+sm_90 GPU the same tests run on the card. Ragged shapes: 70 pixels in 32-row tiles, 40 and 24 channels in 16-wide
+blocks. fp32 keeps pointers on these paths (_conv_configs.BWD_TMA_DTYPES), so the dtypes are the 16-bit ones
+(fp16 here; bf16 on a GPU: the interpreter's bf16 dot is wrong, DESIGN.md 5).
+"""
+import pytest
+import torch
+
+from fusedres.kernels import _conv_configs as cc
+from fusedres.kernels import dgrad as dgrad_mod
+from fusedres.kernels import wgrad as wgrad_mod
+from helpers import ON_GPU, TOL, assert_close, launch_spy, rel_err
+
+SM90 = ON_GPU and torch.cuda.get_device_capability() >= (9, 0)
+RUNS = not ON_GPU or SM90  # where an eligible launch that asks for descriptors gets them
+DTYPES16 = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+N, C, H, W, K = 2, 40, 5, 7, 24
+DGRAD_CFG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, TMA=True)
+WGRAD_CFG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, TMA=True)
+ONE = (1, 1)
+ZERO = (0, 0)
+
+
+@pytest.fixture
+def dgrad_launches(monkeypatch):
+    return launch_spy(monkeypatch, dgrad_mod, "_conv_dgrad")
+
+
+@pytest.fixture
+def wgrad_launches(monkeypatch):
+    return launch_spy(monkeypatch, wgrad_mod, "_conv_wgrad_kernel")
+
+
+def _act(dtype, device, shape, fmt=torch.channels_last):
+    return torch.randn(*shape, device=device).to(dtype).to(memory_format=fmt)
+
+
+def _w(dtype, device, k=K, c=C, r=1):
+    return (torch.randn(k, c, r, r, device=device) / c ** 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("epilogue", ["plain", "residual", "bn_grad"])
+def test_descriptor_dgrad(epilogue, dtype, device, dgrad_launches):
+    """dx = dy @ w on the descriptor path, with each epilogue: the shortcut's gradient gated by the block output's
+    ReLU, and the BN gradient (the previous BN's ReLU gate and its sums, over stored values: rows past M loaded
+    zeros and must not count)."""
+    dy, w = _act(dtype, device, (N, K, H, W)), _w(dtype, device)
+    ref = torch.nn.grad.conv2d_input((N, C, H, W), w.double(), dy.double())
+    if epilogue == "bn_grad":
+        y = _act(dtype, device, (N, C, H, W))
+        scale, shift = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+        mean, invstd = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+        out = dgrad_mod.conv_dgrad_bn(dy, w, (N, C, H, W), ONE, ZERO, ONE, 1, (y, scale, shift, mean, invstd),
+                                      config=DGRAD_CFG)
+        pre = y.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        ref = ref * (pre > 0)
+        assert_close(out.dx, ref, dtype, "gated dx")
+        xhat = (y.double() - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1)
+        g = out.dx.double()  # the sums are of the stored values
+        assert rel_err(out.sum_g, g.sum((0, 2, 3))) <= TOL[dtype]
+        assert rel_err(out.sum_gxhat, (g * xhat).sum((0, 2, 3))) <= TOL[dtype]
+    else:
+        residual = None
+        if epilogue == "residual":
+            res, act_out = _act(dtype, device, (N, C, H, W)), _act(dtype, device, (N, C, H, W))
+            residual = (res, act_out, 1)
+            ref = ref + res.double() * (act_out.double() > 0)
+        dx = dgrad_mod.conv_dgrad(dy, w, (N, C, H, W), ONE, ZERO, ONE, 1, residual=residual, config=DGRAD_CFG)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+        assert_close(dx, ref, dtype)
+    assert dgrad_launches == [RUNS], "an eligible launch that asks for the descriptor path takes it"
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_descriptor_wgrad(prologue, dtype, device, wgrad_launches):
+    """dw = dy^T @ act(x) on the descriptor path; with the BN+ReLU prologue, a positive shift on every channel, so
+    x rows past M (zeros) become relu(shift) != 0: they must meet zero dy rows."""
+    dy, x, w = _act(dtype, device, (N, K, H, W)), _act(dtype, device, (N, C, H, W)), _w(dtype, device)
+    pro = (torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.1) if prologue else None
+    dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, ZERO, ONE, 1, prologue=pro, config=WGRAD_CFG)
+    xin = x.double()
+    if prologue:
+        xin = torch.relu(xin * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1))
+        xin = xin.to(dtype).double()  # the kernel rounds the activated tile to x's dtype before the MMA
+    assert wgrad_launches == [RUNS]
+    assert_close(dw, torch.nn.grad.conv2d_weight(xin, w.shape, dy.double()), dtype)
+
+
+def _ineligible(device):
+    """(what, dy, x, w, stride, padding, groups): launches the descriptor paths must leave to pointers."""
+    dt = torch.float16
+    dy, x, w = _act(dt, device, (N, K, H, W)), _act(dt, device, (N, C, H, W)), _w(dt, device)
+    big, big_dy = _act(dt, device, (N, C + 8, H, W)), _act(dt, device, (N, K + 8, H, W))
+    return [
+        ("stride 2", _act(dt, device, (N, K, 3, 4)), x, w, (2, 2), ZERO, 1),
+        ("padding", _act(dt, device, (N, K, H + 2, W + 2)), x, w, ONE, (1, 1), 1),
+        ("NCHW", dy.contiguous(), x.contiguous(), w, ONE, ZERO, 1),
+        ("misaligned base", big_dy[:, 1:K + 1], big[:, 1:C + 1], w, ONE, ZERO, 1),  # 2 bytes past 16
+        ("3x3", dy, x, _w(dt, device, r=3), ONE, (1, 1), 1),
+        ("groups", dy, x, _w(dt, device, K, C // 2), ONE, ZERO, 2),
+        ("fp32", dy.float(), x.float(), w.float(), ONE, ZERO, 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_ineligible_backward_takes_pointer_path(case, device, dgrad_launches, wgrad_launches):
+    what, dy, x, w, stride, padding, groups = _ineligible(device)[case]
+    dx = dgrad_mod.conv_dgrad(dy, w, x.shape, stride, padding, ONE, groups, config=DGRAD_CFG)
+    dw = wgrad_mod.conv_wgrad(dy, x, w, stride, padding, ONE, groups, config=WGRAD_CFG)
+    assert dgrad_launches and not any(dgrad_launches), f"{what}: dgrad took the descriptor path"
+    assert wgrad_launches == [False], f"{what}: wgrad took the descriptor path"
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, padding, groups=groups)
+    ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), stride, padding, groups=groups)
+    assert_close(dx, ref_dx, x.dtype, f"{what} dx")
+    assert_close(dw, ref_dw, x.dtype, f"{what} dw")
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's fixed config (the GPU autotunes)")
+@pytest.mark.parametrize("mode,expect", [("1", True), ("auto", False), ("0", False)])
+def test_fusedres_tma_switch_backward(mode, expect, monkeypatch, dgrad_launches, wgrad_launches):
+    """FUSEDRES_TMA=1: the fixed configs of dgrad and wgrad take the descriptor path; auto and 0: not."""
+    monkeypatch.setenv("FUSEDRES_TMA", mode)
+    dy, x, w = _act(torch.float16, "cpu", (N, K, H, W)), _act(torch.float16, "cpu", (N, C, H, W)), _w(torch.float16,
+                                                                                                    "cpu")
+    dx = dgrad_mod.conv_dgrad(dy, w, x.shape, ONE, ZERO, ONE, 1)
+    dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, ZERO, ONE, 1)
+    assert dgrad_launches == [expect] and wgrad_launches == [expect]
+    assert_close(dx, torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double()), torch.float16)
+    assert_close(dw, torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double()), torch.float16)
+
+
+def test_backward_tma_configs_replace_a_pointer_tile(monkeypatch):
+    """On sm_90 a 1x1-shaped 16-bit variant never tunes the 128x128x64 w8 pointer tile (variants are shared by
+    eligible and ineligible launches); an eligible launch tunes the descriptor tile in its place, so no launch has
+    more configs than before (compiles: benchmarks/cold_start.py). 4 warps for a plain dgrad, 8 with the BN
+    gradient; nothing changes on sm_80 or for a variant that cannot take descriptors (fp32)."""
+    def run(prune, configs, arch, **a):
+        monkeypatch.setattr(cc, "target_arch", lambda: arch)
+        return [(cc.Tile.of(c), bool(c.kwargs.get("TMA"))) for c in prune(configs, {}, **a)]
+
+    def check(prune, pointer_cfgs, tma_cfgs, a, incapable, desc):
+        both = pointer_cfgs + tma_cfgs
+        before = run(prune, pointer_cfgs, 90, **dict(a, **incapable))  # the set as before this path
+        eligible, ineligible = run(prune, both, 90, **a), run(prune, pointer_cfgs, 90, **a)
+        assert len(eligible) == len(before) and [t for t, tma in eligible if tma] == [desc]
+        assert (cc.TMA_REPLACES, False) in before and (cc.TMA_REPLACES, False) not in eligible + ineligible
+        assert ineligible == [p for p in before if p[0] != cc.TMA_REPLACES]
+        assert run(prune, both, 80, **a) == run(prune, pointer_cfgs, 80, **a)
+
+    dg = dict(CG=256, KG=1024, BN_GRAD=False, HAS_RESIDUAL=False, ONE_TAP=True, IDX64=False,
+              dy_ptr=torch.empty(1, dtype=torch.bfloat16))
+    fp32 = dict(dy_ptr=torch.empty(1))
+    check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dg, fp32, cc.Tile(128, 128, 64, 4, 3))
+    check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dict(dg, BN_GRAD=True), fp32,
+          cc.Tile(128, 128, 64, 8, 3))
+    wg = dict(CG=1024, KG=256, NCOL=1024, R=1, S=1, X_AS_A=True, STEM_CPAD=0, IDX64=False)
+    check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), wg, dict(X_AS_A=False),
+          cc.Tile(128, 128, 64, 4, 3))
+
+
+@pytest.mark.skipif(not SM90, reason="descriptor configs compile for sm_90 GPUs only")
+@pytest.mark.parametrize("which", ["dgrad", "wgrad"])
+def test_every_backward_descriptor_config(which, device):
+    """Each shipped backward descriptor config (fitted as the autotuner fits it) on the card, every 16-bit dtype,
+    ragged M and channels: dgrad plain and with the BN gradient + residual, wgrad plain and with the prologue."""
+    tiles = cc.arch_tiles(cc.DGRAD_TMA_TILES if which == "dgrad" else cc.WGRAD_TMA_TILES)
+    for tile in tiles:
+        for dtype in DTYPES16:
+            dy, x, w = _act(dtype, device, (3, 136, 9, 7)), _act(dtype, device, (3, 72, 9, 7)), _w(dtype, device,
+                                                                                                  136, 72)
+            if which == "dgrad":
+                kc = dict(tile.fit(n=72, k=136).kwargs(), TMA=True)
+                dx = dgrad_mod.conv_dgrad(dy, w, x.shape, ONE, ZERO, ONE, 1, config=kc)
+                assert_close(dx, torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double()), dtype, f"{tile}")
+                res, act_out = _act(dtype, device, x.shape), _act(dtype, device, x.shape)
+                sc, sh = torch.rand(72, device=device) + 0.5, torch.randn(72, device=device)
+                mean, invstd = torch.randn(72, device=device), torch.rand(72, device=device) + 0.5
+                out = dgrad_mod.conv_dgrad_bn(dy, w, x.shape, ONE, ZERO, ONE, 1, (x, sc, sh, mean, invstd),
+                                              residual=(res, act_out, 1), config=kc)
+                pre = x.double() * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1)
+                ref = (torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double()) * (pre > 0)
+                       + res.double() * (act_out.double() > 0))  # the BN gate, then the shortcut's gradient
+                assert_close(out.dx, ref, dtype, f"{tile} bn_grad + residual")
+            else:
+                kc = dict(tile.fit(m=72, n=136).kwargs(), TMA=True)
+                dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, ZERO, ONE, 1, config=kc)
+                assert_close(dw, torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double()), dtype, f"{tile}")
+                pro = (torch.rand(72, device=device) + 0.5, torch.rand(72, device=device) + 0.1)
+                dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, ZERO, ONE, 1, prologue=pro, config=kc)
+                xin = torch.relu(x.double() * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1))
+                assert_close(dw, torch.nn.grad.conv2d_weight(xin.to(dtype).double(), w.shape, dy.double()), dtype,
+                             f"{tile} prologue")
