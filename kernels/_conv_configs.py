@@ -462,7 +462,7 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
 
     descriptor = [c for c in configs if c.kwargs.get("TMA")]
     configs = [c for c in configs if not c.kwargs.get("TMA")]
-    capable = a["R"] * a["S"] == 1 and a.get("X_AS_A") and not (a.get("STEM_CPAD") or a.get("IDX64"))
+    capable = a.get("R") == 1 and a.get("S") == 1 and a.get("X_AS_A") and not (a.get("STEM_CPAD") or a.get("IDX64"))
     if not (capable and arch in WGRAD_TMA_TILES):
         return pointer(configs)
     return replace_by_tma(pointer, configs, lambda: prune(descriptor, WGRAD_TMA_TILES[arch], fit,
