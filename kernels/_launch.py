@@ -132,6 +132,18 @@ def upcast_dot(x: torch.Tensor) -> bool:
     return INTERPRETED and x.dtype == torch.bfloat16
 
 
+def prologue_math(x: torch.Tensor) -> str:
+    """The BN-apply + ReLU prologue's arithmetic for inputs like x (_tiles.bn_act's MATH): "packed" (bf16x2 FMA with
+    ReLU, inline PTX) for bf16 on an sm_80+ target, "rounded" (the same rounding, portable) for bf16 in the
+    interpreter, else "acc" (fp32 / fp64 math). fp16 keeps fp32 math: see benchmarks/RESULTS.md, issue 17 item 2."""
+    if x.dtype != torch.bfloat16:
+        return "acc"
+    if INTERPRETED:
+        return "rounded"
+    arch = triton.runtime.driver.active.get_current_target().arch
+    return "packed" if isinstance(arch, int) and arch >= 80 else "acc"
+
+
 def dot_args(x: torch.Tensor) -> dict:
     """The MMA constexprs of a conv kernel whose operands have x's dtype: DOT_PRECISION and UPCAST_DOT."""
     return dict(DOT_PRECISION=dot_precision(x), UPCAST_DOT=upcast_dot(x))

@@ -71,6 +71,60 @@ def activation(y, ACTIVATION: tl.constexpr, KEEP_NEG_ZERO: tl.constexpr = True):
 
 
 @triton.jit
+def _round_fp64_to(y, DT: tl.constexpr):
+    """fp64 y rounded once (to nearest even) to DT's significand, as fp64. bf16 by its bits (the interpreter's casts to
+    bf16 truncate); fp16 by the cast (numpy rounds fp64 -> fp16 once). bf16's subnormal range is not modelled."""
+    if DT == tl.bfloat16:
+        b = y.to(tl.int64, bitcast=True)
+        r = ((b + (2 ** 44 - 1) + ((b >> 45) & 1)) & -(2 ** 45)).to(tl.float64, bitcast=True)
+        return tl.where(y != y, y, r)
+    else:
+        return y.to(DT).to(tl.float64)
+
+
+@triton.jit
+def _fma_x2(a, s, t, ASM: tl.constexpr):
+    """One packed 16-bit PTX instruction ASM ($0 = f($1, $2, $3)) on each pair of elements of a, s, t (one shape)."""
+    return tl.inline_asm_elementwise(ASM, "=r,r,r,r", [a, s, t], dtype=a.dtype, is_pure=True, pack=2)
+
+
+@triton.jit
+def bn_act(a, scale, shift, ACTIVATION: tl.constexpr, MATH: tl.constexpr):
+    """The BN-apply + activation prologue of an A tile: ACTIVATION(scale * a + shift) in a's dtype, for a [BM, BK] and
+    per-channel (fp32 or fp64) scale, shift [BK]. ReLU propagates NaN; a zero's sign is not kept (the result only
+    feeds an MMA). MATH (_launch.prologue_math, per launch):
+    - "acc": in scale's dtype, one rounding to a's dtype at the end (fp32 / fp64 inputs, and fp16);
+    - "packed": bf16 on sm_80+: scale and shift rounded to a's dtype, then one fma.rn(.relu).bf16x2 per pair (PTX:
+      the exact a * scale + shift rounded once; .relu clamps negatives to 0 and returns NaN as the canonical NaN);
+    - "rounded": what "packed" computes, in the interpreter (no inline asm there): the same rounded scale and shift,
+      the exact product and sum in fp64 (exact unless the terms are 2**30 apart), one rounding to a's dtype."""
+    check_activation(ACTIVATION)
+    if MATH == "packed":
+        tl.static_assert(a.dtype == tl.bfloat16 or a.dtype == tl.float16)
+        s = tl.broadcast_to(scale.to(a.dtype)[None, :], a.shape)
+        t = tl.broadcast_to(shift.to(a.dtype)[None, :], a.shape)
+        if a.dtype == tl.bfloat16:
+            if ACTIVATION == "relu":
+                y = _fma_x2(a, s, t, "fma.rn.relu.bf16x2 $0, $1, $2, $3;")
+            else:
+                y = _fma_x2(a, s, t, "fma.rn.bf16x2 $0, $1, $2, $3;")
+        elif ACTIVATION == "relu":
+            y = _fma_x2(a, s, t, "fma.rn.relu.f16x2 $0, $1, $2, $3;")
+        else:
+            y = _fma_x2(a, s, t, "fma.rn.f16x2 $0, $1, $2, $3;")
+    elif MATH == "rounded":
+        s = _round_fp64_to(scale.to(tl.float64), a.dtype)
+        t = _round_fp64_to(shift.to(tl.float64), a.dtype)
+        y = activation(a.to(tl.float32).to(tl.float64) * s[None, :] + t[None, :], ACTIVATION, KEEP_NEG_ZERO=False)
+        y = _round_fp64_to(y, a.dtype).to(tl.float32).to(a.dtype)  # bf16: exact, so the truncating cast is right
+    else:
+        tl.static_assert(MATH == "acc", "MATH: acc, packed or rounded")
+        y = activation(a.to(scale.dtype) * scale[None, :] + shift[None, :], ACTIVATION, KEEP_NEG_ZERO=False)
+        y = y.to(a.dtype)
+    return y
+
+
+@triton.jit
 def activation_grad(grad, src, ACTIVATION: tl.constexpr):
     """The activation's backward of grad, gated by src: the activation's output, or its input where a kernel
     recomputes that (ReLU's gate is the same on both). "relu": torch's threshold_backward, 0 where src <= 0,

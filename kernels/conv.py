@@ -48,12 +48,13 @@ from ._launch import (
     empty_activation,
     out_size,
     pad_channels_nhwc,
+    prologue_math,
     rows_need_int64,
     stats_dtype,
     stride_args,
     target_arch,
 )
-from ._tiles import activation, add_residual_act_store, mma, pixel_rows, tile_mean_m2
+from ._tiles import add_residual_act_store, bn_act, mma, pixel_rows, tile_mean_m2
 
 
 # Stride and padding only shift per-tile row bases (R and S are constexpr): a specialized value (== 1, a multiple of
@@ -100,6 +101,8 @@ def _conv_bn_act_kernel(
     ACC_FP64: tl.constexpr,        # fp64 inputs accumulate in fp64 (gradcheck, references)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr = False,     # a config switch: operands through tensor descriptors (_conv_configs.tma_eligible)
+    PROLOGUE_MATH: tl.constexpr = "acc",  # the prologue's arithmetic: _tiles.bn_act's MATH (_launch.prologue_math)
+    IN_BOUNDS: tl.constexpr = False,  # every tap of every pixel lies inside the input (1x1, no padding): no pad select
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     # 1-D grid over (m-tile, n-tile), n fastest: neighbouring programs share the A tile.
@@ -149,7 +152,10 @@ def _conv_bn_act_kernel(
         num_k = R * S * tl.cdiv(CG, BLOCK_K)
     h0 = h0.to(tl.int32)
     w0 = w0.to(tl.int32)
-    valid_1x1 = mask_m & (h0 >= 0) & (h0 < H) & (w0 >= 0) & (w0 < W)  # a 1x1 filter's one tap: loop-invariant
+    if IN_BOUNDS:
+        valid_1x1 = mask_m
+    else:
+        valid_1x1 = mask_m & (h0 >= 0) & (h0 < H) & (w0 >= 0) & (w0 < W)  # a 1x1 filter's one tap: loop-invariant
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
     # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
@@ -192,11 +198,13 @@ def _conv_bn_act_kernel(
         if PROLOGUE_BN:
             s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
-            a_act = activation(a.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION)
-            if TMA:  # no padding in a 1x1 stride-1 conv: channels past CG read act(0) = 0; rows past M are never stored
-                a = a_act.to(x_ptr.dtype.element_ty)
+            a_act = bn_act(a, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
+            if TMA or IN_BOUNDS:
+                # no padding (a 1x1 conv without it, TMA included): channels past CG read act(0 * 0 + 0) = 0, and
+                # rows past M (act(shift)) are never stored nor counted in STATS
+                a = a_act
             else:
-                a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)  # pad the activated tensor
+                a = tl.where(a_mask, a_act, 0.0)  # pad the activated tensor
         if not TMA:
             b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
@@ -454,6 +462,8 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
         R=r, S=s, HAS_SCALE=scale is not None or shift is not None,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None, ACTIVATION=activation,
         EPILOGUE_ACT=epilogue_act, PROLOGUE_BN=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad,
+        PROLOGUE_MATH=prologue_math(x) if prologue is not None else "acc",
+        IN_BOUNDS=prologue is not None and r * s == 1 and tuple(padding) == (0, 0),
         **dot_args(x), ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):

@@ -348,6 +348,7 @@ def test_pending_budget_reports_and_fails_once_met(monkeypatch):
     budget = next(b for b in ab.BUDGETS if b.name == "train_fwd_1x1_vs_anchor")
     monkeypatch.setattr(ab, "BUDGETS", [budget])
     monkeypatch.setattr(ab, "PENDING", {budget.name: "10.2"})
+    monkeypatch.setattr(ab, "PENDING_ON", {})  # pending on every triton
     fails, pending = ab.evaluate(_budget_rows(ab, 10.2))
     assert fails == [] and len(pending) == 1
     assert pending[0].startswith("PENDING train_fwd_1x1_vs_anchor") and "measured 10.2, limit 2.5" in pending[0]
@@ -355,10 +356,26 @@ def test_pending_budget_reports_and_fails_once_met(monkeypatch):
     assert len(pending) == 1 and len(fails) == 1 and "pending budget is met" in fails[0], fails
 
 
+def test_pending_on_some_tritons_is_enforced_on_the_others(monkeypatch):
+    """PENDING_ON: a budget met on one triton only stays pending on the listed versions and is enforced elsewhere."""
+    ab = _budgets()
+    budget = next(b for b in ab.BUDGETS if b.name == "train_fwd_1x1_vs_anchor")
+    monkeypatch.setattr(ab, "BUDGETS", [budget])
+    monkeypatch.setattr(ab, "PENDING", {budget.name: "10.2"})
+    monkeypatch.setattr(ab, "PENDING_ON", {budget.name: ("3.6.0",)})
+    old = [dict(r, triton="3.6.0") for r in _budget_rows(ab, 2.6)]
+    assert ab.evaluate(old)[0] == []  # pending there, unmet: passes
+    new = [dict(r, triton="3.8.0") for r in _budget_rows(ab, 2.6)]
+    fails, pending = ab.evaluate(new)
+    assert pending == [] and len(fails) == 1 and "2.6 > 2.5" in fails[0], fails  # enforced there: broken
+    assert ab.evaluate([dict(r, triton="3.8.0") for r in _budget_rows(ab, 2.4)]) == ([], [])
+
+
 def test_every_pending_budget_is_a_budget():
     ab = _budgets()
     names = {b.name for b in ab.BUDGETS}
     assert set(ab.PENDING) <= names, set(ab.PENDING) - names
+    assert set(ab.PENDING_ON) <= set(ab.PENDING), set(ab.PENDING_ON) - set(ab.PENDING)
 
 
 def test_fp32_dots_must_be_tf32():

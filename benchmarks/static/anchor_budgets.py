@@ -165,6 +165,12 @@ PENDING = {
     "fp32_no_spills": "40 (wgrad 64x128x64 w4; dgrad 128x64x64 w4: 16-32)",
     "fp32_no_wgmma_wait0_in_loop": "1 (wgrad with the prologue)",
 }
+# A pending budget met on some tritons only: pending on the versions listed here, enforced on every other one (a met
+# budget may not regress where it is met). train_fwd_1x1_vs_anchor (item 2): the packed bf16 prologue with no pad
+# select brings the descriptor tile to 2.68 / 2.38 (triton 3.6 / 3.8; 6.13 / 5.55 before): met on 3.8 only.
+PENDING_ON = {
+    "train_fwd_1x1_vs_anchor": ("3.6.0",),
+}
 
 
 def set_limit(name: str, value: float) -> None:
@@ -200,7 +206,7 @@ def evaluate(rows: List[Dict]):
             worst, row = _worst(b, sel)
             where = f"{row['layer']} {row['mode']}/{row['phase']} {row['kernel']} [{row['variant']}] {row['config']}"
             fig = "unmeasured" if worst == float("inf") else f"{worst:g}"
-            if b.name in PENDING:
+            if b.name in PENDING and triton_v in PENDING_ON.get(b.name, (triton_v,)):
                 pending.append(f"PENDING {tag}: measured {fig}, limit {b.limit:g} ({b.what}; worst: {where})")
                 if worst <= b.limit:
                     fails.append(f"{tag}: pending budget is met ({fig} <= {b.limit:g}): move it to enforced")
