@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu_check.sh          # results under $OUT, or ./gpu-results when OUT is unset
 #
 # 1. pip install -e . (no deps, no build isolation: nothing is downloaded)
-# 1b. the descriptor (TMA) paths: tests/test_conv_tma.py, tests/test_conv_backward_tma.py, FUSEDRES_TMA=1 (sm_90)
+# 1b. the descriptor (TMA) paths, FUSEDRES_TMA=1 (sm_90): first tests/test_conv_tma_3x3.py (FIRST TO VERIFY: taps
+#    load at negative and past-the-end row coordinates, never run on a GPU before), then tests/test_conv_tma.py and
+#    tests/test_conv_backward_tma.py
 # 2. the whole test suite on CUDA (bf16 included; -m "": the slow tests too); the benchmarks run even if it fails
 # 2b. the property tests (tests/test_properties.py) with hypothesis' "long" profile: fresh random
 #    examples each run, GPU_CHECK_PROPS_EXAMPLES per test (step 2 leaves them out: every new shape
@@ -51,9 +53,11 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, output to the conso
 step install "${GPU_CHECK_INSTALL_S:-90}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 
 # the conv, dgrad and wgrad descriptor paths (issue 17 item 3; sm_90): every descriptor config and the TMA parity
-# tests, on the card, first (the whole suite's run stops at its first failure), FUSEDRES_TMA=1 so fixed configs take it too
-step tma "${GPU_CHECK_TMA_S:-90}" env FUSEDRES_TMA=1 "$PY" -m pytest tests/test_conv_tma.py tests/test_conv_backward_tma.py -q \
-    -p no:cacheprovider
+# tests, on the card, first (the whole suite's run stops at its first failure), FUSEDRES_TMA=1 so fixed configs take it too.
+# FIRST TO VERIFY: tests/test_conv_tma_3x3.py, the forward with taps: its descriptor loads start at negative row
+# coordinates (and past the end), which TMA zero-fills per the PTX ISA but no GPU has run yet (interpreter only).
+step tma "${GPU_CHECK_TMA_S:-120}" env FUSEDRES_TMA=1 "$PY" -m pytest tests/test_conv_tma_3x3.py tests/test_conv_tma.py \
+    tests/test_conv_backward_tma.py -q -p no:cacheprovider
 
 step tests "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest tests -m "" -x -q -p no:cacheprovider --ignore=tests/test_properties.py
 

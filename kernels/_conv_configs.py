@@ -187,6 +187,8 @@ CONV_TMA_TILES = {90: [Tile(128, 128, 64, 4, 3), Tile(128, 128, 64, 8, 3)]}
 # STATS 184 B on 3.6): fp32 eval tunes over the 8-warp descriptor tile, fp32 STATS over pointers only.
 CONV_TMA_SPILLS = {"residual": {Tile(128, 128, 64, 4, 3)}, "fp32": {Tile(128, 128, 64, 4, 3)}}
 TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TAPS_TMA_DTYPES = (torch.float16, torch.bfloat16)  # with taps: fp32 (TF32) not compiled spill-free there
+SPATIAL_TILE_W = 16  # columns of a spatial tile (kernels/conv.py TILE_W): 8 x 16 pixels at BLOCK_M = 128
 
 
 def tma_mode() -> str:
@@ -231,20 +233,37 @@ def tma_rows(t: torch.Tensor, dtypes=TMA_DTYPES, weight: bool = False) -> bool:
     return dense and t.data_ptr() % 16 == 0 and row * t.element_size() % 16 == 0
 
 
+def same_padded(r: int, s: int, pad_h: int, pad_w: int, dil_h: int = 1, dil_w: int = 1) -> bool:
+    """A stride-1 conv whose output has its input's size (odd R and S, pad (R-1)/2 and (S-1)/2, no dilation): a tap is
+    then one row shift of the flattened [N*H*W, C] pixels (the descriptor paths of kernels/conv.py)."""
+    return (dil_h, dil_w) == (1, 1) and r % 2 == 1 and s % 2 == 1 and (pad_h, pad_w) == ((r - 1) // 2, (s - 1) // 2)
+
+
 def tma_eligible(a: dict) -> bool:
-    """Whether a forward launch (its keyword arguments) may take the descriptor path: a 1x1 conv of stride 1, no
-    padding, one group, not the stem path, 16-bit operands; x a [M = N*H*W, C] matrix (channel stride 1, rows at
-    one stride: channels_last, or a channel slice of it) and w a [K, C] one (channel stride 1), each with a
-    16-byte aligned base and row stride (TMA's rule), and pixel indices in int32 (tile coordinates are 32-bit).
-    A projection shortcut's operands stay on pointers, with int32 offsets there (their extent below 2**31)."""
+    """Whether a forward launch (its keyword arguments) may take the descriptor path: stride 1, either a 1x1 conv
+    without padding or an odd RxS one with "same" padding (same_padded: taps are row shifts), one group, not the
+    stem path, 16-bit operands (fp32 too for 1x1); x a [M = N*H*W, C] matrix (channel stride 1, rows at one stride:
+    channels_last, or a channel slice of it) and w a [K, C] one (channel stride 1; with taps [K, R*S, C]: dense
+    taps, channels_last), each with a 16-byte aligned base and strides (TMA's rule), and pixel indices in int32
+    (tile coordinates are 32-bit). A projection shortcut's operands stay on pointers, with int32 offsets there
+    (their extent below 2**31)."""
     x, w = a.get("x_ptr"), a.get("w_ptr")
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dtype not in TMA_DTYPES:
         return False
-    if (a["R"], a["S"], a["stride_h"], a["stride_w"], a["pad_h"], a["pad_w"]) != (1, 1, 1, 1, 0, 0):
+    r, s = a["R"], a["S"]
+    if (a["stride_h"], a["stride_w"]) != (1, 1):
+        return False
+    taps = r * s > 1
+    if not taps and (a["pad_h"], a["pad_w"]) != (0, 0):
+        return False
+    if taps and not (x.dtype in TAPS_TMA_DTYPES and same_padded(r, s, a["pad_h"], a["pad_w"], a.get("dil_h", 1),
+                                                               a.get("dil_w", 1))
+                     and a["stride_w_r"] == s * a["stride_w_s"] and a["stride_w_s"] * x.element_size() % 16 == 0):
         return False
     if a.get("STEM_CPAD") or w.shape[0] != a["KG"] or w.dtype != x.dtype:  # KG == K: one group
         return False
-    if rows_need_int64(a["M"], 256):  # 256: the largest BLOCK_M of any config (the interpreter's)
+    reach = (r // 2) * a["W"] + s // 2  # a tap shifts a tile's rows by up to this many
+    if rows_need_int64(a["M"] + reach, 256):  # 256: the largest BLOCK_M of any config (the interpreter's)
         return False
     esize, row, wrow = x.element_size(), a["stride_x_w"], a["stride_w_k"]
     dense = (a["stride_x_c"] == 1 and a["stride_x_h"] == a["W"] * row and a["stride_x_n"] == a["H"] * a["W"] * row
@@ -295,18 +314,43 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
 
     descriptor = [c for c in configs if c.kwargs.get("TMA")]
     configs = [c for c in configs if not c.kwargs.get("TMA")]
-    out = prune(configs, CONV_TILES[arch], fit, keep=lambda tile, fitted: tile not in spills and fitted not in spills)
-    if not out:  # never leave a variant without a config
-        tiles = CONV_REPLACE.get(key)
-        out = prune(tile_configs(tiles), tiles, fit) if tiles else prune(configs, CONV_TILES[arch], fit)
-    if descriptor and arch in CONV_TMA_TILES and tma_eligible(a):  # the launcher sends eligible launches only
+
+    def pointer(cs):
+        out = prune(cs, CONV_TILES[arch], fit, keep=lambda tile, fitted: tile not in spills and fitted not in spills)
+        if not out:  # never leave a variant without a config
+            tiles = CONV_REPLACE.get(key)
+            out = prune(tile_configs(tiles), tiles, fit) if tiles else prune(cs, CONV_TILES[arch], fit)
+        return out
+
+    def descriptors():
+        if not (descriptor and arch in CONV_TMA_TILES and tma_eligible(a)):  # the launcher sends eligible ones only
+            return []
         tma_spills = set().union(*(CONV_TMA_SPILLS[k] for k, on in (("residual", a.get("HAS_RESIDUAL")),
                                                                      ("fp32", fp32)) if on))
-        out += prune(descriptor, CONV_TMA_TILES[arch], fit, keep=lambda tile, fitted: tile not in tma_spills,
+        return prune(descriptor, CONV_TMA_TILES[arch], fit, keep=lambda tile, fitted: tile not in tma_spills,
                      extra=lambda fitted: dict(TMA=True))
+
+    if _taps_capable(a) and arch in CONV_TMA_TILES:  # with taps: one descriptor tile, in place of a pointer one for
+        # STATS (the training step's compile budget); beside the pointer ones in eval (the stride-2 3x3 eval convs
+        # keep TMA_REPLACES: their variant is the stride-1 one's, and that tile is their best)
+        one = lambda: descriptors()[:1]  # noqa: E731
+        out = replace_by_tma(pointer, configs, one) if stats else pointer(configs) + one()
+    else:
+        out = pointer(configs) + descriptors()
     assert not stats or all(stats_partials_fit(Tile.of(c)) for c in out), \
         f"a STATS conv's tiles must have BLOCK_M = {STATS_BLOCK_M} (the partials' size), got {out}"
     return out
+
+
+def _taps_capable(a: dict) -> bool:
+    """A forward variant with taps that may take the descriptor path (16-bit, not the stem, pixel indices in int32).
+    Its eligible launches tune one descriptor tile: 128x128x64 at 4 warps (spatial eval tiles 1.4x the anchor's main
+    loop, flat STATS ones 3.9-4.9x; at 8 warps 2.3x / 5-6.3x: static check, sm_90, bf16), at 8 warps with a residual
+    (4 spill there). For STATS it stands in for the pointer tile TMA_REPLACES in every launch of the variant, eligible
+    or not (replace_by_tma: a stride-2 3x3 launch compiles the same variant as a stride-1 one)."""
+    taps = a.get("R", 1) * a.get("S", 1) > 1
+    return taps and getattr(a.get("x_ptr"), "dtype", None) in TAPS_TMA_DTYPES and not (a.get("STEM_CPAD") or
+                                                                                       a.get("IDX64"))
 
 
 def conv_fixed_config(m: int, kg: int, red: int, stem: bool = False, shortcut: bool = False,
@@ -354,7 +398,7 @@ def _dgrad_keep(tile: Tile, fitted: Tile) -> bool:
 # dgrad: 4 warps (the anchor's loop) without an epilogue that reads tiles; with the BN gradient or a residual (both
 # read a 128x128 tile beside the accumulator: the forward's residual spilled 88-136 B at 4 warps) 8 warps.
 DGRAD_TMA_TILES = {90: [Tile(DGRAD_BLOCK_M, 128, 64, 4, 3), Tile(DGRAD_BLOCK_M, 128, 64, 8, 3)]}
-TMA_REPLACES = Tile(128, 128, 64, 8, 3)  # the pointer tile a descriptor tile stands in for (dgrad and wgrad)
+TMA_REPLACES = Tile(128, 128, 64, 8, 3)  # the pointer tile a descriptor tile stands in for (dgrad, wgrad, taps)
 # 16-bit operands only on the backward descriptor paths: fp32 (TF32) tiles were not compiled without spills there
 # (the fp32 wgrad keeps x as the B operand: X_AS_A), so fp32 keeps pointers.
 BWD_TMA_DTYPES = (torch.float16, torch.bfloat16)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._conv_configs import (
+    SPATIAL_TILE_W,
     STATS_BLOCK_M,
     autotune_options,
     conv_fixed_config,
@@ -103,6 +104,7 @@ def _conv_bn_act_kernel(
     TMA: tl.constexpr = False,     # a config switch: operands through tensor descriptors (_conv_configs.tma_eligible)
     PROLOGUE_MATH: tl.constexpr = "acc",  # the prologue's arithmetic: _tiles.bn_act's MATH (_launch.prologue_math)
     IN_BOUNDS: tl.constexpr = False,  # every tap of every pixel lies inside the input (1x1, no padding): no pad select
+    TILE_W: tl.constexpr = 0,      # TMA with taps, no STATS: spatial tiles of BLOCK_M // TILE_W rows x TILE_W columns
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     # 1-D grid over (m-tile, n-tile), n fastest: neighbouring programs share the A tile.
@@ -113,7 +115,10 @@ def _conv_bn_act_kernel(
     pid_n = pid % num_n
     g = tl.program_id(1)
 
-    offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M, IDX64)
+    if TILE_W:
+        n, p, q, mask_m, n_img, p0, q0 = spatial_rows(pid_m, P, Q, BLOCK_M, TILE_W)
+    else:
+        offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M, IDX64)
     offs_ng = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
     offs_n = g * KG + offs_ng                                                # global output channel
     mask_n = offs_ng < KG
@@ -123,18 +128,33 @@ def _conv_bn_act_kernel(
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
     if TMA:
-        # A 1x1 stride-1 conv over dense rows (the host checked: tma_eligible) is a plain GEMM: x is [M, CG] with row
-        # stride stride_x_w, w is [KG, CG] with row stride stride_w_k, both channel-contiguous and 16-byte aligned.
-        # The device-side descriptors (global scratch: the launcher's allocator) load zeros out of bounds: rows past
-        # M (masked at the store and in STATS) and channels past CG (zero in A and B alike).
-        tl.static_assert(R * S == 1 and not STEM_CPAD)
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, CG], strides=[stride_w_k, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
+        # Stride 1 over dense rows (the host checked: tma_eligible), one group: x is [M, CG] with row stride
+        # stride_x_w, channel-contiguous and 16-byte aligned. A 1x1 conv is a plain GEMM with w as [KG, CG]. With
+        # taps, "same" padding makes P, Q = H, W, so tap (r, s) is the row shift (r - pad_h) * W + (s - pad_w) of the
+        # output pixel tile: rows that leave the image (a row above or below, or a column wrapped to the next row)
+        # are masked in registers below, and w is [KG, R*S, CG] (channels_last weights: dense taps).
+        # The device-side descriptors (global scratch: the launcher's allocator) load zeros out of bounds, negative
+        # coordinates included: rows outside [0, M) and channels past CG (zero in A and B alike).
+        # TILE_W (eval: no STATS, whose partials are one per BLOCK_M flat pixels): x is [N, H, W, CG] and a tile
+        # an image's TILE_H x TILE_W output pixels; a tap moves the box, the descriptor zero-fills every pixel outside
+        # the image (padding), so the tile needs no mask (Triton reshapes the box to [BLOCK_M, BLOCK_K] in registers).
+        tl.static_assert(not STEM_CPAD and not (TILE_W and STATS))
+        if TILE_W:
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M // (P * Q), H, W, CG],
+                                               strides=[stride_x_n, stride_x_h, stride_x_w, 1],
+                                               block_shape=[1, BLOCK_M // TILE_W, TILE_W, BLOCK_K])
+        else:
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+        if R * S == 1:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, CG], strides=[stride_w_k, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, R * S, CG], strides=[stride_w_k, stride_w_s, 1],
+                                               block_shape=[BLOCK_N, 1, BLOCK_K])
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
-        num_k = tl.cdiv(CG, BLOCK_K)
+        num_k = R * S * tl.cdiv(CG, BLOCK_K)
     elif STEM_CPAD:
         # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, S, STEM_CPAD], both dense,
         # so one filter row (r) reads a contiguous run of S * STEM_CPAD values per pixel: R K-steps of one
@@ -169,8 +189,19 @@ def _conv_bn_act_kernel(
         if TMA:
             cc = c0 + offs_c
             mask_c = (cc < CG) | EVEN_C
-            a = x_desc.load([m0, c0])
-            b = w_desc.load([n0, c0]).T
+            if R * S == 1:
+                a = x_desc.load([m0, c0])
+                b = w_desc.load([n0, c0]).T
+            else:
+                w_in = w0 + s
+                a_mask = (mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W))[:, None]
+                if TILE_W:
+                    a = x_desc.load([n_img, p0 + r - pad_h, q0 + s - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                else:
+                    a = x_desc.load([m0 + (r - pad_h) * W + (s - pad_w), c0])
+                    if not PROLOGUE_BN:
+                        a = tl.where(a_mask, a, 0.0)
+                b = w_desc.load([n0, r * S + s, c0]).reshape(BLOCK_N, BLOCK_K).T
         elif STEM_CPAD:
             cc = offs_c
             mask_c = cc < S * STEM_CPAD
@@ -199,7 +230,7 @@ def _conv_bn_act_kernel(
             s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
             t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
             a_act = bn_act(a, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
-            if TMA or IN_BOUNDS:
+            if (TMA and R * S == 1) or IN_BOUNDS:
                 # no padding (a 1x1 conv without it, TMA included): channels past CG read act(0 * 0 + 0) = 0, and
                 # rows past M (act(shift)) are never stored nor counted in STATS
                 a = a_act
@@ -210,7 +241,7 @@ def _conv_bn_act_kernel(
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         if STEM_CPAD:
             r += 1
-        elif R * S == 1 or TMA:
+        elif R * S == 1:
             c0 += BLOCK_K
         else:
             c0 += BLOCK_K
@@ -286,6 +317,25 @@ def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, dtype: tl.constexpr):
     return scale, shift
 
 
+@triton.jit
+def spatial_rows(pid_m, P, Q, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr):
+    """A spatial tile's rows: program pid_m's image n and its BLOCK_M // TILE_W x TILE_W output pixels from (p0, q0),
+    tiles row-major per image; (n, p, q) in int64 for the epilogue's offsets, the mask of pixels inside P x Q, and
+    the image, p0 and q0 as int32 scalars (descriptor coordinates)."""
+    TILE_H: tl.constexpr = BLOCK_M // TILE_W
+    tiles_q = tl.cdiv(Q, TILE_W)
+    per_image = tl.cdiv(P, TILE_H) * tiles_q
+    n = pid_m // per_image
+    t = pid_m % per_image
+    p0 = (t // tiles_q) * TILE_H
+    q0 = (t % tiles_q) * TILE_W
+    rows = tl.arange(0, BLOCK_M)
+    p = p0 + rows // TILE_W
+    q = q0 + rows % TILE_W
+    n_rows = tl.full([BLOCK_M], 0, tl.int64) + n
+    return n_rows, p.to(tl.int64), q.to(tl.int64), (p < P) & (q < Q), n, p0, q0
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configuration (tiles, pruning and the fixed config: _conv_configs.py)
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +353,22 @@ def _idx64(args) -> bool:
     return rows_need_int64(args["M"], args["BLOCK_M"])
 
 
-_conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64})(_conv_bn_act_kernel)  # per launch, per tile
+def _tile_w(args) -> int:
+    """TILE_W: spatial tiles (16 columns) for a descriptor launch with taps that writes no STATS partials; else 0."""
+    taps = args["R"] * args["S"] > 1
+    return min(SPATIAL_TILE_W, args["BLOCK_M"]) if args.get("TMA") and taps and not args["STATS"] else 0
+
+
+def m_tiles(meta) -> int:
+    """The launch's pixel tiles: flat BLOCK_M runs of the N*P*Q pixels, or (TILE_W) spatial tiles per image."""
+    bm, tw = meta["BLOCK_M"], _tile_w(meta)
+    if not tw:
+        return triton.cdiv(meta["M"], bm)
+    return meta["M"] // (meta["P"] * meta["Q"]) * triton.cdiv(meta["P"], bm // tw) * triton.cdiv(meta["Q"], tw)
+
+
+# per launch, per tile
+_conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64, "TILE_W": _tile_w})(_conv_bn_act_kernel)
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
                                          prune_configs_by={"early_config_prune": conv_prune},
                                          **autotune_options())(_conv_bn_act)
@@ -467,7 +532,7 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
         **dot_args(x), ACC_FP64=x.dtype == torch.float64)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+        return (m_tiles(dict(args, **meta)) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
     # The descriptor path (issue 17 item 3): in the autotune set of eligible launches on sm_90; a fixed config
     # takes it when it asks (TMA=True: FUSEDRES_TMA=1, or the caller's config) and the launch is eligible.
