@@ -404,12 +404,19 @@ TMA_REPLACES = Tile(128, 128, 64, 8, 3)  # the pointer tile a descriptor tile st
 BWD_TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64: bool) -> bool:
-    """Whether a dgrad launch may take the descriptor path: a 1x1 conv of stride 1, no padding, one group (one
-    phase, one tap: ONE_TAP), 16-bit operands, pixel indices in int32 (not IDX64; descriptor coordinates are
-    32-bit), dy a [N*P*Q, K] matrix and the weight a [K, C] one (tma_rows). dx, y and the residual stay on
-    pointers (the epilogue: any strides)."""
-    if tuple(weight.shape[2:]) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0) or groups != 1:
+def dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64: bool, dilation=(1, 1)) -> bool:
+    """Whether a dgrad launch may take the descriptor path: stride 1 and one group (one phase), either a 1x1 conv
+    without padding (one tap: ONE_TAP) or an odd RxS one with "same" padding (same_padded; spatial tiles, w
+    channels_last: dense taps, read as [K, R*S, C]), 16-bit operands, pixel indices in int32 (not IDX64; descriptor
+    coordinates are 32-bit), dy a [N*P*Q, K] matrix and the weight a [K, C] one (tma_rows). dx, y and the residual
+    stay on pointers (the epilogue: any strides)."""
+    r, s = weight.shape[2:]
+    if tuple(stride) != (1, 1) or groups != 1:
+        return False
+    if (r, s) == (1, 1) and tuple(padding) != (0, 0):
+        return False
+    if (r, s) != (1, 1) and not (same_padded(r, s, *padding, *dilation) and weight.stride(2) == s * weight.stride(3)
+                                 and weight.stride(3) * weight.element_size() % 16 == 0):
         return False
     return not idx64 and weight.dtype == dy.dtype and tma_rows(dy, BWD_TMA_DTYPES) and \
         tma_rows(weight, BWD_TMA_DTYPES, weight=True)
@@ -445,7 +452,7 @@ def dgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         return prune(cs, tiles, fit, _dgrad_keep) or prune(cs, tiles, fit)  # never no config
 
     dy = a.get("dy_ptr")
-    capable = a.get("ONE_TAP") and not a.get("IDX64") and getattr(dy, "dtype", None) in BWD_TMA_DTYPES
+    capable = not a.get("IDX64") and getattr(dy, "dtype", None) in BWD_TMA_DTYPES  # 1x1, or taps (spatial tiles)
     if not (capable and arch in DGRAD_TMA_TILES):
         return pointer(configs)
     warps = 8 if a.get("BN_GRAD") or a.get("HAS_RESIDUAL") else 4

@@ -318,10 +318,11 @@ def channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, dtype: tl.constexpr):
 
 
 @triton.jit
-def spatial_rows(pid_m, P, Q, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr):
+def spatial_rows(pid_m, P, Q, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr, WIDE: tl.constexpr = True):
     """A spatial tile's rows: program pid_m's image n and its BLOCK_M // TILE_W x TILE_W output pixels from (p0, q0),
-    tiles row-major per image; (n, p, q) in int64 for the epilogue's offsets, the mask of pixels inside P x Q, and
-    the image, p0 and q0 as int32 scalars (descriptor coordinates)."""
+    tiles row-major per image; (n, p, q) for the epilogue's offsets (int64; int32 without WIDE, where the launcher
+    knows offsets stay below 2**31: half the registers), the mask of pixels inside P x Q, and the image, p0 and q0 as
+    int32 scalars (descriptor coordinates)."""
     TILE_H: tl.constexpr = BLOCK_M // TILE_W
     tiles_q = tl.cdiv(Q, TILE_W)
     per_image = tl.cdiv(P, TILE_H) * tiles_q
@@ -332,8 +333,8 @@ def spatial_rows(pid_m, P, Q, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     p = p0 + rows // TILE_W
     q = q0 + rows % TILE_W
-    n_rows = tl.full([BLOCK_M], 0, tl.int64) + n
-    return n_rows, p.to(tl.int64), q.to(tl.int64), (p < P) & (q < Q), n, p0, q0
+    IDX: tl.constexpr = tl.int64 if WIDE else tl.int32
+    return tl.full([BLOCK_M], 0, IDX) + n, p.to(IDX), q.to(IDX), (p < P) & (q < Q), n, p0, q0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import triton.language as tl
 from ._conv_configs import (
     DGRAD_BLOCK_M,
     DGRAD_TILES,
+    SPATIAL_TILE_W,
     arch_tiles,
     autotune_options,
     dgrad_fixed_config,
@@ -48,6 +49,7 @@ from ._launch import (
 )
 from ._tiles import activation_grad, mma, tile_ptrs
 from .bn import sum_rows
+from .conv import spatial_rows
 from .wgrad import max_offset
 
 # The tap and phase integers take few distinct values per network, but each specialized value (== 1, a multiple of 16)
@@ -84,6 +86,7 @@ def _conv_dgrad_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr = False,  # a config switch: dy and w through tensor descriptors (dgrad_tma_eligible)
+    TILE_W: tl.constexpr = 0,  # TMA with taps: spatial tiles of BLOCK_M // TILE_W rows x TILE_W columns (_tile_w)
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0)
@@ -92,19 +95,42 @@ def _conv_dgrad_kernel(
     g = tl.program_id(1)
     if IDX64:
         pid_m = pid_m.to(tl.int64)  # before the product: pixel indices may pass 2**31
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = offs_m // (HP * WP)  # once per tile, in int32 unless offsets need 64 bits (no division routine)
-    i = offs_m - n * (HP * WP)
-    j = i % WP
-    i = i // WP
-    mask_m = offs_m < M
+    if TILE_W:
+        n, i, j, mask_m, n_img, i0, j0 = spatial_rows(pid_m, HP, WP, BLOCK_M, TILE_W, WIDE=IDX64)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = offs_m // (HP * WP)  # once per tile, in int32 unless offsets need 64 bits (no division routine)
+        i = offs_m - n * (HP * WP)
+        j = i % WP
+        i = i // WP
+        mask_m = offs_m < M
     offs_cg = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = g * CG + offs_cg
     mask_c = offs_cg < CG
     offs_kk = tl.arange(0, BLOCK_K)
     pi = i + PB  # dy row and column of the first tap; tap j steps back by PD (QD)
     qj = j + QB
-    if TMA:
+    if TMA and TILE_W:
+        # A stride-1 dgrad with taps and "same" padding (dgrad_tma_eligible; one phase with every tap, one group) over
+        # spatial tiles: dy is [N, P, Q, KG], a tile one image's TILE_H x TILE_W dx pixels, tap (jr, js) the box at
+        # dy pixel (i0 + PB - jr, j0 + QB - js); TMA zero-fills what lies outside the image (negative coordinates
+        # included), so no mask. w is [KG, NR*NS, CG] (channels_last: dense taps), a [BK, 1, BN] box per tap.
+        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M // (HP * WP), P, Q, KG],
+                                            strides=[stride_dy_n, stride_dy_h, stride_dy_w, 1],
+                                            block_shape=[1, BLOCK_M // TILE_W, TILE_W, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, NR * NS, CG], strides=[stride_w_k, stride_w_s, 1],
+                                           block_shape=[BLOCK_K, 1, BLOCK_N])
+        c0 = (pid % num_n) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        k0 = 0
+        js = 0
+        jr = 0
+        for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
+            a = dy_desc.load([n_img, i0 + PB - jr * PD, j0 + QB - js * QD, k0]).reshape(BLOCK_M, BLOCK_K)
+            b = w_desc.load([k0, (R0 + jr * RSTEP) * NS + S0 + js * SSTEP, c0]).reshape(BLOCK_K, BLOCK_N)
+            acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+            k0, js, jr = _next_step(k0, js, jr, KG, NS, BLOCK_K)
+    elif TMA:
         # A 1x1 stride-1 dgrad over dense rows (the host checked: dgrad_tma_eligible; one phase, one group) is the
         # GEMM dx[M, C] = dy[M, K] @ w[K, C]: dy as [M, KG] with row stride stride_dy_w, w as [KG, CG] with row
         # stride stride_w_k, both channel-contiguous and 16-byte aligned. Out-of-bounds reads load zeros: rows past M
@@ -166,14 +192,10 @@ def _conv_dgrad_kernel(
             a = tl.load(a_base + a_off, mask=valid[:, None] & mask_kk[None, :], other=0.0)
             b = tl.load(b_base + b_off, mask=mask_kk[:, None] & mask_c[None, :], other=0.0)
             acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-            k0 += BLOCK_K
-            if not ONE_TAP:
-                wrap = k0 >= KG
-                k0 = tl.where(wrap, 0, k0)
-                js += wrap.to(tl.int32)
-                wrap2 = js >= NS
-                js = tl.where(wrap2, 0, js)
-                jr += wrap2.to(tl.int32)
+            if ONE_TAP:
+                k0 += BLOCK_K
+            else:
+                k0, js, jr = _next_step(k0, js, jr, KG, NS, BLOCK_K)
 
     h = PH0 + stride_h * i
     w = PW0 + stride_w * j
@@ -207,6 +229,19 @@ def _conv_dgrad_kernel(
         acc += res
     tl.store(tile_ptrs(dx_ptr, n, h, w, offs_c, stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w),
              acc.to(dx_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _next_step(k0, js, jr, KG, NS, BLOCK_K: tl.constexpr):
+    """The loop's next (K block, tap column, tap row), K blocks fastest, advanced by selects (no division)."""
+    k0 += BLOCK_K
+    wrap = k0 >= KG
+    k0 = tl.where(wrap, 0, k0)
+    js += wrap.to(tl.int32)
+    wrap2 = js >= NS
+    js = tl.where(wrap2, 0, js)
+    jr += wrap2.to(tl.int32)
+    return k0, js, jr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +296,20 @@ def _even_k(args) -> bool:
     return args["KG"] % args["BLOCK_K"] == 0
 
 
-_conv_dgrad = triton.heuristics({"EVEN_K": _even_k})(_conv_dgrad_kernel)  # set per launch from the tile
+def _tile_w(args) -> int:
+    """TILE_W: spatial tiles (SPATIAL_TILE_W columns) for a descriptor launch with taps; else 0 (flat tiles)."""
+    return min(SPATIAL_TILE_W, args["BLOCK_M"]) if args.get("TMA") and not args["ONE_TAP"] else 0
+
+
+def phase_tiles(meta) -> int:
+    """A phase launch's pixel tiles: BLOCK_M runs of its M pixels, or (TILE_W) spatial tiles per image."""
+    bm, tw = meta["BLOCK_M"], _tile_w(meta)
+    if not tw:
+        return triton.cdiv(meta["M"], bm)
+    return meta["M"] // (meta["HP"] * meta["WP"]) * triton.cdiv(meta["HP"], bm // tw) * triton.cdiv(meta["WP"], tw)
+
+
+_conv_dgrad = triton.heuristics({"EVEN_K": _even_k, "TILE_W": _tile_w})(_conv_dgrad_kernel)  # per launch and tile
 # Per-shape config cache (the autotuner's, keyed below). The result may alias the residual (in-place
 # accumulation): the autotuner restores dx after every timed run, so each config sees the same input.
 _KEY = ["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_GRAD", "HAS_RESIDUAL", "HAS_RES_MASK", "ACTIVATION",
@@ -272,9 +320,10 @@ _conv_dgrad_autotuned = triton.autotune(
 )(_conv_dgrad)
 # Launches that dgrad_tma_eligible admits: the descriptor tile in place of its pointer twin (dgrad_prune; sm_90
 # only), an autotuner of their own, as eligibility (strides, alignment) is not in the tuning key.
+# The BN partials too: a launch with taps sizes them for spatial tiles, zeroed, of which flat configs write fewer rows.
 _conv_dgrad_tma_autotuned = triton.autotune(
     configs=gpu_configs() + dgrad_tma_configs(), key=_KEY,
-    prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr"], **autotune_options(),
+    prune_configs_by={"early_config_prune": dgrad_prune}, restore_value=["dx_ptr", "parts_ptr"], **autotune_options(),
 )(_conv_dgrad)
 
 
@@ -308,8 +357,6 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, resid
     phases = dgrad_phases(x_shape, weight.shape, stride, padding, dilation)
     cfg = dict(config) if config is not None else dgrad_fixed_config(n * h * w, cg, kg)
     bm = DGRAD_BLOCK_M if cfg is None else cfg["BLOCK_M"]
-    tiles = [triton.cdiv(n * hp * wp, bm) for _, (hp, wp), _, _ in phases]
-    parts = torch.empty((sum(tiles), 2 * c), device=dy.device, dtype=stats_dtype(dy)) if bn_act is not None else dx
     y, in_scale, in_shift, mean, invstd = bn_act if bn_act is not None else (dx, dx, dx, dx, dx)
     res, rmask, res_stride = residual if residual is not None else (dx, None, 1)
     activation = check_activation(activation)
@@ -319,6 +366,14 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, resid
         activation = "none"  # no site applies it: one compiled variant
     rmask_t = rmask if rmask is not None else res
     idx64 = max(max_offset(t) for t in (dy, weight, dx, y, res, rmask_t)) >= 2**31 - 1
+    # the descriptor path (issue 17 item 3): a stride-1 launch's operands (one phase): 1x1, or taps over spatial tiles
+    tma = tma_wanted(dy) and dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64, dilation)
+    cfg = tma_config(cfg, tma)
+    spatial = tma and r * s > 1 and (cfg is None or bool(cfg.get("TMA")))  # autotuned: spatial or flat tiles
+    tiles = [phase_tiles(dict(M=n * hp * wp, HP=hp, WP=wp, BLOCK_M=bm, TMA=spatial, ONE_TAP=False))
+             for _, (hp, wp), _, _ in phases]  # spatial tiles are at least as many as flat ones
+    alloc = torch.zeros if spatial and cfg is None else torch.empty  # flat configs write fewer rows: 0 in the rest
+    parts = alloc((sum(tiles), 2 * c), device=dy.device, dtype=stats_dtype(dy)) if bn_act is not None else dx
     args = dict(dy_ptr=dy, w_ptr=weight, dx_ptr=dx, y_ptr=y, in_scale_ptr=in_scale, in_shift_ptr=in_shift,
                 mean_ptr=mean, invstd_ptr=invstd, parts_ptr=parts, res_ptr=res, rmask_ptr=rmask_t, P=p, Q=q, CG=cg,
                 KG=kg, RES_C=res.shape[1], C=c, **stride_args("dy", dy), **stride_args("w", weight, "kcrs"),
@@ -327,19 +382,17 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, resid
                 BN_GRAD=bn_act is not None, HAS_RESIDUAL=residual is not None, HAS_RES_MASK=rmask is not None,
                 ACTIVATION=activation, IDX64=idx64, **dot_args(dy),
                 ACC_FP64=dy.dtype == torch.float64)
-    # the descriptor path (issue 17 item 3): a 1x1 stride-1 launch's operands (one phase)
-    tma = tma_wanted(dy) and dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64)
-    cfg = tma_config(cfg, tma)
     tile0 = 0
     for ((ah, aw), (hp, wp), th, tw), t in zip(phases, tiles):
         if t == 0:
             continue
 
-        def grid(meta, t=t):
-            return (t * triton.cdiv(cg, meta["BLOCK_N"]), groups)
-
         phase = dict(M=n * hp * wp, HP=hp, WP=wp, PH0=ah, PW0=aw, TILE0=tile0, **dict(zip(_TAPS_H, th)),
                      **dict(zip(_TAPS_W, tw)), ONE_TAP=th[2] <= 1 and tw[2] <= 1)
+
+        def grid(meta, phase=phase):
+            return (phase_tiles(dict(phase, **meta)) * triton.cdiv(cg, meta["BLOCK_N"]), groups)
+
         with device_guard(dy), descriptor_scratch(dy if tma else None):
             if cfg is None:
                 (_conv_dgrad_tma_autotuned if tma else _conv_dgrad_autotuned)[grid](**args, **phase)

@@ -18,6 +18,7 @@ from fusedres import kernels
 from fusedres.kernels import _conv_configs as cc
 from fusedres.kernels import _launch
 from fusedres.kernels import conv as conv_mod
+from fusedres.kernels import dgrad as dgrad_mod
 from fusedres.reference import conv_bn_act_reference
 from helpers import ON_GPU, TOL, assert_close, launch_spy, rel_err
 
@@ -236,3 +237,94 @@ def test_every_descriptor_config_taps(cfg_index, device):
         y = kernels.conv.conv_bn_stats(x, w, padding=(1, 1), prologue=pro, config=kc).out
         assert_close(y, F.conv2d(_activated(x, pro, dtype), w.double(), padding=1), dtype,
                      f"{dtype} {tile} prologue+STATS")
+
+
+# ----------------------------------------------------------------------------------------------
+# dgrad with taps (kernels/dgrad.py): a stride-1 dgrad is a conv of dy over spatial dx tiles, each tap a box move
+# ----------------------------------------------------------------------------------------------
+
+DGRAD_CFG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, TMA=True)
+
+
+@pytest.fixture
+def dgrad_launches(monkeypatch):
+    return launch_spy(monkeypatch, dgrad_mod, "_conv_dgrad")
+
+
+def _assert_bn_sums(out, xhat, dtype):
+    """The BN gradient's sums over the stored (gated, rounded) dx: of g and of g * xhat."""
+    g = out.dx.double()
+    for what, got, want in (("sum g", out.sum_g, g.sum((0, 2, 3))), ("sum g*xhat", out.sum_gxhat,
+                                                                     (g * xhat).sum((0, 2, 3)))):
+        assert rel_err(got, want) <= TOL[dtype], f"{what}: {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("epilogue,rs,pad", [("plain", (3, 3), (1, 1)), ("residual", (3, 3), (1, 1)),
+                                             ("bn_grad", (3, 3), (1, 1)), ("bn_grad", (5, 5), (2, 2)),
+                                             ("plain", (1, 3), (0, 1))])
+def test_taps_dgrad(epilogue, rs, pad, dtype, device, dgrad_launches):
+    """dx of a stride-1 "same" conv on the descriptor path (2 x 16-pixel spatial tiles of the 5 x 7 images: ragged on
+    both axes, every border tap at a negative or past-the-edge coordinate), with each epilogue: the shortcut's
+    gradient gated by the block output's ReLU, and the BN gradient (the previous BN's ReLU gate, and its sums over
+    the stored values: the spatial tiles' partial rows, pixels outside the image not counted)."""
+    dy = _x(dtype, device, (N, K, H, W))
+    w = (torch.randn(K, C, *rs, device=device) / (C * rs[0] * rs[1]) ** 0.5).to(dtype).to(
+        memory_format=torch.channels_last)
+    ref = torch.nn.grad.conv2d_input((N, C, H, W), w.double(), dy.double(), padding=pad)
+    if epilogue == "bn_grad":
+        y = _x(dtype, device)
+        scale, shift = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+        mean, invstd = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+        out = dgrad_mod.conv_dgrad_bn(dy, w, (N, C, H, W), (1, 1), pad, (1, 1), 1, (y, scale, shift, mean, invstd),
+                                      config=DGRAD_CFG)
+        pre = y.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        assert_close(out.dx, ref * (pre > 0), dtype, "gated dx")
+        _assert_bn_sums(out, (y.double() - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1), dtype)
+    else:
+        residual = None
+        if epilogue == "residual":
+            res, act_out = _x(dtype, device), _x(dtype, device)
+            residual = (res, act_out, 1)
+            ref = ref + res.double() * (act_out.double() > 0)
+        dx = dgrad_mod.conv_dgrad(dy, w, (N, C, H, W), (1, 1), pad, (1, 1), 1, residual=residual, config=DGRAD_CFG)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+        assert_close(dx, ref, dtype)
+    assert dgrad_launches == [RUNS], "an eligible launch that asks for the descriptor path takes it"
+
+
+@pytest.mark.parametrize("what", ["stride 2", "no padding", "NCHW weight"])
+def test_ineligible_taps_dgrad_take_pointer_path(what, device, dgrad_launches):
+    dt = torch.float16
+    stride, pad, fmt, hw = (1, 1), (1, 1), torch.channels_last, (H, W)
+    if what == "stride 2":
+        stride, hw = (2, 2), (3, 4)
+    elif what == "no padding":
+        pad, hw = (0, 0), (H - 2, W - 2)
+    else:
+        fmt = torch.contiguous_format
+    dy, w = _x(dt, device, (N, K, *hw)), _w(dt, device, fmt=fmt)
+    dx = dgrad_mod.conv_dgrad(dy, w, (N, C, H, W), stride, pad, (1, 1), 1, config=DGRAD_CFG)
+    assert dgrad_launches and not any(dgrad_launches), f"{what}: took the descriptor path"
+    ref = torch.nn.grad.conv2d_input((N, C, H, W), w.double(), dy.double(), stride, pad)
+    assert_close(dx, ref, dt, what)
+
+
+def test_dgrad_taps_partials_and_configs(monkeypatch):
+    """The BN partial rows of a dgrad with taps: one per spatial tile when it takes descriptors (phase_tiles), flat
+    otherwise; on sm_90 its variant tunes one descriptor tile in place of TMA_REPLACES (8 warps with the BN
+    gradient)."""
+    base = dict(M=N * H * W, HP=H, WP=W, BLOCK_M=128, TMA=True, ONE_TAP=False)
+    assert dgrad_mod.phase_tiles(base) == N and dgrad_mod.phase_tiles(dict(base, BLOCK_M=32)) == N * 3
+    assert dgrad_mod.phase_tiles(dict(base, TMA=False, BLOCK_M=32)) == 3
+    assert dgrad_mod.phase_tiles(dict(base, ONE_TAP=True, BLOCK_M=32)) == 3
+    dy = torch.empty(N, 256, H, W, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    args = dict(dy_ptr=dy, CG=256, KG=256, ONE_TAP=False, BN_GRAD=True)
+    monkeypatch.setattr(cc, "target_arch", lambda: 90)
+    configs = dgrad_mod.gpu_configs() + cc.dgrad_tma_configs()
+    tiles = [(cc.Tile.of(c), bool(c.kwargs.get("TMA"))) for c in cc.dgrad_prune(configs, {}, **args)]
+    assert [t.num_warps for t, tma in tiles if tma] == [8] and (cc.TMA_REPLACES, False) not in tiles
+    w = torch.empty(256, 256, 3, 3, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    assert cc.dgrad_tma_eligible(dy, w, (1, 1), (1, 1), 1, False)
+    assert not cc.dgrad_tma_eligible(dy, w, (1, 1), (1, 1), 1, False, dilation=(2, 2))
+    assert not cc.dgrad_tma_eligible(dy, w.contiguous(), (1, 1), (1, 1), 1, False)
