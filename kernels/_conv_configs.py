@@ -80,6 +80,27 @@ def prune(configs, tiles: Iterable[Tile], fit: Callable[[Tile], Tile],
     return out
 
 
+# Tiles that spill with one operand dtype only, per (kernel, arch, dtype, variant) (static check at the ResNet-50
+# shapes, sm_90, triton 3.6 and 3.8), matched like CONV_SPILLS on the listed tile or the tile fitted to the problem
+# (dtype_keep). fp32 (TF32, issue 17 item 5): dgrad with the BN gradient at 128x64x64 w4 (16-48 B), dgrad with the
+# gated residual at 128x128 w8 (layer3.1: 32-48 B, triton 3.6), wgrad with the prologue at 64x128x64 w4 s3 (3x3:
+# 24-32 B; 1x1 at 250-255 registers).
+DTYPE_SPILLS = {
+    ("dgrad", 90, torch.float32, "bn_grad"): {Tile(128, 64, 64, 4, 3), Tile(128, 64, 64, 4, 4)},
+    ("dgrad", 90, torch.float32, "res_mask"): {Tile(128, 128, 32, 8, 4), Tile(128, 128, 64, 8, 3)},
+    ("wgrad", 90, torch.float32, "prologue"): {Tile(64, 128, 64, 4, 3)},
+}
+
+
+def dtype_keep(kernel: str, arch: int, dtype, variant: str,
+               keep: Callable[[Tile, Tile], bool] = lambda tile, fitted: True) -> Callable[[Tile, Tile], bool]:
+    """``keep`` (a prune's keep rule) without the tiles DTYPE_SPILLS lists for the launch's kernel, arch, operand
+    dtype and variant. A launcher's prune falls back to ``keep`` alone where this leaves no config (a spilling config
+    beats none: the autotuner needs one)."""
+    spills = DTYPE_SPILLS.get((kernel, arch, dtype, variant), set())
+    return lambda tile, fitted: tile not in spills and fitted not in spills and keep(tile, fitted)
+
+
 # The tile of every kernel in the interpreter: big blocks, as per-op overhead dominates there (DESIGN.md 5).
 INTERPRETER_BLOCKS = (256, 128, 128)
 
@@ -448,10 +469,13 @@ def dgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     descriptor = [c for c in configs if c.kwargs.get("TMA")]
     configs = [c for c in configs if not c.kwargs.get("TMA")]
 
-    def pointer(cs):
-        return prune(cs, tiles, fit, _dgrad_keep) or prune(cs, tiles, fit)  # never no config
-
     dy = a.get("dy_ptr")
+    variant = " ".join(k for k, on in (("bn_grad", a.get("BN_GRAD")), ("res_mask", a.get("HAS_RES_MASK"))) if on)
+    keep = dtype_keep("dgrad", arch, getattr(dy, "dtype", None), variant, _dgrad_keep)
+
+    def pointer(cs):  # never no config
+        return prune(cs, tiles, fit, keep) or prune(cs, tiles, fit, _dgrad_keep) or prune(cs, tiles, fit)
+
     capable = not a.get("IDX64") and getattr(dy, "dtype", None) in BWD_TMA_DTYPES  # 1x1, or taps (spatial tiles)
     if not (capable and arch in DGRAD_TMA_TILES):
         return pointer(configs)
@@ -501,6 +525,8 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         return not (cg % 64 == 0 and cg % fitted.block_m != 0)
 
     arch = target_arch()
+    dtype = getattr(a.get("dy_ptr"), "dtype", None)
+    lean = dtype_keep("wgrad", arch, dtype, "prologue" if a.get("PROLOGUE_BN") else "", keep)
 
     def fit(tile):
         return tile.fit(m=a["NCOL"], n=a["KG"])
@@ -508,8 +534,8 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     def tap(fitted):
         return dict(TAP_PER_TILE=cg % fitted.block_m == 0)
 
-    def pointer(cs):
-        return prune(cs, WGRAD_TILES[arch], fit, keep, extra=tap)
+    def pointer(cs):  # never no config
+        return prune(cs, WGRAD_TILES[arch], fit, lean, extra=tap) or prune(cs, WGRAD_TILES[arch], fit, keep, extra=tap)
 
     descriptor = [c for c in configs if c.kwargs.get("TMA")]
     configs = [c for c in configs if not c.kwargs.get("TMA")]

@@ -8,7 +8,10 @@ SPLIT programs; the fp32 partials are summed in a fixed order afterwards, so res
 With 16-bit operands (X_AS_A) the tile is computed transposed, x_act^T @ dy ([BLOCK_M, BLOCK_N]), so x
 (activated in registers by the prologue) is the MMA's A operand, which wgmma reads from registers; as the B
 operand it went through shared memory and the pipeline drained (wgmma wait 0) every step. fp32 operands keep
-x as B: held as the A operand they spilled (56-408 B, sm_90).
+x as B: held as the A operand they spilled (56-408 B, sm_90), and with the prologue (2026-12, issue 17 item 5)
+16-616 B at 2.1-3x the main-loop SASS of x as B (TF32's register A operand needs its tile transposed through
+shared memory every step), so the fp32 prologue keeps its one wgmma wait per step (the activated B tile is a
+fresh shared-memory copy each step, which Triton does not double-buffer).
 
 The pixel (n, p, q) of each row is decoded once and then advanced incrementally by BLOCK_K (no
 division in the loop), in int32 unless an offset can pass 2**31 (IDX64). When a column tile stays

@@ -138,7 +138,7 @@ def test_backward_tma_configs_replace_a_pointer_tile(monkeypatch):
     """On sm_90 a 1x1-shaped 16-bit variant never tunes the 128x128x64 w8 pointer tile (variants are shared by
     eligible and ineligible launches); an eligible launch tunes the descriptor tile in its place, so no launch has
     more configs than before (compiles: benchmarks/cold_start.py). 4 warps for a plain dgrad, 8 with the BN
-    gradient; nothing changes on sm_80 or for a variant that cannot take descriptors (fp32)."""
+    gradient; nothing changes on sm_80 or for a variant that cannot take descriptors."""
     def run(prune, configs, arch, **a):
         monkeypatch.setattr(cc, "target_arch", lambda: arch)
         return [(cc.Tile.of(c), bool(c.kwargs.get("TMA"))) for c in prune(configs, {}, **a)]
@@ -154,9 +154,9 @@ def test_backward_tma_configs_replace_a_pointer_tile(monkeypatch):
 
     dg = dict(CG=256, KG=1024, BN_GRAD=False, HAS_RESIDUAL=False, ONE_TAP=True, IDX64=False,
               dy_ptr=torch.empty(1, dtype=torch.bfloat16))
-    fp32 = dict(dy_ptr=torch.empty(1))
-    check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dg, fp32, cc.Tile(128, 128, 64, 4, 3))
-    check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dict(dg, BN_GRAD=True), fp32,
+    idx64 = dict(IDX64=True)  # incapable; not fp32, which prunes its own spilling tiles too (cc.DTYPE_SPILLS)
+    check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dg, idx64, cc.Tile(128, 128, 64, 4, 3))
+    check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dict(dg, BN_GRAD=True), idx64,
           cc.Tile(128, 128, 64, 8, 3))
     wg = dict(CG=1024, KG=256, NCOL=1024, R=1, S=1, X_AS_A=True, STEM_CPAD=0, IDX64=False)
     check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), wg, dict(X_AS_A=False),

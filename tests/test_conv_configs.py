@@ -86,3 +86,56 @@ def test_blocks_of_distinct_sizes_follow_one_meaning(device):
         dw = wgrad.conv_wgrad(dy, x, w, *geo, config=wcfg)
         assert_close(dw, torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), 2, 1), torch.float32,
                      f"wgrad {wcfg}")
+
+
+def _backward_views(dtype, **flags):
+    """(prune, configs, launch view) of a dgrad and a wgrad launch at ResNet-50's channel counts (64: layer1, 256:
+    layer3), 1x1 and 3x3, with the flags given."""
+    dy = torch.empty(1, dtype=dtype)
+    for cg, kg in ((64, 64), (64, 256), (256, 256), (256, 1024)):
+        yield cc.dgrad_prune, dgrad.gpu_configs(), dict(CG=cg, KG=kg, ONE_TAP=True, IDX64=False, dy_ptr=dy,
+                                                        BN_GRAD=flags.get("bn_grad", False))
+        for r in (1, 3):
+            yield cc.wgrad_prune, wgrad.gpu_configs(), dict(CG=cg, KG=kg, NCOL=cg * r * r, R=r, S=r, STEM_CPAD=0,
+                                                            IDX64=False, dy_ptr=dy,
+                                                            PROLOGUE_BN=flags.get("prologue", False))
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("flags", [{}, {"bn_grad": True, "prologue": True}], ids=["plain", "bn"])
+def test_fp32_prune_drops_its_spilling_tiles_and_keeps_a_config(arch, flags):
+    """Issue 17 item 5: fp32 (TF32) dgrad and wgrad launches never tune a tile DTYPE_SPILLS lists for their kernel
+    and variant (matched on the table tile or the fitted one), and always keep a config."""
+    with _Arch(arch):
+        for prune, configs, view in _backward_views(torch.float32, **flags):
+            kernel = "dgrad" if prune is cc.dgrad_prune else "wgrad"
+            variant = ("bn_grad" if view["BN_GRAD"] else "") if kernel == "dgrad" else \
+                ("prologue" if view["PROLOGUE_BN"] else "")
+            spills = cc.DTYPE_SPILLS.get((kernel, arch, torch.float32, variant), set())
+            out = [cc.Tile.of(c) for c in prune(configs, {}, **view)]
+            assert out, f"{kernel} {view}: no config left"
+            assert not spills.intersection(out), f"{kernel} {view}: a spilling fp32 tile kept: {out}"
+
+
+def test_fp32_rules_name_shipped_tiles():
+    """Every DTYPE_SPILLS entry names a tile its kernel's table ships for that arch (a stale entry prunes nothing)."""
+    tables = {"dgrad": cc.DGRAD_TILES, "wgrad": cc.WGRAD_TILES, "conv": cc.CONV_TILES}
+    assert cc.DTYPE_SPILLS
+    for (kernel, arch, _, _), tiles in cc.DTYPE_SPILLS.items():
+        assert tiles <= set(tables[kernel][arch]), f"{kernel} sm_{arch}: {tiles - set(tables[kernel][arch])}"
+
+
+def test_dtype_rule_that_leaves_nothing_falls_back(monkeypatch):
+    """A dtype rule that would drop every tile of a launch leaves the kernel's own rule's configs (a spilling
+    config beats none: the autotuner needs one)."""
+    keys = [("dgrad", 90, torch.float32, "bn_grad"), ("wgrad", 90, torch.float32, "prologue")]
+    for key in keys:
+        monkeypatch.setitem(cc.DTYPE_SPILLS, key, set(cc.DGRAD_TILES[90]) | set(cc.WGRAD_TILES[90]))
+    with _Arch(90):
+        views = list(_backward_views(torch.float32, bn_grad=True, prologue=True))
+        fallback = [prune(configs, {}, **view) for prune, configs, view in views]
+        for key in keys:
+            monkeypatch.delitem(cc.DTYPE_SPILLS, key)
+        own = [prune(configs, {}, **view) for prune, configs, view in views]
+    assert all(fallback) and [[c.all_kwargs() for c in f] for f in fallback] == [[c.all_kwargs() for c in o]
+                                                                                  for o in own]
