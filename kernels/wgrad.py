@@ -18,10 +18,12 @@ division in the loop), in int32 unless an offset can pass 2**31 (IDX64). When a 
 within one tap (TAP_PER_TILE: CG % BLOCK_M == 0) the tap's bounds test is per row, not per element.
 
 Prologue (PROLOGUE_BN): x holds the previous conv's raw output y; the loaded tile becomes
-act(in_scale[c] * y + in_shift[c]), act = ACTIVATION (_tiles.activation, as the forward conv's prologue),
-and out-of-image taps are zero after the transform. With one tap
+act(in_scale[c] * y + in_shift[c]), act = ACTIVATION, by the forward conv's own helper and arithmetic
+(_tiles.bn_act with the launch's PROLOGUE_MATH: bf16 packed on sm_80+), so the gradient is of the values the
+forward used, bit for bit; out-of-image taps are zero after the transform. With one tap
 per tile, a padded row zeroes the dy row instead (one mask per row, not a select per element): such
-taps are skipped, as oneDNN does, so a non-finite dy never meets the padding.
+taps are skipped, as oneDNN does, so a non-finite dy never meets the padding. A 1x1 conv without padding
+(IN_BOUNDS) has no such taps: no bounds test and no select.
 
 The stem (C <= 4, STEM_CPAD): x is first copied into a zero-padded dense NHWC tensor of STEM_CPAD = 4 channels,
 and the columns run over whole filter rows: S*4 contiguous input elements, loaded 8 bytes at a time.
@@ -50,11 +52,12 @@ from ._launch import (
     device_guard,
     dot_args,
     pad_channels_nhwc,
+    prologue_math,
     site_activation,
     stats_dtype,
     stride_args,
 )
-from ._tiles import activation, mma
+from ._tiles import bn_act, mma
 from .bn import sum_rows
 
 
@@ -81,6 +84,8 @@ def _conv_wgrad_kernel(
     IDX64: tl.constexpr,           # some offset may pass 2**31: index math in int64
     X_AS_A: tl.constexpr,          # compute dw^T = x^T dy (x the MMA's register operand): 16-bit operands
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PROLOGUE_MATH: tl.constexpr,   # the prologue's arithmetic: the forward's (_tiles.bn_act, _launch.prologue_math)
+    IN_BOUNDS: tl.constexpr,       # every tap of every pixel lies inside x (1x1, no padding): no bounds test, no select
     BLOCK_M: tl.constexpr,         # (r, s, c) columns of dw per tile
     BLOCK_N: tl.constexpr,         # output channels (rows of dw) per tile
     BLOCK_K: tl.constexpr,         # pixels per step (the reduction)
@@ -161,8 +166,7 @@ def _conv_wgrad_kernel(
         for m0 in range(start, end, BLOCK_K):
             xt = x_desc.load([m0, c0])
             if PROLOGUE_BN:
-                xt = activation(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION, False)
-                xt = xt.to(dy_ptr.dtype.element_ty)
+                xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
             acc = mma(tl.trans(xt), dy_desc.load([m0, n0]), acc, DOT_PRECISION, UPCAST_DOT)
     else:
         offs_m = start + tl.arange(0, BLOCK_K)
@@ -180,7 +184,10 @@ def _conv_wgrad_kernel(
             wb = q * stride_w
             hh = hb[:, None] + h_off
             ww = wb[:, None] + w_off
-            row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
+            if IN_BOUNDS:
+                row_ok = mask_m[:, None]
+            else:
+                row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
             x_mask = row_ok & mask_col[None, :]
             if TAP_PER_TILE and PROLOGUE_BN:
                 dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element
@@ -194,10 +201,10 @@ def _conv_wgrad_kernel(
                 x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
             xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
             if PROLOGUE_BN:
-                xt = activation(xt.to(s_in.dtype) * s_in[None, :] + t_in[None, :], ACTIVATION, False)  # an MMA operand
-                if not TAP_PER_TILE:
+                # the forward's arithmetic, so the values it used (bn_act: [pixels, channels] as the forward's A tile)
+                xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
+                if not (TAP_PER_TILE or IN_BOUNDS):
                     xt = tl.where(x_mask, xt, 0.0)  # zero padding of the activated tensor
-                xt = xt.to(dy_ptr.dtype.element_ty)
             if X_AS_A:
                 acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
             else:
@@ -303,7 +310,9 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
                 stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
                 dil_w=dilation[1], R=r, S=s, PROLOGUE_BN=prologue is not None,
                 ACTIVATION=act, STEM_CPAD=stem_cpad,
-                STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, **dot_args(dy))
+                STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, **dot_args(dy),
+                PROLOGUE_MATH=prologue_math(x) if prologue is not None else "acc",
+                IN_BOUNDS=prologue is not None and r * s == 1 and tuple(padding) == (0, 0))
     # the descriptor path (issue 17 item 3): a 1x1 stride-1 launch's operands
     tma = tma_wanted(dy) and wgrad_tma_eligible(dy, x, weight, stride, padding, groups, stem_cpad > 0, idx64)
     cfg = tma_config(cfg, tma)

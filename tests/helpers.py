@@ -96,15 +96,16 @@ def real_library(name: str):
         pytest.skip(f"{name} does not import here: {type(exc).__name__}: {exc}")
 
 
-def launch_spy(monkeypatch, module, name: str) -> list:
+def launch_spy(monkeypatch, module, name: str, record=lambda kw: bool(kw.get("TMA", False))) -> list:
     """Replaces the kernel ``module.name`` (launched as kernel[grid](**kwargs)) by a spy that records, per launch,
-    whether it ran the descriptor path (its TMA keyword), then launches it; the list of those values."""
+    ``record(kwargs)`` (by default whether it ran the descriptor path: its TMA keyword), then launches it; the list
+    of those values."""
     seen, real = [], getattr(module, name)
 
     class Spy:
         def __getitem__(self, grid):
             def launch(**kw):
-                seen.append(bool(kw.get("TMA", False)))
+                seen.append(record(kw))
                 return real[grid](**kw)
             return launch
 
