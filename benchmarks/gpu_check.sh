@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# One command for a fresh CUDA machine that has torch and triton but no network (about 9 minutes):
+# One command for a fresh CUDA machine that has torch and triton but no network (about 9 minutes; the limits below sum to 540 s, under the
+# device tool's 600 s per command):
 #
-#   bash benchmarks/gpu_check.sh          # results under $OUT, or ./gpu-results when OUT is unset
+#   bash benchmarks/gpu_check.sh                         # results under $OUT, or ./gpu-results when OUT is unset
+#   GPU_CHECK_ONLY=tma,tests bash benchmarks/gpu_check.sh   # a rerun of some steps only
 #
-# 1. pip install -e . (no deps, no build isolation: nothing is downloaded)
-# 1b. the descriptor (TMA) paths, FUSEDRES_TMA=1 (sm_90): first tests/test_conv_tma_3x3.py (FIRST TO VERIFY: taps
-#    load at negative and past-the-end row coordinates, never run on a GPU before), then tests/test_conv_tma.py and
-#    tests/test_conv_backward_tma.py
-# 2. the whole test suite on CUDA (bf16 included; -m "": the slow tests too); the benchmarks run even if it fails
-# 2b. the property tests (tests/test_properties.py) with hypothesis' "long" profile: fresh random
-#    examples each run, GPU_CHECK_PROPS_EXAMPLES per test (step 2 leaves them out: every new shape
-#    autotunes the inference conv, ~1 s each on a GPU)
-# 3. the benchmarks in quick mode (FUSEDRES_BENCH_QUICK=1) -> bench.json (pytest-benchmark) + bench.jsonl
-# 4. the main job, python -m fusedres (ResNet-50 bf16 vs eager / torch.compile) -> resnet50-cuda-bf16.{json,png}
-# 5. compute-sanitizer memcheck on a tiny fused model, when compute-sanitizer is on the PATH
-# 6. report.md: markdown tables from 3 and 4 (benchmarks/report.py), printed last
-# Every step runs under `timeout`, so one hang cannot eat the budget; gpu_check.log holds all output,
-# the environment (nvidia-smi, versions, commit) first. Six files in all (the device tool brings back 8).
-# Step limits (seconds) can be changed: GPU_CHECK_TESTS_S, GPU_CHECK_PROPS_S, GPU_CHECK_BENCH_S, GPU_CHECK_MAIN_S, ...
+# Sized for a 15-minute lease (machine start ~30 s) with room for a partial rerun. Order = value per second, as the
+# first card run (H200, 2026-12-04) measured it:
+# 1. install: pip install -e . (no deps, no build isolation: nothing is downloaded)
+# 2. tma: the descriptor (TMA) paths, FUSEDRES_TMA=1, xdist: tests/test_conv_tma_3x3.py (negative and past-the-end
+#    coordinates: passed on the H200 on 2026-12-04), test_conv_tma.py, test_conv_backward_tma.py (~2 min on 6 workers)
+# 3. main: the main job, ResNet-50 bf16 models only (--no-layers), inference and training, fused / eager / eager-amp
+#    (+ torch.compile when the budget allows: compiles come last) -> resnet50-cuda-bf16.json
+# 4. profile: benchmarks/gpu_profile.py: kernel time per step against the timed step (host-bound or not) -> profile.md
+# 5. tests: the suite on CUDA, bf16 included (-m "": the slow tests too), on GPU_CHECK_WORKERS xdist workers, -v so
+#    a cut run still lists what passed and failed; stopped by SIGINT at its limit (pytest then prints its summary).
+#    The whole suite does not fit a lease (~1/3 ran in 150 s on 10 workers): kernel parity files go first.
+# 6. bench: the layer benchmarks in quick mode (FUSEDRES_BENCH_QUICK=1) -> bench.json + bench.jsonl
+# 7. props (GPU_CHECK_PROPS=1) and memcheck (GPU_CHECK_SANITIZER=1, compute-sanitizer): opt-in, each took longer
+#    than 30 s to report anything on the card
+# 8. report.md: markdown tables from 3 and 6 (benchmarks/report.py), printed last
+# Every step runs under `timeout`, so one hang cannot eat the budget; gpu_check.log holds all output, the
+# environment (nvidia-smi, versions, commit) first. At most 8 files come back from the device tool: gpu_check.log,
+# tma.log, tests.log, profile.md, resnet50-cuda-bf16.json, bench.json, bench.jsonl, report.md.
+# Step limits (seconds): GPU_CHECK_TMA_S, GPU_CHECK_MAIN_S (+ GPU_CHECK_MAIN_BUDGET_S), GPU_CHECK_PROFILE_S,
+# GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S (+ GPU_CHECK_BENCH_BUDGET_S), GPU_CHECK_PROPS_S, GPU_CHECK_SANITIZER_S.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
@@ -31,9 +38,12 @@ T0=$(date +%s)
 step() {  # step NAME SECONDS CMD...: run with a time limit, output to the console and the log
     local name=$1 limit=$2 start rc
     shift 2
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ ",$GPU_CHECK_ONLY,install,report," != *",$name,"* ]]; then
+        SUMMARY+=("$(printf '%-10s %-22s' "$name" "skipped (GPU_CHECK_ONLY)")"); return 0
+    fi
     start=$(date +%s)
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    timeout --signal=TERM --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    timeout --signal="${STEP_SIGNAL:-TERM}" --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     local took=$(( $(date +%s) - start )) what="exit $rc"
     [ "$rc" = 124 ] && what="TIMED OUT (exit 124)"
@@ -50,30 +60,42 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, output to the conso
     "$PY" -m pip list 2>/dev/null | grep -iE '^(pytest|pytest-benchmark|hypothesis|matplotlib|numpy) '
 } 2>&1 | tee "$LOG"
 
-step install "${GPU_CHECK_INSTALL_S:-90}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+step install "${GPU_CHECK_INSTALL_S:-60}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+W="${GPU_CHECK_WORKERS:-12}"
+PYTEST=("$PY" -m pytest -p no:cacheprovider -rfE --tb=short)  # -v per step (not with -q: they cancel)
 
-# the conv, dgrad and wgrad descriptor paths (issue 17 item 3; sm_90): every descriptor config and the TMA parity
-# tests, on the card, first (the whole suite's run stops at its first failure), FUSEDRES_TMA=1 so fixed configs take it too.
-# FIRST TO VERIFY: tests/test_conv_tma_3x3.py, the forward with taps: its descriptor loads start at negative row
-# coordinates (and past the end), which TMA zero-fills per the PTX ISA but no GPU has run yet (interpreter only).
-step tma "${GPU_CHECK_TMA_S:-120}" env FUSEDRES_TMA=1 "$PY" -m pytest tests/test_conv_tma_3x3.py tests/test_conv_tma.py \
-    tests/test_conv_backward_tma.py -q -p no:cacheprovider
+# the descriptor paths (issue 17 item 3; sm_90), FUSEDRES_TMA=1 so fixed configs take them too; SIGINT at the limit:
+# pytest prints the failures it has; tma.log keeps the per-test lines
+STEP_SIGNAL=INT step tma "${GPU_CHECK_TMA_S:-100}" bash -c "FUSEDRES_TMA=1 ${PYTEST[*]} -n 6 -v \
+    tests/test_conv_tma_3x3.py tests/test_conv_tma.py tests/test_conv_backward_tma.py > '$OUT/tma.log' 2>&1; \
+    rc=\$?; tail -25 '$OUT/tma.log'; exit \$rc"
 
-step tests "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest tests -m "" -x -q -p no:cacheprovider --ignore=tests/test_properties.py
+step main "${GPU_CHECK_MAIN_S:-170}" "$PY" -m fusedres --out "$OUT" --no-layers \
+    --providers "${GPU_CHECK_MAIN_PROVIDERS:-fused,eager,eager-amp,compile}" --budget "${GPU_CHECK_MAIN_BUDGET_S:-130}"
 
-step props "${GPU_CHECK_PROPS_S:-60}" env FUSEDRES_HYPOTHESIS_PROFILE=long \
-    FUSEDRES_HYPOTHESIS_MAX_EXAMPLES="${GPU_CHECK_PROPS_EXAMPLES:-30}" "$PY" -m pytest tests/test_properties.py -m "" -q \
-    -p no:cacheprovider --hypothesis-show-statistics
+step profile "${GPU_CHECK_PROFILE_S:-75}" bash -c "'$PY' benchmarks/gpu_profile.py layer:layer1.0.conv2:training:256 \
+    model:resnet50:inference:256 > '$OUT/profile.md' 2>&1; rc=\$?; grep -A8 '^###' '$OUT/profile.md'; exit \$rc"
+
+# kernel parity first, then the rest (xdist hands files out in this order)
+FIRST=(tests/test_conv_kernel.py tests/test_conv_backward.py tests/test_blocks.py tests/test_training.py)
+STEP_SIGNAL=INT step tests "${GPU_CHECK_TESTS_S:-120}" bash -c "${PYTEST[*]} -m '' -n $W -v --dist loadfile \
+    ${FIRST[*]} tests --ignore=tests/test_properties.py --durations=15 > '$OUT/tests.log' 2>&1; rc=\$?; \
+    grep -E '(FAILED|ERROR) ' '$OUT/tests.log' | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u | tail -40; \
+    tail -2 '$OUT/tests.log'; exit \$rc"
 
 rm -f "$OUT/bench.json" "$OUT/bench.jsonl"
-step bench "${GPU_CHECK_BENCH_S:-120}" env FUSEDRES_BENCH_QUICK=1 FUSEDRES_BENCH_BUDGET_S="${GPU_CHECK_BENCH_BUDGET_S:-80}" \
+step bench "${GPU_CHECK_BENCH_S:-60}" env FUSEDRES_BENCH_QUICK=1 FUSEDRES_BENCH_BUDGET_S="${GPU_CHECK_BENCH_BUDGET_S:-45}" \
     FUSEDRES_BENCH_JSONL="$OUT/bench.jsonl" "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name
 
-step main "${GPU_CHECK_MAIN_S:-120}" "$PY" -m fusedres --out "$OUT" --budget "${GPU_CHECK_MAIN_BUDGET_S:-80}"
+if [ "${GPU_CHECK_PROPS:-0}" = 1 ]; then
+    step props "${GPU_CHECK_PROPS_S:-90}" env FUSEDRES_HYPOTHESIS_PROFILE=long \
+        FUSEDRES_HYPOTHESIS_MAX_EXAMPLES="${GPU_CHECK_PROPS_EXAMPLES:-30}" "$PY" -m pytest tests/test_properties.py -m "" \
+        -q -p no:cacheprovider --hypothesis-show-statistics
+fi
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    step memcheck "${GPU_CHECK_SANITIZER_S:-45}" env FUSEDRES_STRICT=1 compute-sanitizer --tool memcheck \
+if [ "${GPU_CHECK_SANITIZER:-0}" = 1 ] && command -v compute-sanitizer >/dev/null 2>&1; then
+    step memcheck "${GPU_CHECK_SANITIZER_S:-120}" env FUSEDRES_STRICT=1 compute-sanitizer --tool memcheck \
         --error-exitcode 99 "$PY" -c "
 import torch, fusedres
 m = fusedres.cifar_resnet(20).cuda().half().to(memory_format=torch.channels_last).eval()
@@ -86,7 +108,7 @@ torch.cuda.synchronize()
 print('memcheck run: eval forward and one training step of cifar_resnet20, fp16, batch 2:', tuple(y.shape))
 "
 else
-    SUMMARY+=("memcheck   skipped: compute-sanitizer is not on the PATH")
+    SUMMARY+=("memcheck   skipped: opt-in (GPU_CHECK_SANITIZER=1; it ran past 35 s on the H200 without a report)")
 fi
 
 SOURCES=()
