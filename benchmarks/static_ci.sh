@@ -42,5 +42,9 @@ done
 # Cold start (issue 17 item 8): a ResNet-50 training step compiles at most 90 variants, per triton (no compile:
 # Triton's compile keys only; the newest triton's run is tests/test_precompile.py's budget test).
 "$V36/bin/python" benchmarks/cold_start.py --budget || RC=1
+# fp64 operands (gradcheck's dtype; no budget subset row): the forward, dgrad and wgrad compile for sm_90 under
+# triton 3.6, whose tl.dot checks the accumulator's dtype (tests/test_static_check.py: the newest triton's run).
+"$V36/bin/python" benchmarks/static/selftest.py 90 fp64 >static-results/fp64-triton3.6.0.json \
+    || { echo "static_ci: fp64 kernels do not compile under triton 3.6 (static-results/fp64-triton3.6.0.json)"; RC=1; }
 echo "static_ci: $((SECONDS - START)) s, exit $RC"
 exit $RC

@@ -35,11 +35,12 @@ def pixel_channel_tile(M, P, Q, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 
 @triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc += a @ b; UPCAST_DOT: in fp32 (the interpreter's bf16 tl.dot is wrong, DESIGN.md section 5)."""
+    """acc += a @ b; UPCAST_DOT: in fp32 (the interpreter's bf16 tl.dot is wrong, DESIGN.md section 5).
+    out_dtype is acc's: triton 3.6's tl.dot defaults it to fp32 and rejects an fp64 accumulator (fp64 operands)."""
     if UPCAST_DOT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

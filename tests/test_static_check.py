@@ -123,6 +123,21 @@ def test_stem_budget_flags_unpadded_stem_and_passes_shipped_one():
     assert any("2-byte scalar global loads" in f for f in unpadded["failures"]), unpadded
 
 
+@pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
+def test_fp64_conv_kernels_compile_for_sm90():
+    """fp64 operands (gradcheck's dtype) through the forward, dgrad and wgrad launchers compile for sm_90. Under
+    triton 3.6 (the GPU image's) tl.dot rejected their fp64 accumulator (a CompilationError the interpreter never
+    raises: found on the first GPU run); this process's triton here, 3.6 in benchmarks/static_ci.sh."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, SELFTEST, "90", "fp64"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else []
+    assert proc.returncode == 0, [r["error"] for r in rows if r["error"]] or proc.stderr[-2000:]
+    kernels = {r["kernel"] for r in rows}
+    assert {"_conv_bn_act_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"} <= kernels, kernels
+    assert all("ACC_FP64" in r["variant"] for r in rows if r["kernel"] in ("_conv_bn_act_kernel", "_conv_dgrad_kernel"))
+
+
 PTX = """
 \tmov.u32 %r1, 0;
 $L__BB0_1:

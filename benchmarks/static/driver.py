@@ -7,6 +7,8 @@ Autotuned launches compile every config that survives the autotuner's own prunin
 """
 import contextlib
 import dataclasses
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
@@ -108,7 +110,7 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         try:
             rec.compiled = _ORIG_JIT_RUN(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a failed compile is a result, reported per row
-            rec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            rec.error = _error_text(exc)
         records.append(rec)
         return rec.compiled
 
@@ -132,6 +134,22 @@ def compile_only(arch: int, tf32: bool = True, extra_configs=()):
         JITFunction.run = _ORIG_JIT_RUN
         Autotuner.run = _ORIG_AUTOTUNE_RUN
         _driver._active = prev
+
+
+def _error_text(exc: Exception) -> str:
+    """A failed compile in one line: its message's last line (a CompilationError's: the kernel line, not the caret
+    under it) and, for a chained error (a CompilationError wraps the frontend's bare assertion), the root cause
+    with the source line that raised it."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and ln.strip() != "^"]
+    text = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if root is not exc:
+        tb = traceback.extract_tb(root.__traceback__)
+        where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}: {tb[-1].line}" if tb else ""
+        text += f" <- {type(root).__name__}{': ' + str(root) if str(root) else ''}{where}"
+    return text
 
 
 def _grid_of(grid, bound) -> Tuple[int, ...]:

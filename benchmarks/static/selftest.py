@@ -2,13 +2,15 @@
 
     python benchmarks/static/selftest.py [ARCH]        -> JSON: [{"config": ..., "failures": [...]}, ...]
     python benchmarks/static/selftest.py [ARCH] stem   -> the same for the forward stem, padded and not
+    python benchmarks/static/selftest.py [ARCH] fp64   -> the conv kernels with fp64 operands
 
 A 256x256 fp32 accumulator over 128 threads needs 512 registers per thread (> 255): it spills on
 every arch. A 64x64 tile does not. The stem conv (3 channels, 7x7/2) compiles twice through the real
 launcher: as shipped (channels padded to STEM_CPAD = 4: 8-byte loads) and with STEM_CPAD set to 3 (no
 padding: each filter row is a 2-byte-aligned run of 21 values, loaded 2 bytes at a time), which the
-stem budget must flag. tests/test_static_check.py runs this in a subprocess (its own process has
-TRITON_INTERPRET=1, under which nothing is compiled for a GPU).
+stem budget must flag. fp64: the forward (eval and training), dgrad and wgrad kernels with fp64 operands
+(gradcheck's dtype), one small config each. Exit 1 where a row does not compile. tests/test_static_check.py
+runs this in a subprocess (its own process has TRITON_INTERPRET=1, under which nothing is compiled for a GPU).
 """
 import json
 import os
@@ -70,9 +72,40 @@ def stem_rows(arch: int = 90):
     return report.make_rows(records, arch, sass=False)
 
 
+def fp64_rows(arch: int = 90):
+    """The conv kernels with fp64 operands through their real launchers: the forward (eval with a residual;
+    training with the prologue and STATS), dgrad with the BN gradient and a residual, wgrad with the prologue.
+    Triton 3.6 (the GPU image's) rejects an fp64 accumulator in tl.dot unless out_dtype says so (_tiles.mma); the
+    interpreter and triton 3.8 accept it, so only a compile for a GPU target shows it."""
+    from fusedres.kernels import conv, dgrad, wgrad
+
+    def t(*shape):
+        return torch.empty(shape, device="meta", dtype=torch.float64).to(memory_format=torch.channels_last)
+
+    x, w, dy, k = t(2, 16, 8, 8), t(32, 16, 3, 3), t(2, 32, 8, 8), torch.empty(32, device="meta", dtype=torch.float64)
+    c = k[:16]
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    small = dict(num_warps=4, num_stages=2)
+    with compile_only(arch) as (records, tags):
+        tags.update(layer="selftest-fp64", mode="eval", phase="fwd", dtype="fp64")
+        conv.conv_bn_act(x, w, k, k, padding=(1, 1), residual=dy, relu=True,
+                         config=dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, **small))
+        tags.update(mode="train")
+        conv.conv_bn_stats(x, w, padding=(1, 1), prologue=(c, c), config=dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16,
+                                                                               **small))
+        tags.update(phase="bwd")
+        dgrad.conv_dgrad_bn(dy, w, x.shape, *geo, (x, c, c, c, c), residual=(x, x, 1),
+                            config=dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, **small))
+        wgrad.conv_wgrad(dy, x, w, *geo, prologue=(c, c), config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **small))
+    return report.make_rows(records, arch, sass=False)
+
+
 if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    stem = len(sys.argv) > 2 and sys.argv[2] == "stem"
-    print(json.dumps([dict(config=r["config"], variant=r.get("variant"), spill_bytes=r.get("spill_bytes"),
-                           mma=r.get("mma"), b16_loads_in_loop=r.get("b16_loads_in_loop"), error=r.get("error"),
-                           failures=report.budget_failures([r])) for r in (stem_rows if stem else rows)(arch)]))
+    which = {"stem": stem_rows, "fp64": fp64_rows}.get(sys.argv[2] if len(sys.argv) > 2 else "", rows)
+    out = which(arch)
+    print(json.dumps([dict(kernel=r["kernel"], config=r["config"], variant=r.get("variant"),
+                           spill_bytes=r.get("spill_bytes"), mma=r.get("mma"), mma_type=r.get("mma_type"),
+                           b16_loads_in_loop=r.get("b16_loads_in_loop"), error=r.get("error"),
+                           failures=report.budget_failures([r])) for r in out]))
+    sys.exit(1 if any(r.get("error") for r in out) else 0)
