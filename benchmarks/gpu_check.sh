@@ -12,7 +12,8 @@
 #    coordinates: passed on the H200 on 2026-12-04), test_conv_tma.py, test_conv_backward_tma.py (~2 min on 6 workers)
 # 3. main: the main job, ResNet-50 bf16 models only (--no-layers), inference and training, fused / eager / eager-amp
 #    (+ torch.compile when the budget allows: compiles come last) -> resnet50-cuda-bf16.json
-# 4. profile: benchmarks/gpu_profile.py: kernel time per step against the timed step (host-bound or not) -> profile.md
+# 4. profile: benchmarks/gpu_profile.py: kernel time per step against the timed step and a CUDA-graph replay of it
+#    (host-bound or not), and every autotuned launch's best descriptor config against its best pointer one -> profile.md
 # 5. tests: the suite on CUDA, bf16 included (-m "": the slow tests too), on GPU_CHECK_WORKERS xdist workers, -v so
 #    a cut run still lists what passed and failed; stopped by SIGINT at its limit (pytest then prints its summary).
 #    The whole suite does not fit a lease (~1/3 ran in 150 s on 10 workers): kernel parity files go first.
@@ -73,12 +74,12 @@ STEP_SIGNAL=INT step tma "${GPU_CHECK_TMA_S:-100}" bash -c "FUSEDRES_TMA=1 ${PYT
 step main "${GPU_CHECK_MAIN_S:-170}" "$PY" -m fusedres --out "$OUT" --no-layers \
     --providers "${GPU_CHECK_MAIN_PROVIDERS:-fused,eager,eager-amp,compile}" --budget "${GPU_CHECK_MAIN_BUDGET_S:-130}"
 
-step profile "${GPU_CHECK_PROFILE_S:-75}" bash -c "'$PY' benchmarks/gpu_profile.py layer:layer1.0.conv2:training:256 \
-    model:resnet50:inference:256 > '$OUT/profile.md' 2>&1; rc=\$?; grep -A8 '^###' '$OUT/profile.md'; exit \$rc"
+step profile "${GPU_CHECK_PROFILE_S:-90}" bash -c "'$PY' benchmarks/gpu_profile.py layer:layer1.0.conv2:training:256 \
+    model:resnet50:inference:256 > '$OUT/profile.md' 2>&1; rc=\$?; grep -E '^(###|timed step|\\| _conv)' '$OUT/profile.md' | tail -60; exit \$rc"
 
 # kernel parity first, then the rest (xdist hands files out in this order)
 FIRST=(tests/test_conv_kernel.py tests/test_conv_backward.py tests/test_blocks.py tests/test_training.py)
-STEP_SIGNAL=INT step tests "${GPU_CHECK_TESTS_S:-120}" bash -c "${PYTEST[*]} -m '' -n $W -v --dist loadfile \
+STEP_SIGNAL=INT step tests "${GPU_CHECK_TESTS_S:-105}" bash -c "${PYTEST[*]} -m '' -n $W -v --dist loadfile \
     ${FIRST[*]} tests --ignore=tests/test_properties.py --durations=15 > '$OUT/tests.log' 2>&1; rc=\$?; \
     grep -E '(FAILED|ERROR) ' '$OUT/tests.log' | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u | tail -40; \
     tail -2 '$OUT/tests.log'; exit \$rc"
