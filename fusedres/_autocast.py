@@ -6,8 +6,13 @@ from torch import Tensor
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype eager convolutions run in under torch.autocast on this device type, None when it is off."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    """The dtype eager convolutions run in under torch.autocast on this device type, None when it is off (or
+    autocast has no such device type: "meta", which the argument checks meet before the path is chosen)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def cast_for_autocast(x: Tensor, *tensors: Optional[Tensor]):

@@ -58,7 +58,7 @@ def unsupported_device_reason(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if _kernels.INTERPRETED:
+        if interpreted():
             return None
         return ("CPU tensors run the Triton kernels only in the Triton interpreter; set TRITON_INTERPRET=1 "
                 "before importing fusedres")

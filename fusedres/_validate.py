@@ -4,6 +4,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._autocast import cast_for_autocast
 from .kernels.conv import out_size
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,6 +44,18 @@ def floating_input(op: str, x) -> torch.Tensor:
         raise TypeError(f"{op}: expected input to have a floating dtype (float16, bfloat16, float32 or float64), "
                         f"but got input of dtype {x.dtype}")
     return x
+
+
+def chain_input(op: str, x, weights: Sequence[torch.Tensor], groups: int):
+    """A conv chain's input (a block, a stem) against its convs' weights, in the dtype torch.autocast gives
+    both: a 4-D floating tensor with the first conv's channels, each weight on its device in its dtype.
+    Returns (x, weights) as the chain computes with them (autocast's casts)."""
+    floating_input(op, x)
+    x, *weights = cast_for_autocast(x, *weights)
+    conv_weight(op, "weight", weights[0], x, groups)
+    for w in weights[1:]:
+        tensor(op, "weight", w, 4, x.device, x.dtype)
+    return x, weights
 
 
 def per_channel(op: str, name: str, t, channels: int, device: torch.device) -> torch.Tensor:

@@ -154,26 +154,38 @@ class _FusedBlockMixin:
     def _units(self):
         return [(getattr(self, "conv" + i), getattr(self, "bn" + i)) for i in self._units_names]
 
+    def _layers_reason(self) -> Optional[str]:
+        """Why the block's layers cannot be fused (None when they can), whatever the input."""
+        return unfusable_reason(self)
+
     def _fallback_reason(self, x: Tensor) -> Optional[str]:
         if not isinstance(x, Tensor):
-            return None  # let the reference raise its own error
-        reason = _dispatch.unsupported_device_reason(x.device) or unfusable_reason(self)
+            return None  # the fused path's checks raise the argument error
+        reason = _dispatch.unsupported_device_reason(x.device) or self._layers_reason()
         if reason is None and _bn_mode(self) == "mixed":
             reason = "the block's BatchNorm layers mix batch statistics and running statistics (train/eval modes)"
         return reason
 
+    def _fall_back(self, x: Tensor, reason: str) -> Tensor:
+        """The reference forward, announced. Bad input first gets the argument error the fused path would give
+        (on every machine: a CPU tensor without the interpreter must not turn it into the path's error);
+        checked here only, so the fused path pays for its own checks once."""
+        if isinstance(x, Tensor) and self._layers_reason() is None:
+            units = self._units()
+            check.chain_input(type(self).__name__, x, [conv.weight for conv, _ in units], units[0][0].groups)
+        _dispatch.fallback(type(self).__name__, reason)
+        return super().forward(x)
+
     def forward(self, x: Tensor) -> Tensor:
         reason = self._fallback_reason(x)
         if reason is not None:
-            _dispatch.fallback(type(self).__name__, reason)
-            return super().forward(x)
+            return self._fall_back(x, reason)
         if _bn_mode(self) == "train":
             shortcut = self._shortcut()
             bns = [bn for _, bn in self._units()] + ([shortcut.bn] if shortcut.bn is not None else [])
             group = sync_group(bns, getattr(self, "process_group", None))
             if isinstance(group, str):
-                _dispatch.fallback(type(self).__name__, group)
-                return super().forward(x)
+                return self._fall_back(x, group)
             return self._train(x, shortcut, group)
         *head, (conv, bn) = self._units()
         out = x

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch, _fold
+from . import _validate as check
 from ._pickle import fused_class
-from .blocks import eval_conv, layer_reason, sync_group, uses_batch_stats
+from .blocks import eval_conv, layer_reason, pairs_reason, sync_group, uses_batch_stats
 from .training import Shortcut, train_forward
 
 Units = List[Tuple[nn.Conv2d, nn.Module]]
@@ -23,9 +24,8 @@ Units = List[Tuple[nn.Conv2d, nn.Module]]
 
 def run_stem(what: str, x: Tensor, units: Units) -> Optional[Tensor]:
     """relu(bn(conv(...))) for each unit on the fused kernels; None (announced) when they cannot run it."""
-    reason = _dispatch.unsupported_device_reason(x.device)
-    for conv, bn in units:
-        reason = reason or layer_reason(conv, bn)
+    layers = pairs_reason(units)
+    reason = _dispatch.unsupported_device_reason(x.device) or layers
     modes = {uses_batch_stats(bn) for _, bn in units}
     if reason is None and len(modes) > 1:
         reason = "its BatchNorm layers mix batch statistics and running statistics (train/eval modes)"
@@ -39,6 +39,8 @@ def run_stem(what: str, x: Tensor, units: Units) -> Optional[Tensor]:
         for conv, bn in units:  # each BN folded once (fusedres._fold)
             out = eval_conv(out, conv, bn)
         return out
+    if layers is None:  # bad input: the fused path's argument error, on every machine (see blocks' _fall_back)
+        check.chain_input(what, x, [conv.weight for conv, _ in units], units[0][0].groups)
     _dispatch.fallback(what, reason)
     return None
 

@@ -109,10 +109,13 @@ class _TimmBlockMixin(_FusedBlockMixin):
         dp = getattr(self, "drop_path", None)
         return dp if dp is not None and dp.training and float(getattr(dp, "drop_prob", 0.0)) > 0.0 else None
 
+    def _layers_reason(self) -> Optional[str]:
+        return timm_block_reason(self)
+
     def _fallback_reason(self, x: Tensor) -> Optional[str]:
         if not isinstance(x, Tensor):
             return None
-        reason = _dispatch.unsupported_device_reason(x.device) or timm_block_reason(self)
+        reason = _dispatch.unsupported_device_reason(x.device) or self._layers_reason()
         mode = _bn_mode(self) if reason is None else None
         if mode == "mixed":
             return "the block's BatchNorm layers mix batch statistics and running statistics (train/eval modes)"

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from . import _running, _sync, kernels, ops
 from . import _validate as check
-from ._autocast import cast_for_autocast
 from .attention import attention_gate, pooled_bn
 from .chain import PROJECTION, RESIDUAL_KINDS, BNState, ChainOutputs, ChainParams, ChainSpec
 from .kernels._launch import empty_activation
@@ -43,12 +42,8 @@ def train_forward(op: str, x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.BatchN
     from PyTorch's RNG as it would for the branch, and the tail kernel applies it.
     attention: an SE / ECA module (``attention.gate_reason`` is None): its gate of the pooled branch scales
     the branch in the tail (``fusedres::attention_tail``)."""
-    check.floating_input(op, x)
     layers = list(units) + ([(shortcut.conv, shortcut.bn)] if shortcut.kind == PROJECTION else [])
-    x, *weights = cast_for_autocast(x, *[conv.weight for conv, _ in layers])
-    check.conv_weight(op, "weight", weights[0], x, units[0][0].groups)
-    for w in weights[1:]:
-        check.tensor(op, "weight", w, 4, x.device, x.dtype)
+    x, weights = check.chain_input(op, x, [conv.weight for conv, _ in layers], units[0][0].groups)
     out_shape = _check_shapes(op, x, units, shortcut)
     bns = [bn for _, bn in layers]
     _running.settle([t for bn in bns for t in (bn.running_mean, bn.num_batches_tracked) if t is not None])
