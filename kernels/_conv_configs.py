@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional
 import torch
 import triton
 
-from ._launch import INTERPRETED, clamp_block, rows_need_int64, target_arch
+from ._launch import INTERPRETED, clamp_block, next_power_of_2, rows_need_int64, target_arch
 
 
 class Tile(NamedTuple):
@@ -309,7 +309,7 @@ def conv_fit(tile: Tile, kg: int, red: int, stem: bool = False) -> Tile:
     group, BLOCK_K to the reduction's channel block (``red``); on the stem path BLOCK_K holds a whole filter
     row, so it is the row's length rounded up to a power of two."""
     tile = tile.fit(n=kg)
-    return tile._replace(block_k=triton.next_power_of_2(red)) if stem else tile.fit(k=red)
+    return tile._replace(block_k=next_power_of_2(red)) if stem else tile.fit(k=red)
 
 
 def _conv_variant(stem: bool, shortcut: bool, stats: bool, fp32: bool = False) -> str:

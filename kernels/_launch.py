@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime import _allocation  # the global-scratch allocator (a ContextVar in triton 3.6 and 3.8)
+from triton.runtime import driver as _driver
+from triton.runtime.autotuner import Autotuner, Heuristics
 
 
 @triton.jit
@@ -51,9 +53,21 @@ def rows_need_int64(m: int, block_m: int) -> bool:
     return m + block_m >= 2 ** 31
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. triton.cdiv is a constexpr_function in triton 3.6 and 3.8, whose call unwraps
+    its arguments: several microseconds per host call, and the launchers make thousands per training step.
+    triton's formula: the interpreter hands grid functions its own integer tensors, whose division truncates."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 on the host (0 for n <= 0, as triton's), without the constexpr_function call."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def clamp_block(block: int, size: int, minimum: int = 16) -> int:
     """A power-of-two block no larger than needed for ``size`` elements (tl.dot needs >= 16)."""
-    return max(minimum, min(block, triton.next_power_of_2(max(size, 1))))
+    return max(minimum, min(block, next_power_of_2(max(size, 1))))
 
 
 def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -140,7 +154,7 @@ def prologue_math(x: torch.Tensor) -> str:
         return "acc"
     if INTERPRETED:
         return "rounded"
-    arch = triton.runtime.driver.active.get_current_target().arch
+    arch = current_arch()
     return "packed" if isinstance(arch, int) and arch >= 80 else "acc"
 
 
@@ -173,8 +187,61 @@ def fp32_hi_lo(value: float):
     return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
 
 
+# The last (driver, device, arch) seen: the launchers ask per launch, and a real driver's get_current_target
+# queries the device's capability each time. Checked against the active driver object and its current device, so
+# the static check's compile-only drivers (one per arch) and a second GPU each get their own answer.
+_LAST_TARGET = (None, None, None)
+
+
+def current_arch():
+    """The active driver's compile target arch for its current device (an int on CUDA)."""
+    global _LAST_TARGET
+    drv = _driver.active
+    current = getattr(drv, "get_current_device", None)  # stand-in drivers (tests) may lack it
+    device = current() if current is not None else None
+    last_drv, last_device, arch = _LAST_TARGET
+    if last_drv is not drv or last_device != device:
+        arch = drv.get_current_target().arch
+        _LAST_TARGET = (drv, device, arch)
+    return arch
+
+
 def target_arch() -> int:
     """The compile target's config family: 90 (Hopper and newer) or 80. Read from the active driver, so the
     static check's compile-only driver selects an arch's configs exactly as a real card does."""
-    target = triton.runtime.driver.active.get_current_target()
-    return 90 if isinstance(target.arch, int) and target.arch >= 90 else 80
+    arch = current_arch()
+    return 90 if isinstance(arch, int) and arch >= 90 else 80
+
+
+_AUTOTUNER_RUN = Autotuner.run
+
+
+def tune_key(tuner: Autotuner, args: dict) -> tuple:
+    """The key under which ``tuner`` caches its decision for a launch with keyword arguments ``args`` (all of them
+    kernel arguments), built as Autotuner.run builds it (triton 3.6 and 3.8): the key arguments, then the dtype of
+    every argument that has one, in argument order."""
+    key = [args[k] for k in tuner.keys if k in args]
+    key += [str(v.dtype) for v in args.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def launch_tuned(tuner: Autotuner, grid, args: dict) -> None:
+    """``tuner[grid](**args)`` for an autotuner over the kernel or over a Heuristics over it, without the
+    autotuner's per-call Python once it has decided this launch's key (its run rebuilds a dict of every argument and
+    filters it through a list: ~25 us a launch). The config it cached, then the heuristics in order on one dict,
+    straight to the kernel: what the autotuner's cached path calls. The first launch of a key, a config with a
+    pre-hook, and a replaced Autotuner.run (the static check's compile-only driver) go through the autotuner."""
+    config = tuner.cache.get(tune_key(tuner, args)) if len(tuner.configs) > 1 else None
+    fn = tuner.fn
+    if config is None or config.pre_hook is not None or type(tuner).run is not _AUTOTUNER_RUN:
+        tuner[grid](**args)
+        return
+    full = {**args, **config.all_kwargs()}
+    if isinstance(fn, Heuristics):
+        for name, heuristic in fn.values.items():
+            full[name] = heuristic(full)
+        fn = fn.fn
+    if isinstance(fn, (Autotuner, Heuristics)):  # deeper stacks: not ours
+        tuner[grid](**args)
+        return
+    fn.run(grid=grid, warmup=False, **full)  # as the autotuner's cached path calls it (tuner[grid]: warmup=False)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, clamp_block, device_guard, fp32_hi_lo
+from ._launch import INTERPRETED, cdiv, clamp_block, device_guard, fp32_hi_lo, next_power_of_2
 
 
 @triton.jit
@@ -147,9 +147,9 @@ def _split(rows: int, col_blocks: int, row_bytes: int = 0, chunk=None, gpu=not I
         if not gpu or col_blocks >= _GPU_PROGRAMS or rows * row_bytes <= _ONE_PASS_BYTES:
             chunk = max(rows, 1)
         else:
-            chunk = triton.cdiv(triton.cdiv(rows, triton.cdiv(_GPU_PROGRAMS, col_blocks)), 8) * 8
+            chunk = cdiv(cdiv(rows, cdiv(_GPU_PROGRAMS, col_blocks)), 8) * 8
     chunk = max(1, chunk)
-    return chunk, min(32, chunk & -chunk, triton.next_power_of_2(rows))
+    return chunk, min(32, chunk & -chunk, next_power_of_2(rows))
 
 
 def _finalize_blocks(t: int, k: int):
@@ -190,17 +190,17 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, eps, running: Option
     dummy = stats.mean
     run = running if running is not None else RunningUpdate(dummy, dummy, dummy, dummy, 0.0, None)
     block_t, block_k = _finalize_blocks(t, k)
-    chunk, chunk_block_t = _split(t, triton.cdiv(k, block_k), 2 * block_k * part_mean.element_size(), chunk)
+    chunk, chunk_block_t = _split(t, cdiv(k, block_k), 2 * block_k * part_mean.element_size(), chunk)
     with device_guard(part_mean):
         if chunk < t:  # pass 1: (mean, M2) per chunk of tiles, then the merge below runs over the chunks
-            chunks = triton.cdiv(t, chunk)
+            chunks = cdiv(t, chunk)
             c_mean = part_mean.new_empty((chunks, k))
             c_m2 = part_mean.new_empty((chunks, k))
-            _bn_chunk_stats_kernel[(chunks, triton.cdiv(k, block_k))](
+            _bn_chunk_stats_kernel[(chunks, cdiv(k, block_k))](
                 part_mean, part_m2, c_mean, c_m2, t, m, k, tile_m, chunk, BLOCK_T=chunk_block_t, BLOCK_K=block_k)
             part_mean, part_m2, t, tile_m = c_mean, c_m2, chunks, chunk * tile_m
             block_t = _finalize_blocks(t, k)[0]
-        _bn_finalize_kernel[(triton.cdiv(k, block_k),)](
+        _bn_finalize_kernel[(cdiv(k, block_k),)](
             part_mean, part_m2, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
             run.mean, run.var, run.new_mean, run.new_var,
             run.num_batches if run.num_batches is not None else dummy,
@@ -218,11 +218,11 @@ def sum_rows(src, out=None, chunk=None):
     t, length = src.shape
     out = torch.empty(length, device=src.device, dtype=src.dtype) if out is None else out
     block_l = clamp_block(1024 if INTERPRETED else 256, length, 1)
-    cols = triton.cdiv(length, block_l)
+    cols = cdiv(length, block_l)
     rows, block_t = _split(t, cols, block_l * src.element_size(), chunk)
     with device_guard(src):
         if rows < t:
-            chunks = triton.cdiv(t, rows)
+            chunks = cdiv(t, rows)
             part = src.new_empty((chunks, length))
             _sum_rows_kernel[(cols, chunks)](src, part, t, length, rows, BLOCK_T=block_t, BLOCK_L=block_l)
             src, t = part, chunks

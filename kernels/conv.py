@@ -42,11 +42,14 @@ from ._launch import (
     INTERPRETED,
     STEM_CPAD,
     activation_of,
+    cdiv,
     check_activation,
     descriptor_scratch,
     device_guard,
     dot_args,
     empty_activation,
+    launch_tuned,
+    next_power_of_2,
     out_size,
     pad_channels_nhwc,
     prologue_math,
@@ -364,8 +367,8 @@ def m_tiles(meta) -> int:
     """The launch's pixel tiles: flat BLOCK_M runs of the N*P*Q pixels, or (TILE_W) spatial tiles per image."""
     bm, tw = meta["BLOCK_M"], _tile_w(meta)
     if not tw:
-        return triton.cdiv(meta["M"], bm)
-    return meta["M"] // (meta["P"] * meta["Q"]) * triton.cdiv(meta["P"], bm // tw) * triton.cdiv(meta["Q"], tw)
+        return cdiv(meta["M"], bm)
+    return meta["M"] // (meta["P"] * meta["Q"]) * cdiv(meta["P"], bm // tw) * cdiv(meta["Q"], tw)
 
 
 # per launch, per tile
@@ -494,7 +497,7 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
     if stem_cpad:
         x, weight, cg = pad_channels_nhwc(x, STEM_CPAD), pad_channels_nhwc(weight, STEM_CPAD), s * stem_cpad
         if config is not None:
-            config = dict(config, BLOCK_K=triton.next_power_of_2(cg))
+            config = dict(config, BLOCK_K=next_power_of_2(cg))
     # Autotuning may pick another tile (so another summation order) in another process: under
     # torch.use_deterministic_algorithms(True) a fixed config keeps results bitwise reproducible.
     if config is None:
@@ -502,7 +505,7 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
     block_m = STATS_BLOCK_M if config is None else config["BLOCK_M"]  # autotuned: see stats_partials_fit
     part_mean = part_m2 = None
     if stats:
-        num_tiles = triton.cdiv(m, block_m)
+        num_tiles = cdiv(m, block_m)
         part_mean = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
         part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
     if m == 0 or k == 0:
@@ -532,8 +535,8 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
         IN_BOUNDS=prologue is not None and r * s == 1 and tuple(padding) == (0, 0),
         **dot_args(x), ACC_FP64=x.dtype == torch.float64)
 
-    def grid(meta):
-        return (m_tiles(dict(args, **meta)) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+    def grid(meta):  # meta: every bound argument of the launch, the config's and the heuristics' included
+        return (m_tiles(meta) * cdiv(kg, meta["BLOCK_N"]), groups)
 
     # The descriptor path (issue 17 item 3): in the autotune set of eligible launches on sm_90; a fixed config
     # takes it when it asks (TMA=True: FUSEDRES_TMA=1, or the caller's config) and the launch is eligible.
@@ -544,7 +547,7 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
         if config is None:
             tuners = (_conv_stats_tma_autotuned, _conv_tma_autotuned) if tma else (_conv_stats_autotuned,
                                                                                   _conv_bn_act_autotuned)
-            tuners[0 if stats else 1][grid](**args)
+            launch_tuned(tuners[0 if stats else 1], grid, args)
         else:
             config = {k: v for k, v in config.items() if k != "TMA"}
             if tma and config_tma:

@@ -38,11 +38,13 @@ from ._conv_configs import (
     tma_wanted,
 )
 from ._launch import (
+    cdiv,
     check_activation,
     descriptor_scratch,
     device_guard,
     dot_args,
     empty_activation,
+    launch_tuned,
     out_size,
     stats_dtype,
     stride_args,
@@ -255,7 +257,7 @@ def _axis_phases(size: int, k: int, stride: int, pad: int, dil: int):
         taps = [t for t in range(k) if (a + pad - t * dil) % stride == 0]
         step = taps[1] - taps[0] if len(taps) > 1 else 1
         t0 = taps[0] if taps else 0
-        phases.append((a, max(0, triton.cdiv(size - a, stride)),
+        phases.append((a, max(0, cdiv(size - a, stride)),
                        (t0, step, len(taps), (a + pad - t0 * dil) // stride, step * dil // stride)))
     return phases
 
@@ -305,8 +307,8 @@ def phase_tiles(meta) -> int:
     """A phase launch's pixel tiles: BLOCK_M runs of its M pixels, or (TILE_W) spatial tiles per image."""
     bm, tw = meta["BLOCK_M"], _tile_w(meta)
     if not tw:
-        return triton.cdiv(meta["M"], bm)
-    return meta["M"] // (meta["HP"] * meta["WP"]) * triton.cdiv(meta["HP"], bm // tw) * triton.cdiv(meta["WP"], tw)
+        return cdiv(meta["M"], bm)
+    return meta["M"] // (meta["HP"] * meta["WP"]) * cdiv(meta["HP"], bm // tw) * cdiv(meta["WP"], tw)
 
 
 _conv_dgrad = triton.heuristics({"EVEN_K": _even_k, "TILE_W": _tile_w})(_conv_dgrad_kernel)  # per launch and tile
@@ -390,12 +392,12 @@ def _dgrad(dy, weight, x_shape, stride, padding, dilation, groups, bn_act, resid
         phase = dict(M=n * hp * wp, HP=hp, WP=wp, PH0=ah, PW0=aw, TILE0=tile0, **dict(zip(_TAPS_H, th)),
                      **dict(zip(_TAPS_W, tw)), ONE_TAP=th[2] <= 1 and tw[2] <= 1)
 
-        def grid(meta, phase=phase):
-            return (phase_tiles(dict(phase, **meta)) * triton.cdiv(cg, meta["BLOCK_N"]), groups)
+        def grid(meta):  # meta: every bound argument of the launch (the phase's, the config's) included
+            return (phase_tiles(meta) * cdiv(cg, meta["BLOCK_N"]), groups)
 
         with device_guard(dy), descriptor_scratch(dy if tma else None):
             if cfg is None:
-                (_conv_dgrad_tma_autotuned if tma else _conv_dgrad_autotuned)[grid](**args, **phase)
+                launch_tuned(_conv_dgrad_tma_autotuned if tma else _conv_dgrad_autotuned, grid, {**args, **phase})
             else:
                 _conv_dgrad[grid](**args, **phase, **cfg)
         tile0 += t

@@ -15,7 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, activation_of, clamp_block, device_guard, empty_activation, site_activation
+from ._launch import (
+    INTERPRETED,
+    activation_of,
+    cdiv,
+    clamp_block,
+    device_guard,
+    empty_activation,
+    site_activation,
+)
 from ._tiles import activation_grad, add_residual_act_store, pixel_channel_tile, tile_ptrs
 from .bn import sum_rows
 
@@ -302,7 +310,7 @@ def bn_act(y, scale, shift, shortcut: Optional[Projection] = None, residual=None
     res = residual if residual is not None else y
     bm, bn = _tile(m, k)
     with device_guard(y):
-        _bn_act_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
+        _bn_act_kernel[(cdiv(m, bm), cdiv(k, bn))](
             y, scale if scale is not None else y, shift if scale is not None else y,
             row_scale if row_scale is not None else y, attn if attn is not None else y,
             yd, scale_d if scale_d is not None else y, shift_d if shift_d is not None else y, res, out, m, p, q, k,
@@ -331,11 +339,11 @@ def bn_bwd_reduce(grad, act_out, y, mean, invstd, y2=None, mean2=None, invstd2=N
     n, k, p, q = y.shape
     m = n * p * q
     bm, bn = _tile(m, k)
-    t = triton.cdiv(m, bm)
+    t = cdiv(m, bm)
     j = 4 if y2 is not None else 2
     parts = torch.empty((t, j * k), device=y.device, dtype=mean.dtype)
     with device_guard(y):
-        _bn_bwd_reduce_kernel[(t, triton.cdiv(k, bn))](
+        _bn_bwd_reduce_kernel[(t, cdiv(k, bn))](
             grad, act_out if act_out is not None else grad, y, mean, invstd,
             row_scale if row_scale is not None else mean,
             y2 if y2 is not None else y, mean2 if y2 is not None else mean, invstd2 if y2 is not None else invstd,
@@ -360,7 +368,7 @@ def bn_bwd_apply(grad, act_out, y, gamma, mean, invstd, sum_g, sum_gx, count=Non
     gain = "one" if unit_gain else ("gamma" if gamma is not None else "invstd")
     act = site_activation(activation, act_out is not None)
     with device_guard(y):
-        _bn_bwd_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
+        _bn_bwd_apply_kernel[(cdiv(m, bm), cdiv(k, bn))](
             grad, act_out if act_out is not None else grad, y, dy,
             gamma if gamma is not None else mean, mean, invstd, sum_g, sum_gx,
             row_scale if row_scale is not None else mean, nc if nc is not None else mean, m, p, q, k,
@@ -380,7 +388,7 @@ def image_mean(y, dtype=None):
         return out
     bm, bn = _image_tile(p * q, k)
     with device_guard(y):
-        _image_mean_kernel[(n, triton.cdiv(k, bn))](y, out, p * q, q, k, *y.stride(), BLOCK_M=bm, BLOCK_N=bn)
+        _image_mean_kernel[(n, cdiv(k, bn))](y, out, p * q, q, k, *y.stride(), BLOCK_M=bm, BLOCK_N=bn)
     return out
 
 
@@ -406,7 +414,7 @@ def attention_tail_bwd(grad, out, y, scale, shift, mean, invstd, attn, row_scale
     yd, scale_d = (projection.yd, projection.scale) if projection is not None else (y, scale)
     bm, bn = _image_tile(p * q, k)
     with device_guard(y):
-        _attention_tail_bwd_kernel[(n, triton.cdiv(k, bn))](
+        _attention_tail_bwd_kernel[(n, cdiv(k, bn))](
             grad, out, y, scale, shift, attn, row_scale if row_scale is not None else mean, yd, scale_d,
             dy, dres, dattn, parts, mean, invstd, mean_d if mean_d is not None else mean,
             invstd_d if invstd_d is not None else invstd, p * q, q, k,

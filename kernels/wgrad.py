@@ -48,9 +48,12 @@ from ._conv_configs import (
 from ._launch import (
     INTERPRETED,
     STEM_CPAD,
+    cdiv,
     descriptor_scratch,
     device_guard,
     dot_args,
+    launch_tuned,
+    next_power_of_2,
     pad_channels_nhwc,
     prologue_math,
     site_activation,
@@ -261,7 +264,7 @@ def _num_splits(tiles: int, m: int, bk: int) -> int:
     """Enough programs to fill a GPU (~2 waves on 132 SMs), each still looping over >= 8 pixel blocks."""
     if INTERPRETED:
         return 1
-    return max(1, min(triton.cdiv(264, tiles), triton.cdiv(m, bk * 8)))
+    return max(1, min(cdiv(264, tiles), cdiv(m, bk * 8)))
 
 
 def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, config=None, *, activation="relu"):
@@ -285,14 +288,14 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     if groups == 1 and c <= STEM_CPAD and prologue is None and not idx64:
         # The stem (C=3): a zero-padded dense NHWC copy with STEM_CPAD channels (4/3 of the input, once) makes
         # each filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
-        stem_cpad, stem_sp = STEM_CPAD, triton.next_power_of_2(s)
+        stem_cpad, stem_sp = STEM_CPAD, next_power_of_2(s)
         x, ncol = pad_channels_nhwc(x, stem_cpad), r * stem_sp * stem_cpad
     cfg = dict(config) if config is not None else wgrad_fixed_config(m, kg, cg, ncol)
     bk = WGRAD_BLOCK_K if cfg is None else cfg["BLOCK_K"]
     # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.
-    split = _num_splits(triton.cdiv(kg, 128) * triton.cdiv(ncol, 128) * groups, m, bk)
-    rows_per_split = triton.cdiv(triton.cdiv(m, split), bk) * bk
-    split = max(1, triton.cdiv(m, rows_per_split))
+    split = _num_splits(cdiv(kg, 128) * cdiv(ncol, 128) * groups, m, bk)
+    rows_per_split = cdiv(cdiv(m, split), bk) * bk
+    split = max(1, cdiv(m, rows_per_split))
     acc_dtype = stats_dtype(dy)
     direct = split == 1 and weight.dtype == acc_dtype
     part = torch.as_strided(dw, (1, dw.numel()), (0, 1)) if direct else \
@@ -300,7 +303,7 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     in_scale, in_shift = prologue if prologue is not None else (dw, dw)
 
     def grid(meta):
-        return (triton.cdiv(kg, meta["BLOCK_N"]) * triton.cdiv(ncol, meta["BLOCK_M"]), groups * split)
+        return (cdiv(kg, meta["BLOCK_N"]) * cdiv(ncol, meta["BLOCK_M"]), groups * split)
 
     # the stem's padded copy is read as dense NHWC with stem_cpad channels, whatever its logical shape
     x_strides = (h * w * stem_cpad, 1, w * stem_cpad, stem_cpad) if stem_cpad else x.stride()
@@ -318,7 +321,7 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     cfg = tma_config(cfg, tma)
     with device_guard(dy), descriptor_scratch(dy if tma else None):
         if cfg is None:
-            (_conv_wgrad_tma_autotuned if tma else _conv_wgrad_autotuned)[grid](**args)
+            launch_tuned(_conv_wgrad_tma_autotuned if tma else _conv_wgrad_autotuned, grid, args)
         else:
             _conv_wgrad_kernel[grid](**args, **cfg, TAP_PER_TILE=cg % cfg["BLOCK_M"] == 0)
     if not direct:

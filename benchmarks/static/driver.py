@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
+from triton.runtime import _allocation
 from triton.runtime import driver as _driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
@@ -181,3 +182,89 @@ def _dtype_of(bound) -> Any:
         if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
             return v.dtype
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch-only mode: the real launch path's host cost, without a GPU (benchmarks/host_overhead.py)
+# ----------------------------------------------------------------------------------------------
+
+class _LaunchCounter:
+    """What Triton calls to launch: counts launches. The count is kept on the class (one per process)."""
+    launches = 0
+
+
+class _NoopLauncher:
+    """Stands in for the driver's launcher_cls (the C launcher: argument packing, cuLaunchKernel). Keeps the
+    real launcher's Python part that runs per launch: the global-scratch allocation of descriptor kernels."""
+
+    def __init__(self, src, metadata):
+        self.num_ctas = getattr(metadata, "num_ctas", 1)
+        self.global_scratch_size = metadata.global_scratch_size
+        self.global_scratch_align = metadata.global_scratch_align
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, *args):
+        if self.global_scratch_size > 0:
+            size = grid_x * grid_y * grid_z * self.num_ctas * self.global_scratch_size
+            _allocation._allocator.get()(size, self.global_scratch_align, stream)
+        _LaunchCounter.launches += 1
+
+
+class _NoopUtils:
+    """The driver's utils: load_binary hands back dummy handles (one call per compiled kernel, not per launch)."""
+
+    @staticmethod
+    def load_binary(name, kernel, shared, device):
+        return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads per block
+
+    @staticmethod
+    def unload_module(module):
+        pass
+
+    @staticmethod
+    def get_device_properties(device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "warpSize": 32}
+
+
+def _fixed_bench(kernel_call, quantiles=None, **_):
+    """Autotuning's benchmarker: every config 'takes' 1 ms without running, so each key tunes once (to the first
+    config left after pruning) and later calls take the autotuner's cached path."""
+    return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+
+class FakeLaunchDriver(FakeCudaDriver):
+    """An sm_<arch> GPU whose launches do nothing: JITFunction.run and Autotuner.run run for real (binding,
+    specialization, cache lookups, grid, launch metadata); only the C launcher and the module load are no-ops."""
+
+    def __init__(self, arch: int):
+        super().__init__(arch)
+        self.utils = _NoopUtils()
+        self.launcher_cls = _NoopLauncher
+
+    def get_benchmarker(self):
+        return _fixed_bench
+
+
+def _meta_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="meta")
+
+
+@contextlib.contextmanager
+def launch_only(arch: int = 90):
+    """Within: Triton compiles for sm_<arch> (Triton's disk cache as usual) and every launch runs the real
+    JITFunction.run / Autotuner.run down to the launcher call, which only counts (``launch_count()``).
+    Launch on "meta" tensors (the launchers take their CUDA-path branches on meta). Autotuned configs are
+    picked without timing: set FUSEDRES_AUTOTUNE_CACHE=0 first, so no fake timing lands in Triton's disk cache."""
+    prev = _driver._active
+    var = _allocation._allocator
+    token = var.set(_meta_scratch)  # descriptor kernels' global scratch (device_guard sets none for meta tensors)
+    _driver.set_active(FakeLaunchDriver(arch))
+    try:
+        yield
+    finally:
+        _driver._active = prev
+        var.reset(token)
+
+
+def launch_count() -> int:
+    """Launches made so far under launch_only (this process)."""
+    return _LaunchCounter.launches
