@@ -114,8 +114,9 @@ _CATEGORIES = [
     ("fusedres host code (fusedres/)", ("/fusedres/",)),
     ("torch.library custom_op dispatch", ("/torch/_library/", "/torch/_ops.py")),
     ("torch autograd / Tensor Python", ("/torch/autograd/", "/torch/_tensor.py")),
-    ("torch meta kernels in Python (meta only)",
-     ("/torch/_meta_registrations", "/torch/_refs", "/torch/_prims", "/torch/_decomp")),
+    ("torch meta kernels in Python (meta only)",  # shape functions that CUDA tensors run in C++
+     ("/torch/_meta_registrations", "/torch/_refs", "/torch/_prims", "/torch/_decomp",
+      "/torch/fx/experimental/symbolic_shapes")),
     ("torch.nn modules (Python)", ("/torch/nn/", "/torchvision/")),
     ("torch other Python", ("/torch/",)),
 ]

@@ -137,7 +137,9 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
 
 
 def _dense(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t  # the modules' cached folds: no aten call per launch
+    return t.to(dtype).contiguous()
 
 
 def _check_fold(fold: Tensor, k: int, device, *others) -> None:

@@ -90,11 +90,17 @@ def empty_activation(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=memory_format_of(like))
 
 
+_STRIDE_NAMES: dict = {}  # (name, dims) -> the keyword names: built once, not per launch
+
+
 def stride_args(name: str, t, dims: str = "nchw") -> dict:
     """The keyword arguments stride_<name>_<dim> of a kernel launch: a tensor's leading strides (or a tuple
     of strides), one per letter of ``dims``; zeros for None (a pointer the kernel never reads)."""
+    names = _STRIDE_NAMES.get((name, dims))
+    if names is None:
+        names = _STRIDE_NAMES[(name, dims)] = tuple(f"stride_{name}_{d}" for d in dims)
     st = (0,) * len(dims) if t is None else (t if isinstance(t, tuple) else t.stride())
-    return {f"stride_{name}_{d}": v for d, v in zip(dims, st)}
+    return dict(zip(names, st))
 
 
 def device_guard(x: torch.Tensor):
@@ -216,12 +222,15 @@ def target_arch() -> int:
 _AUTOTUNER_RUN = Autotuner.run
 
 
+_NO_DTYPE = frozenset((int, float, bool, str, type(None)))  # argument types without a dtype: no hasattr needed
+
+
 def tune_key(tuner: Autotuner, args: dict) -> tuple:
     """The key under which ``tuner`` caches its decision for a launch with keyword arguments ``args`` (all of them
     kernel arguments), built as Autotuner.run builds it (triton 3.6 and 3.8): the key arguments, then the dtype of
     every argument that has one, in argument order."""
     key = [args[k] for k in tuner.keys if k in args]
-    key += [str(v.dtype) for v in args.values() if hasattr(v, "dtype")]
+    key += [str(v.dtype) for v in args.values() if type(v) not in _NO_DTYPE and hasattr(v, "dtype")]
     return tuple(key)
 
 
