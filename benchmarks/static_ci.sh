@@ -42,6 +42,12 @@ done
 # Cold start (issue 17 item 8): a ResNet-50 training step compiles at most 90 variants, per triton (no compile:
 # Triton's compile keys only; the newest triton's run is tests/test_precompile.py's budget test).
 "$V36/bin/python" benchmarks/cold_start.py --budget || RC=1
+# Host cost per launch (the first H200 run: the fused ResNet-50 is host-bound): a ResNet-50 b256 step through Triton's
+# real launch path with no-op launches (benchmarks/host_overhead.py, ~20 s). Python calls per launch are deterministic
+# per torch/triton (491 eval, 265 training on the GPU image's triton 3.6 at 2026-12-04); the time limits are loose
+# (shared cores; 130 / 67 us measured alone), to catch a launch path gone slow by multiples.
+"$V36/bin/python" benchmarks/host_overhead.py --steps 3 --repeats 3 --budget-calls eval=540,train=300 \
+    --budget eval=300,train=150 || RC=1
 # fp64 operands (gradcheck's dtype; no budget subset row): the forward, dgrad and wgrad compile for sm_90 under
 # triton 3.6, whose tl.dot checks the accumulator's dtype (tests/test_static_check.py: the newest triton's run).
 "$V36/bin/python" benchmarks/static/selftest.py 90 fp64 >static-results/fp64-triton3.6.0.json \
