@@ -117,3 +117,25 @@ def test_current_arch_is_cached_per_driver(monkeypatch):
         assert d.asked == 1
     d.get_current_device = lambda: 1  # another GPU: asked again
     assert _launch.target_arch() == 80 and d.asked == 2
+
+
+def test_saved_chain_round_trip():
+    """SavedChain.flatten / unflatten (hand-written, for the training op's save_for_backward): every field back, in
+    place, Nones included."""
+    from fusedres.chain import BNStats, SavedChain
+    g = torch.Generator().manual_seed(3)
+
+    def t(*size):
+        return torch.randn(*size, generator=g)
+    for n, yd, row_scale, gamma in ((1, None, None, None), (3, t(2, 4, 3, 3), t(2), t(4))):
+        saved = SavedChain(t(2, 3, 5, 5), t(2, 4, 3, 3), yd, [t(2, 4, 3, 3) for _ in range(n)],
+                           [t(4, 3, 1, 1) for _ in range(n + 1)], [gamma] * (n + 1),
+                           [BNStats(t(4), t(4), t(4), t(4)) for _ in range(n + 1)], row_scale)
+        leaves, structure = saved.flatten()
+        back = SavedChain.unflatten(tuple(leaves), structure)
+        assert type(back) is SavedChain and len(back) == len(saved)
+        for a, b in zip(torch.utils._pytree.tree_leaves(saved), torch.utils._pytree.tree_leaves(back)):
+            assert a is b
+        assert all(type(s) is BNStats for s in back.stats)
+        assert [type(f) for f in back] == [type(f) for f in saved]
+        assert back.yd is yd and back.row_scale is row_scale and back.gammas == saved.gammas
