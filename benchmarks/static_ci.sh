@@ -52,5 +52,8 @@ done
 # triton 3.6, whose tl.dot checks the accumulator's dtype (tests/test_static_check.py: the newest triton's run).
 "$V36/bin/python" benchmarks/static/selftest.py 90 fp64 >static-results/fp64-triton3.6.0.json \
     || { echo "static_ci: fp64 kernels do not compile under triton 3.6 (static-results/fp64-triton3.6.0.json)"; RC=1; }
+# The GPU image's interpreter (triton 3.6): what `python -m fusedres --device cpu` and the CLI's CPU tests run on a GPU
+# machine; it failed every conv kernel beside numpy >= 2.4 until kernels/_interpreter.py (~5 s).
+TRITON_INTERPRET=1 "$V36/bin/python" benchmarks/static/interpreter_smoke.py || RC=1
 echo "static_ci: $((SECONDS - START)) s, exit $RC"
 exit $RC

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fusedres.bench import cli
+from fusedres.kernels import INTERPRETED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +77,7 @@ def test_cpu_verification(tmp_path):
              tmp_path, timeout=110)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    assert "Triton interpreter" in out and "no CUDA GPU" in out
+    assert "Triton interpreter" in out and ("--device cpu" if torch.cuda.is_available() else "no CUDA GPU") in out
     assert "fp32 layer" in out and "fp16 model" in out and "layer3.2" in out
     assert "PASS:" in out and "FAIL" not in out
     assert "benchmarks/gpu_check.sh" in out
@@ -85,6 +86,26 @@ def test_cpu_verification(tmp_path):
     points = [row["point"] for row in report["rows"]]
     assert points[0] == "stem" and points[-1] == "output" and len(points) == 11
     assert all(row["result"] == "PASS" for row in report["rows"] + report["training_rows"])
+
+
+@pytest.mark.slow  # ~25 s
+@pytest.mark.skipif(not INTERPRETED, reason="in-process: this process must run the interpreter (a GPU machine's "
+                                            "runs the real one: test_cpu_verification)")
+def test_cpu_verification_with_a_gpu_visible(tmp_path, monkeypatch, capsys):
+    """``--device cpu`` where torch sees a GPU (simulated: torch.cuda answers as on a GPU machine, a real CUDA tensor
+    would still fail here): the verification, training rows and host counts all run on the CPU, interpreted."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "a simulated GPU")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 0)
+    rc = cli.main(["--device", "cpu", "--model", "cifar_resnet20", "--batch", "1", "--mode", "training", "--dtype",
+                   "fp32", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "--device cpu, so this verifies the fused kernels in the Triton interpreter" in out
+    assert "PASS:" in out and "| fused train step |" in out
+    report = json.loads((tmp_path / "cifar_resnet20-cpu-verify.json").read_text())
+    assert report["passed"] is True and report["env"]["card"] == "a simulated GPU"
 
 
 @pytest.mark.slow  # ~15 s

@@ -60,7 +60,8 @@ def verify_cpu(args) -> int:
     env = environment()
     dtypes = [args.dtype] if args.dtype else ["fp32", "fp16"]
     n, size = args.batch or 2, args.image_size
-    print(f"fusedres {fusedres.__version__}: no CUDA GPU here, so this verifies the fused kernels in the Triton "
+    why = "--device cpu" if torch.cuda.is_available() else "no CUDA GPU here"
+    print(f"fusedres {fusedres.__version__}: {why}, so this verifies the fused kernels in the Triton "
           f"interpreter on the CPU (torch {env['torch']}, triton {env['triton']}, Python {env['python']}).")
     print(f"{args.model}, eval mode, batch {n}, {size}x{size}, channels_last; FUSEDRES_STRICT=1 (no PyTorch "
           f"fallback); BN running statistics calibrated on random data, then perturbed.")
@@ -110,7 +111,7 @@ def verify_cpu(args) -> int:
     if train_rows:
         _print_verify_table(train_rows, ["fp32"], TOLERANCE, "training step (batch statistics), fp32")
     log("host work per ResNet-50 call (launches counted, not run) ...")
-    counts = resnet50_counts()
+    counts = resnet50_counts(device="cpu")  # not on a visible GPU: this process runs the interpreter
     print("\nhost work per ResNet-50 call (batch 2, 32x32; aten ops dispatched, Triton launches):\n")
     print(format_table(counts))
     wall = time.perf_counter() - t0
