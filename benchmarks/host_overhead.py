@@ -14,6 +14,9 @@ Autotuner.run and only the final C launcher call is a no-op (benchmarks/static/d
 
     python benchmarks/host_overhead.py                 # eval and train, batch 256, 224x224, bf16; markdown table
     python benchmarks/host_overhead.py --profile       # plus the cProfile breakdown and the aten op counts
+    python benchmarks/host_overhead.py --device cuda   # on a GPU: real launches, each step's host (enqueue) time
+                                                       # (first step autotunes: ~1-2 min for resnet50, seconds for
+                                                       # --model layer); not yet run on a GPU
     python benchmarks/host_overhead.py --budget eval=200,train=110 --budget-calls eval=300,train=200
                                                        # exit 1 when a mode passes a limit per launch
 """
@@ -29,7 +32,9 @@ from collections import Counter
 from typing import Callable, Dict, List, Tuple
 
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ["FUSEDRES_AUTOTUNE_CACHE"] = "0"  # fake timings must not reach Triton's on-disk autotune cache
+ON_CUDA = any(a in ("cuda", "--device=cuda") for a in sys.argv[1:])
+if not ON_CUDA:
+    os.environ["FUSEDRES_AUTOTUNE_CACHE"] = "0"  # fake timings must not reach Triton's on-disk autotune cache
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -48,7 +53,14 @@ SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.equal", "aten.is_nonz
 MODEL = "torchvision + fusedres.convert"
 
 
-def build(train: bool, batch: int, image: int, dtype: torch.dtype) -> Tuple[torch.nn.Module, torch.Tensor]:
+def _input(shape, dtype: torch.dtype, device: str) -> torch.Tensor:
+    t = torch.empty(shape, device=device, dtype=dtype) if device == "meta" else \
+        torch.randn(shape, device=device).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def build(train: bool, batch: int, image: int, dtype: torch.dtype,
+          device: str = "meta") -> Tuple[torch.nn.Module, torch.Tensor]:
     try:
         import torchvision
         model = fusedres.convert(torchvision.models.resnet50())
@@ -56,12 +68,12 @@ def build(train: bool, batch: int, image: int, dtype: torch.dtype) -> Tuple[torc
         global MODEL
         MODEL = "fusedres.resnet50"
         model = fusedres.resnet50(fused=True)
-    model = model.to(device="meta", dtype=dtype, memory_format=torch.channels_last).train(train)
-    x = torch.empty((batch, 3, image, image), device="meta", dtype=dtype).to(memory_format=torch.channels_last)
-    return model, x
+    model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).train(train)
+    return model, _input((batch, 3, image, image), dtype, device)
 
 
-def build_layer(train: bool, batch: int, dtype: torch.dtype) -> Tuple[torch.nn.Module, torch.Tensor]:
+def build_layer(train: bool, batch: int, dtype: torch.dtype,
+                device: str = "meta") -> Tuple[torch.nn.Module, torch.Tensor]:
     """The GPU profile's layer case: ResNet-50's 3x3 64->64 conv at 56x56 with BN and ReLU, one fused launch in
     eval and a one-unit training chain in training (fusedres.bench.layers.FusedLayer)."""
     from fusedres.bench.layers import EagerLayer, FusedLayer
@@ -69,9 +81,8 @@ def build_layer(train: bool, batch: int, dtype: torch.dtype) -> Tuple[torch.nn.M
     wanted = (64, 64, 3, 56, 1, "none")
     shape = next(lay.shape for lay in model_shapes("resnet50").layers
                  if (lay.shape.c, lay.shape.k, lay.shape.r, lay.shape.h, lay.shape.stride, lay.shape.tail) == wanted)
-    layer = FusedLayer(EagerLayer(shape)).to(device="meta", dtype=dtype, memory_format=torch.channels_last)
-    x = torch.empty((batch, 64, 56, 56), device="meta", dtype=dtype).to(memory_format=torch.channels_last)
-    return layer.train(train), x.requires_grad_(train)
+    layer = FusedLayer(EagerLayer(shape)).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    return layer.train(train), _input((batch, 64, 56, 56), dtype, device).requires_grad_(train)
 
 
 def step_fn(model: torch.nn.Module, x: torch.Tensor, train: bool, sgd: bool = False) -> Callable[[], None]:
@@ -92,6 +103,33 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, train: bool, sgd: bool = Fa
 
 def mode_context(train: bool):
     return contextlib.nullcontext() if train else torch.inference_mode()
+
+
+def enqueue_times(step, steps: int) -> List[float]:
+    """On a GPU: seconds each step's host work takes, the device idle at its start (synchronized before, not
+    after): while the launch queue does not fill, this is the host's cost alone, whatever the kernels take."""
+    out = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return out
+
+
+def cuda_launches(step) -> int:
+    """Triton launches in one step on a GPU, counted by a launch hook (set for this step only: it costs time)."""
+    from triton import knobs
+    seen = []
+    saved = knobs.runtime.launch_enter_hook
+    knobs.runtime.launch_enter_hook = lambda metadata: seen.append(1)
+    try:
+        step()
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.launch_enter_hook = saved
+    return len(seen)
 
 
 def time_steps(step, steps: int, repeats: int) -> List[float]:
@@ -170,8 +208,8 @@ def profile_breakdown(step, steps: int) -> Tuple[Dict[str, float], List[Tuple[st
 
 def measure(train: bool, args) -> dict:
     dtype = getattr(torch, args.dtype)
-    model, x = build_layer(train, args.batch, dtype) if args.model == "layer" else \
-        build(train, args.batch, args.image, dtype)
+    model, x = build_layer(train, args.batch, dtype, args.device) if args.model == "layer" else \
+        build(train, args.batch, args.image, dtype, args.device)
     step = step_fn(model, x, train, args.sgd)
     with mode_context(train):
         t0 = time.perf_counter()
@@ -179,10 +217,14 @@ def measure(train: bool, args) -> dict:
         first = time.perf_counter() - t0
         for _ in range(args.warmup):
             step()
-        n0 = launch_count()
-        step()
-        launches = launch_count() - n0
-        per_step = time_steps(step, args.steps, args.repeats)
+        if args.device == "cuda":
+            launches = cuda_launches(step)
+            per_step = enqueue_times(step, args.steps * args.repeats)
+        else:
+            n0 = launch_count()
+            step()
+            launches = launch_count() - n0
+            per_step = time_steps(step, args.steps, args.repeats)
         calls = python_calls(step)
         what = ("train fwd+bwd+SGD" if args.sgd else "train fwd+bwd") if train else "eval fwd"
         res = dict(mode=f"{args.model} {what}", kind="train" if train else "eval", launches=launches,
@@ -269,6 +311,8 @@ def main(argv=None) -> int:
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--device", choices=["meta", "cuda"], default="meta",
+                   help="cuda: on a GPU, real launches; host ms/step is each step's enqueue time from an idle device")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
@@ -282,12 +326,15 @@ def main(argv=None) -> int:
     modes = {"eval": [False], "train": [True], "both": [False, True]}[args.mode]
     import triton
     results = []
-    with launch_only(args.arch), meta_fused_path():
+    with (launch_only(args.arch) if args.device == "meta" else contextlib.nullcontext()), \
+            (meta_fused_path() if args.device == "meta" else contextlib.nullcontext()):
         for train in modes:
             results.append(measure(train, args))
-    print(f"fused resnet50 ({MODEL}) host cost, launch-only sm_{args.arch} (triton {triton.__version__}, torch "
-          f"{torch.__version__}), {args.dtype}, batch {args.batch}, {args.image}x{args.image}, meta tensors; "
-          f"median of {args.repeats} x {args.steps} steps\n")
+    where = f"launch-only sm_{args.arch}, meta tensors" if args.device == "meta" else \
+        f"{torch.cuda.get_device_name()}, enqueue time from an idle device"
+    print(f"fused {args.model} ({MODEL if args.model == 'resnet50' else 'FusedLayer'}) host cost, {where} (triton "
+          f"{triton.__version__}, torch {torch.__version__}), {args.dtype}, batch {args.batch}; median of "
+          f"{args.repeats} x {args.steps} steps\n")
     print(table(results))
     for r in results:
         if "cats" in r:
