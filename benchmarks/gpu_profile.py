@@ -9,27 +9,33 @@ it (fusedres.bench.measure.build), fused and eager side by side, and gets:
 - a torch.profiler table of the kernels by CUDA time per step (their sum against the timed step says the same);
 - every autotuned launch's timing per config, descriptor (TMA) configs against pointer ones (fused only).
 """
+import os
 import sys
 import time
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-from triton.runtime.autotuner import Autotuner
+# every key tunes in this process (no timings loaded from Triton's disk cache), so each config's time is seen;
+# read when fusedres builds its autotuners, so before the import below
+os.environ["FUSEDRES_AUTOTUNE_CACHE"] = "0"
 
-from fusedres.bench import measure as B
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from fusedres.bench import measure as B  # noqa: E402
 
 STEPS = 5
-TUNED = []  # (kernel, key, {config: ms}) of every autotuning run in this process
-_AUTOTUNE_RUN = Autotuner.run
+TUNED = {}  # (kernel, key) -> {config: ms} of every autotuning run in this process
+_AUTOTUNE_BENCH = Autotuner._bench
 
 
-def _recording_run(self, *args, **kwargs):
-    """Autotuner.run that keeps each new key's per-config timings (triton keeps only the last key's)."""
-    before = set(self.cache)
-    out = _AUTOTUNE_RUN(self, *args, **kwargs)
-    timings = getattr(self, "configs_timings", None) or {}
-    for key in set(self.cache) - before:
-        TUNED.append((getattr(self.fn, "__name__", "?"), key, {str(c): t for c, t in timings.items()}))
+def _recording_bench(self, *args, config, **meta):
+    """Autotuner._bench that also keeps each config's timing under its launch's key (triton keeps only the last
+    key's). _bench, not run: kernels/_launch.launch_tuned takes its fast path only while Autotuner.run is triton's
+    own, so wrapping run would time another host path than users get."""
+    out = _AUTOTUNE_BENCH(self, *args, config=config, **meta)
+    bound = {**(self.nargs or {}), **meta}
+    key = tuple(bound.get(k) for k in self.keys)
+    TUNED.setdefault((getattr(self.fn, "__name__", "?"), key), {})[str(config)] = out
     return out
 
 
@@ -98,7 +104,7 @@ def print_configs() -> None:
     print("\n### Autotuned launches: best descriptor (TMA) config against best pointer config (ms)")
     print("| kernel | key (leading fields) | best TMA ms | best pointer ms | TMA / pointer | winner |")
     print("|---|---|---|---|---|---|")
-    for name, key, timings in TUNED:
+    for (name, key), timings in TUNED.items():
         ms = {c: (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
         tma = {c: t for c, t in ms.items() if "TMA: True" in c}
         ptr = {c: t for c, t in ms.items() if "TMA: True" not in c}
@@ -113,7 +119,7 @@ def print_configs() -> None:
 def main(specs) -> int:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    Autotuner.run = _recording_run
+    Autotuner._bench = _recording_bench
     for spec in specs:
         for provider in ("fused", "eager"):
             try:
