@@ -13,7 +13,8 @@
 # 3. main: the main job, ResNet-50 bf16 models only (--no-layers), inference and training, fused / eager / eager-amp
 #    (+ torch.compile when the budget allows: compiles come last) -> resnet50-cuda-bf16.json
 # 4. profile: benchmarks/gpu_profile.py: kernel time per step against the timed step and a CUDA-graph replay of it
-#    (host-bound or not), and every autotuned launch's best descriptor config against its best pointer one -> profile.md
+#    (host-bound or not), every autotuned launch's best descriptor config against its best pointer one, and
+#    benchmarks/host_overhead.py --device cuda (host enqueue time per step, real launches) -> profile.md
 # 5. tests: the suite on CUDA, bf16 included (-m "": the slow tests too), on GPU_CHECK_WORKERS xdist workers, -v so
 #    a cut run still lists what passed and failed; stopped by SIGINT at its limit (pytest then prints its summary).
 #    The whole suite does not fit a lease (~1/3 ran in 150 s on 10 workers): kernel parity files go first.
@@ -71,15 +72,20 @@ STEP_SIGNAL=INT step tma "${GPU_CHECK_TMA_S:-100}" bash -c "FUSEDRES_TMA=1 ${PYT
     tests/test_conv_tma_3x3.py tests/test_conv_tma.py tests/test_conv_backward_tma.py > '$OUT/tma.log' 2>&1; \
     rc=\$?; tail -25 '$OUT/tma.log'; exit \$rc"
 
-step main "${GPU_CHECK_MAIN_S:-170}" "$PY" -m fusedres --out "$OUT" --no-layers \
-    --providers "${GPU_CHECK_MAIN_PROVIDERS:-fused,eager,eager-amp,compile}" --budget "${GPU_CHECK_MAIN_BUDGET_S:-130}"
+step main "${GPU_CHECK_MAIN_S:-150}" "$PY" -m fusedres --out "$OUT" --no-layers \
+    --providers "${GPU_CHECK_MAIN_PROVIDERS:-fused,eager,eager-amp,compile}" --budget "${GPU_CHECK_MAIN_BUDGET_S:-115}"
 
-step profile "${GPU_CHECK_PROFILE_S:-90}" bash -c "'$PY' benchmarks/gpu_profile.py layer:layer1.0.conv2:training:256 \
-    model:resnet50:inference:256 > '$OUT/profile.md' 2>&1; rc=\$?; grep -E '^(###|timed step|\\| _conv)' '$OUT/profile.md' | tail -60; exit \$rc"
+# then the host's enqueue time per step with real launches (benchmarks/host_overhead.py --device cuda; the main step's
+# autotune results are on disk for these batches), against the CPU instrument's figures in RESULTS.md
+step profile "${GPU_CHECK_PROFILE_S:-130}" bash -c "'$PY' benchmarks/gpu_profile.py layer:layer1.0.conv2:training:256 \
+    model:resnet50:inference:256 > '$OUT/profile.md' 2>&1; rc=\$?; \
+    '$PY' benchmarks/host_overhead.py --device cuda --mode eval --batch 256 >> '$OUT/profile.md' 2>&1 || rc=1; \
+    '$PY' benchmarks/host_overhead.py --device cuda --mode train --batch 128 --sgd >> '$OUT/profile.md' 2>&1 || rc=1; \
+    grep -E '^(###|timed step|fused resnet50|\\| _conv|\\| resnet50|\\| mode)' '$OUT/profile.md' | tail -70; exit \$rc"
 
 # kernel parity first, then the rest (xdist hands files out in this order)
 FIRST=(tests/test_conv_kernel.py tests/test_conv_backward.py tests/test_blocks.py tests/test_training.py)
-STEP_SIGNAL=INT step tests "${GPU_CHECK_TESTS_S:-105}" bash -c "${PYTEST[*]} -m '' -n $W -v --dist loadfile \
+STEP_SIGNAL=INT step tests "${GPU_CHECK_TESTS_S:-100}" bash -c "${PYTEST[*]} -m '' -n $W -v --dist loadfile \
     ${FIRST[*]} tests --ignore=tests/test_properties.py --durations=15 > '$OUT/tests.log' 2>&1; rc=\$?; \
     grep -E '(FAILED|ERROR) ' '$OUT/tests.log' | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u | tail -40; \
     tail -2 '$OUT/tests.log'; exit \$rc"
