@@ -60,13 +60,38 @@ def _cast(pair, dtype):
     return tuple(t if t.dtype == dtype else t.to(dtype) for t in pair)
 
 
+# Parameter and buffer names read per launch, and torch's classes that define no class attribute under any of them.
+_TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var")
+_PLAIN_CLASSES = frozenset(cls for cls in (nn.Conv2d, nn.BatchNorm2d, nn.SyncBatchNorm)
+                           if not any(hasattr(cls, name) for name in _TENSOR_NAMES))
+
+
+def tensor_attr(m: nn.Module, name: str, *default):
+    """getattr(m, name) for a parameter or buffer name, ~0.9 us cheaper where it can be: nn.Module.__getattr__ runs
+    only after Python's own lookup failed (an AttributeError raised and caught), and for an instance of one of
+    _PLAIN_CLASSES that lookup can only find the instance __dict__. So: not in __dict__, then __getattr__'s own order
+    (_parameters, then _buffers); anything else (a subclass, a submodule, a missing name) through getattr, with
+    ``default`` as getattr's."""
+    if type(m) in _PLAIN_CLASSES:
+        d = m.__dict__
+        if name not in d:
+            params = d["_parameters"]
+            if name in params:
+                return params[name]
+            buffers = d["_buffers"]
+            if name in buffers:
+                return buffers[name]
+    return getattr(m, name, *default)
+
+
 def of_module(conv: nn.Module, bn: nn.Module) -> BNFold:
     """A conv -> BN pair's BNFold: the modules' own tensors."""
-    return BNFold(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, getattr(conv, "bias", None))
+    return BNFold(tensor_attr(bn, "running_mean"), tensor_attr(bn, "running_var"), tensor_attr(bn, "weight"),
+                  tensor_attr(bn, "bias"), bn.eps, tensor_attr(conv, "bias", None))
 
 
 class _Entry(NamedTuple):
-    key: tuple     # _key() of the sources (and the eps) when folded
+    key: tuple     # per source (id, data_ptr, _version, dtype, device) or None, then the eps: when folded
     held: tuple    # the sources and their storages: no id or freed address returns under the same key
     value: tuple   # the folded tensors
 
@@ -76,24 +101,23 @@ class _Entry(NamedTuple):
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
 
 
-def _uncachable(sources) -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    ts = [t for t in sources if t is not None]
-    if any(t.is_inference() for t in ts):
-        return True
-    return any(t.is_cuda for t in ts) and torch.cuda.is_current_stream_capturing()
-
-
-def _key(sources, eps) -> tuple:
-    return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources) + eps
-
-
 def _cached(bn: nn.Module, name: tuple, sources: tuple, eps: tuple, compute):
-    if _uncachable(sources):
+    # one pass over the sources (per launch): uncachable under compile, for inference tensors, during a capture
+    if torch.compiler.is_compiling():
         return compute()
-    entries = _CACHE.setdefault(bn, {})
-    entry, key = entries.get(name), _key(sources, eps)
+    cuda = False
+    for t in sources:
+        if t is not None:
+            if t.is_inference():  # no version counter to read
+                return compute()
+            cuda = cuda or t.is_cuda
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return compute()
+    key = tuple([None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources]) + eps
+    entries = _CACHE.get(bn)
+    if entries is None:
+        entries = _CACHE[bn] = {}
+    entry = entries.get(name)
     if entry is None or entry.key != key:
         held = tuple((t, t.untyped_storage()) for t in sources if t is not None)
         entry = entries[name] = _Entry(key, held, compute())

@@ -14,9 +14,12 @@ IntPair = Union[int, Sequence[int]]
 
 def pair(op: str, name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
     """An int or a sequence of two ints, each >= minimum, as a tuple of two."""
-    vals = (value, value) if isinstance(value, int) else tuple(value)
-    if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, but got {value!r}")
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        vals = value  # a module's stride / padding (per launch): two ints, not bools, without the generator below
+    else:
+        vals = (value, value) if isinstance(value, int) else tuple(value)
+        if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, but got {value!r}")
     if min(vals) < minimum:
         raise ValueError(f"{op}: expected {name} to be >= {minimum}, but got {value!r}")
     return vals

@@ -73,7 +73,7 @@ def eval_conv(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True,
 def packed_weight(conv: nn.Conv2d) -> Tensor:
     """The conv weight in channels_last, so each B-tile row is contiguous: free when the model was
     converted with ``model.to(memory_format=torch.channels_last)``, a copy per call otherwise."""
-    w = conv.weight
+    w = _fold.tensor_attr(conv, "weight")
     return w if w.is_contiguous(memory_format=torch.channels_last) else w.contiguous(memory_format=torch.channels_last)
 
 
@@ -97,7 +97,7 @@ def layer_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
                 f"padding_mode={getattr(conv, 'padding_mode', '?')!r} is not fused")
     if type(bn) not in FUSED_NORMS:
         return f"norm layer {type(bn).__name__} is not nn.BatchNorm2d or nn.SyncBatchNorm"
-    if conv.bias is not None and uses_batch_stats(bn):
+    if _fold.tensor_attr(conv, "bias") is not None and uses_batch_stats(bn):
         return "a conv with a bias before a batch-statistics BatchNorm2d is not fused (the training chain has no bias)"
     return None
 
@@ -107,14 +107,25 @@ def pairs_reason(pairs) -> Optional[str]:
     return next((r for r in (layer_reason(conv, bn) for conv, bn in pairs) if r is not None), None)
 
 
+def _named_children(module: nn.Module) -> Dict[str, nn.Module]:
+    """dict(module.named_children()) without its generator: each child once, under its first name, None skipped."""
+    children, seen = {}, set()
+    for name, child in module._modules.items():
+        if child is not None and id(child) not in seen:
+            seen.add(id(child))
+            children[name] = child
+    return children
+
+
 def unfusable_reason(block: nn.Module) -> Optional[str]:
     """Why this block's layers cannot run on the fused kernels (None when they can)."""
-    children = dict(block.named_children())
+    children = _named_children(block)
     pairs = [(children[f"conv{i}"], children.get(f"bn{i}")) for i in "123" if f"conv{i}" in children]
-    if block.downsample is not None and not isinstance(block.downsample, PadChannelsShortcut):
-        projection = _projection(block.downsample)
+    downsample = block.downsample
+    if downsample is not None and not isinstance(downsample, PadChannelsShortcut):
+        projection = _projection(downsample)
         if projection is None:
-            return (f"its downsample ({type(block.downsample).__name__}) is not a 1x1 conv (no bias, no padding) + "
+            return (f"its downsample ({type(downsample).__name__}) is not a 1x1 conv (no bias, no padding) + "
                     f"BatchNorm2d projection")
         pairs.append(projection)
     return pairs_reason(pairs)
@@ -122,14 +133,29 @@ def unfusable_reason(block: nn.Module) -> Optional[str]:
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     """nn.BatchNorm2d's own rule: batch statistics in training, or when it keeps no running statistics."""
-    return bn.training or bn.running_mean is None
+    return bn.training or _fold.tensor_attr(bn, "running_mean") is None
+
+
+def submodules(block: nn.Module) -> list:
+    """The modules of block.modules() (itself included, each once however often it is registered), walked through
+    ``_modules`` without named_modules' generators and prefix strings: _bn_mode reads them on every forward."""
+    found, seen = [block], {id(block)}
+    for m in found:  # grows while it is walked: breadth first
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found
 
 
 def _bn_mode(block: nn.Module) -> str:
     """"train" (batch statistics) / "eval" (running statistics) when every BN of the block agrees, else
     "mixed" (e.g. a frozen bn.eval() inside a training block): each BN decides, as in eager."""
-    modes = {uses_batch_stats(m) for m in block.modules() if type(m) in FUSED_NORMS}
+    modes = {uses_batch_stats(m) for m in submodules(block) if type(m) in FUSED_NORMS}
     return "mixed" if len(modes) > 1 else ("train" if modes == {True} else "eval")
+
+
+MIXED_MODES = "the block's BatchNorm layers mix batch statistics and running statistics (train/eval modes)"
 
 
 class _FusedBlockMixin:
@@ -159,12 +185,18 @@ class _FusedBlockMixin:
         return unfusable_reason(self)
 
     def _fallback_reason(self, x: Tensor) -> Optional[str]:
+        return self._route(x)[0]
+
+    def _route(self, x: Tensor) -> Tuple[Optional[str], Optional[str]]:
+        """(why this call falls back, None when it is fused; the BNs' _bn_mode when fused, else None): read once
+        per forward (the modules can change between calls, not within one)."""
         if not isinstance(x, Tensor):
-            return None  # the fused path's checks raise the argument error
+            return None, _bn_mode(self)  # the fused path's checks raise the argument error
         reason = _dispatch.unsupported_device_reason(x.device) or self._layers_reason()
-        if reason is None and _bn_mode(self) == "mixed":
-            reason = "the block's BatchNorm layers mix batch statistics and running statistics (train/eval modes)"
-        return reason
+        if reason is not None:
+            return reason, None
+        mode = _bn_mode(self)
+        return (MIXED_MODES, None) if mode == "mixed" else (None, mode)
 
     def _fall_back(self, x: Tensor, reason: str) -> Tensor:
         """The reference forward, announced. Bad input first gets the argument error the fused path would give
@@ -177,21 +209,25 @@ class _FusedBlockMixin:
         return super().forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        reason = self._fallback_reason(x)
+        return self._forward(x, *self._route(x))
+
+    def _forward(self, x: Tensor, reason: Optional[str], mode: Optional[str]) -> Tensor:
+        """The forward of a call whose _route gave (reason, mode)."""
         if reason is not None:
             return self._fall_back(x, reason)
-        if _bn_mode(self) == "train":
+        if mode == "train":
             shortcut = self._shortcut()
             bns = [bn for _, bn in self._units()] + ([shortcut.bn] if shortcut.bn is not None else [])
             group = sync_group(bns, getattr(self, "process_group", None))
             if isinstance(group, str):
                 return self._fall_back(x, group)
             return self._train(x, shortcut, group)
-        *head, (conv, bn) = self._units()
+        units = self._units()
+        *head, (conv, bn) = units
         out = x
         for c, b in head:
             out = self._conv(out, c, b)
-        return self._conv(out, conv, bn, **self._tail(x))
+        return self._conv(out, conv, bn, **self._tail(x, units))
 
     def _train(self, x: Tensor, shortcut: Shortcut, group: int) -> Tensor:
         return train_forward(type(self).__name__, x, self._units(), shortcut, self.recompute_last_conv, group)
@@ -203,20 +239,22 @@ class _FusedBlockMixin:
         """The shortcut branch, for both the training chain and the eval tail."""
         if not self.residual:
             return Shortcut("none")
-        if self.downsample is None:
+        downsample = self.downsample  # a submodule: nn.Module.__getattr__ per read
+        if downsample is None:
             return Shortcut("identity")
-        if isinstance(self.downsample, PadChannelsShortcut):
-            return Shortcut("A", self.downsample.stride)
-        conv, bn = _projection(self.downsample)
+        if isinstance(downsample, PadChannelsShortcut):
+            return Shortcut("A", downsample.stride)
+        conv, bn = _projection(downsample)
         return Shortcut("projection", conv.stride[0], conv, bn)
 
-    def _tail(self, x: Tensor) -> Dict:
-        """Keyword arguments of the last eval conv that add the shortcut branch."""
+    def _tail(self, x: Tensor, units=None) -> Dict:
+        """Keyword arguments of the last eval conv that add the shortcut branch (units: this call's _units())."""
         sc = self._shortcut()
         if sc.kind == "none":
             return {}
         if sc.kind == "identity":
-            check.identity_channels(type(self).__name__, x, self._units()[-1][0].out_channels)
+            units = self._units() if units is None else units
+            check.identity_channels(type(self).__name__, x, units[-1][0].out_channels)
         if sc.kind in ("identity", "A"):
             # a view (none at stride 1: no aten op): nothing is copied or padded
             return {"residual": x if sc.stride == 1 else x[:, :, ::sc.stride, ::sc.stride]}

@@ -82,7 +82,8 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
     shortcut_parts = (shortcut_input, shortcut_weight, *((given, given) if given is not None else
                                                          (shortcut_scale, shortcut_shift)))
     shortcut = None
-    if any(t is not None for t in shortcut_parts):
+    if not (shortcut_parts[0] is None and shortcut_parts[1] is None and shortcut_parts[2] is None
+            and shortcut_parts[3] is None):  # (any(...) of a generator, written out: per launch)
         if any(t is None for t in shortcut_parts):
             names = ("shortcut_input", "shortcut_weight", "shortcut_scale", "shortcut_shift")
             raise ValueError(f"{_OP}: expected shortcut_input, shortcut_weight, shortcut_scale and shortcut_shift "

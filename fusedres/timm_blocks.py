@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import _dispatch
 from . import _validate as check
 from .attention import attention_gate, gate_reason
-from .blocks import _bn_mode, _FusedBlockMixin, _projection, packed_weight, pairs_reason
+from .blocks import MIXED_MODES, _bn_mode, _FusedBlockMixin, _projection, packed_weight, pairs_reason
 from .training import Shortcut, train_forward
 
 _REQUIRED = {"BasicBlock": {"conv1", "bn1", "act1", "conv2", "bn2", "act2"},
@@ -112,23 +112,23 @@ class _TimmBlockMixin(_FusedBlockMixin):
     def _layers_reason(self) -> Optional[str]:
         return timm_block_reason(self)
 
-    def _fallback_reason(self, x: Tensor) -> Optional[str]:
+    def _route(self, x: Tensor) -> Tuple[Optional[str], Optional[str]]:
         if not isinstance(x, Tensor):
-            return None
+            return None, _bn_mode(self)
         reason = _dispatch.unsupported_device_reason(x.device) or self._layers_reason()
         mode = _bn_mode(self) if reason is None else None
         if mode == "mixed":
-            return "the block's BatchNorm layers mix batch statistics and running statistics (train/eval modes)"
+            return MIXED_MODES, None
         if mode == "train":
             proj = pooled_projection(self.downsample) if self.downsample is not None else None
             if proj is not None and proj[0] is not None and (x.shape[2] % 2 or x.shape[3] % 2):
-                return "resnet-D's average-pool shortcut is fused in training for even input sizes only"
-        return reason
+                return "resnet-D's average-pool shortcut is fused in training for even input sizes only", None
+        return reason, mode
 
     def forward(self, x: Tensor) -> Tensor:
-        reason = self._fallback_reason(x)
-        if reason is not None or _bn_mode(self) == "train" or getattr(self, "se", None) is None:
-            return _FusedBlockMixin.forward(self, x)  # falls back (announced) itself when reason is set
+        reason, mode = self._route(x)  # once per forward: the modules can change between calls, not within one
+        if reason is not None or mode == "train" or getattr(self, "se", None) is None:
+            return self._forward(x, reason, mode)  # falls back (announced) itself when reason is set
         return self._attention_eval(x)
 
     def _train(self, x: Tensor, shortcut: Shortcut, group: int) -> Tensor:
@@ -143,9 +143,10 @@ class _TimmBlockMixin(_FusedBlockMixin):
             return Shortcut("projection", conv.stride[0], conv, bn)
         return Shortcut("projection", 2, _AvgThenConv(conv), bn)
 
-    def _tail(self, x: Tensor) -> Dict:
+    def _tail(self, x: Tensor, units=None) -> Dict:
         if self.downsample is None:
-            check.identity_channels(type(self).__name__, x, self._units()[-1][0].out_channels)
+            units = self._units() if units is None else units
+            check.identity_channels(type(self).__name__, x, units[-1][0].out_channels)
             return {"residual": x}
         pool, conv, bn = pooled_projection(self.downsample)
         return {"shortcut_input": x if pool is None else pool(x), "shortcut_weight": packed_weight(conv),

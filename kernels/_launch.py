@@ -103,9 +103,12 @@ def stride_args(name: str, t, dims: str = "nchw") -> dict:
     return dict(zip(names, st))
 
 
+_NULL_CONTEXT = contextlib.nullcontext()  # reusable: nothing to enter or exit
+
+
 def device_guard(x: torch.Tensor):
     """Launch on the tensor's device (cuda:1 must work), on its current stream."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(x.device) if x.is_cuda else _NULL_CONTEXT
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -115,15 +118,19 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-@contextlib.contextmanager
 def descriptor_scratch(x: Optional[torch.Tensor]):
     """Within: Triton has an allocator for a descriptor kernel's global scratch when ``x`` is a CUDA tensor and the
     caller set none (a user's own, set by triton.set_allocator, stays in use). Triton keeps the allocator in a
     ContextVar (triton 3.6 and 3.8): ours is set for this launch only and reset after it, so nothing leaks out to
     the caller's context. None, or a CPU/meta tensor (the interpreter and the compile-only driver allocate
-    nothing): no change."""
+    nothing): no change (a shared null context, not a generator per launch)."""
+    return _NULL_CONTEXT if x is None or not x.is_cuda else _cuda_scratch(x)
+
+
+@contextlib.contextmanager
+def _cuda_scratch(x: torch.Tensor):
     var = getattr(_allocation, "_allocator", None)
-    if x is None or not x.is_cuda or var is None or not isinstance(var.get(), _allocation.NullAllocator):
+    if var is None or not isinstance(var.get(), _allocation.NullAllocator):
         yield
         return
     token = var.set(_scratch)
@@ -222,35 +229,52 @@ def target_arch() -> int:
 _AUTOTUNER_RUN = Autotuner.run
 
 
-_NO_DTYPE = frozenset((int, float, bool, str, type(None)))  # argument types without a dtype: no hasattr needed
+_POINTERS: dict = {}  # tuner -> its kernel's pointer parameters (*_ptr), in parameter order: read once per tuner
+_DTYPE_NAMES: dict = {}  # torch.dtype -> str(dtype), as the autotuner's key spells it
 
 
 def tune_key(tuner: Autotuner, args: dict) -> tuple:
     """The key under which ``tuner`` caches its decision for a launch with keyword arguments ``args`` (all of them
     kernel arguments), built as Autotuner.run builds it (triton 3.6 and 3.8): the key arguments, then the dtype of
-    every argument that has one, in argument order."""
-    key = [args[k] for k in tuner.keys if k in args]
-    key += [str(v.dtype) for v in args.values() if type(v) not in _NO_DTYPE and hasattr(v, "dtype")]
+    every argument that has one, in argument order. Only the kernel's pointer arguments (*_ptr) are read for dtypes:
+    the launchers pass everything else as int / float / bool / str / None and the pointers in parameter order
+    (tests/test_launch_host.py checks both against the autotuner's own key for conv, dgrad and wgrad launches). Were
+    a launcher to break that, this key would miss (the autotuner's run then launches: slower, not wrong) or find the
+    config tuned for a launch with the same shape key and pointer dtypes."""
+    names = _POINTERS.get(tuner)
+    if names is None:
+        names = _POINTERS[tuner] = tuple(n for n in tuner.arg_names if n.endswith("_ptr"))
+    key = [args[k] for k in tuner.keys if k in args]  # tuner.keys: a list the autotuner reads per call, so here too
+    for name in names:
+        v = args.get(name)
+        if v is not None and hasattr(v, "dtype"):
+            dtype = v.dtype
+            text = _DTYPE_NAMES.get(dtype)
+            if text is None:
+                text = _DTYPE_NAMES[dtype] = str(dtype)
+            key.append(text)
     return tuple(key)
 
 
 def launch_tuned(tuner: Autotuner, grid, args: dict) -> None:
-    """``tuner[grid](**args)`` for an autotuner over the kernel or over a Heuristics over it, without the
+    """``tuner[grid](**args)`` (``args``: a dict the call may fill in, not to be reused by the caller) for an
+    autotuner over the kernel or over a Heuristics over it, without the
     autotuner's per-call Python once it has decided this launch's key (its run rebuilds a dict of every argument and
     filters it through a list: ~25 us a launch). The config it cached, then the heuristics in order on one dict,
     straight to the kernel: what the autotuner's cached path calls. The first launch of a key, a config with a
     pre-hook, and a replaced Autotuner.run (the static check's compile-only driver) go through the autotuner."""
     config = tuner.cache.get(tune_key(tuner, args)) if len(tuner.configs) > 1 else None
-    fn = tuner.fn
-    if config is None or config.pre_hook is not None or type(tuner).run is not _AUTOTUNER_RUN:
-        tuner[grid](**args)
-        return
-    full = {**args, **config.all_kwargs()}
+    fn, heuristics = tuner.fn, None
     if isinstance(fn, Heuristics):
-        for name, heuristic in fn.values.items():
-            full[name] = heuristic(full)
-        fn = fn.fn
-    if isinstance(fn, (Autotuner, Heuristics)):  # deeper stacks: not ours
+        fn, heuristics = fn.fn, fn.values
+    if config is None or config.pre_hook is not None or type(tuner).run is not _AUTOTUNER_RUN \
+            or isinstance(fn, (Autotuner, Heuristics)):  # (deeper stacks: not ours)
         tuner[grid](**args)
         return
-    fn.run(grid=grid, warmup=False, **full)  # as the autotuner's cached path calls it (tuner[grid]: warmup=False)
+    # args is the launcher's own dict, built per launch and not read after it: the config's and the heuristics'
+    # keywords go into it (a copy of its ~70 entries per launch otherwise)
+    args.update(config.all_kwargs())
+    if heuristics is not None:
+        for name, heuristic in heuristics.items():
+            args[name] = heuristic(args)
+    fn.run(grid=grid, warmup=False, **args)  # as the autotuner's cached path calls it (tuner[grid]: warmup=False)

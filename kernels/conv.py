@@ -46,7 +46,7 @@ from ._launch import (
     check_activation,
     descriptor_scratch,
     device_guard,
-    dot_args,
+    dot_precision,
     empty_activation,
     launch_tuned,
     next_power_of_2,
@@ -55,8 +55,8 @@ from ._launch import (
     prologue_math,
     rows_need_int64,
     stats_dtype,
-    stride_args,
     target_arch,
+    upcast_dot,
 )
 from ._tiles import add_residual_act_store, bn_act, mma, pixel_rows, tile_mean_m2
 
@@ -439,6 +439,9 @@ def _dense(t):
     return None if t is None else t.contiguous()  # the kernel reads per-channel vectors at stride 1
 
 
+_NO_STRIDES = (0, 0, 0, 0)  # stride_args' strides of None: a pointer the kernel never reads
+
+
 class ConvStats(NamedTuple):
     """What the training forward's conv returns (``conv_bn_stats``)."""
     out: torch.Tensor        # [N, K, P, Q] raw conv output, x's dtype and memory format
@@ -510,30 +513,44 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
         part_m2 = torch.empty((num_tiles, k), device=x.device, dtype=stats_dtype(x))
     if m == 0 or k == 0:
         return ConvStats(out, part_mean, part_m2, block_m)
-    sc = shortcut if shortcut is not None else ProjectionShortcut(None, None)
-    if shortcut is not None and sc.fold is None:  # a direct launch: the per-channel factors of the two affines
-        sc = sc._replace(fold=projection_fold(scale, shift, sc.scale, sc.shift, stats_dtype(x), k))
+    xd = wd = fold = None
+    stride_d = 1
+    if shortcut is not None:
+        xd, wd, stride_d, fold = shortcut.input, shortcut.weight, shortcut.stride, shortcut.fold
+        if fold is None:  # a direct launch: the per-channel factors of the two affines
+            fold = projection_fold(scale, shift, shortcut.scale, shortcut.shift, stats_dtype(x), k)
+        fold = _dense(fold)
     epilogue_act = epilogue_act and activation != "none"
     if prologue is None and not epilogue_act:
         activation = "none"  # no site applies it: one compiled variant, whatever the caller's activation
-    args = dict(
-        x_ptr=x, w_ptr=weight, scale_ptr=_dense(scale), shift_ptr=_dense(shift), out_ptr=out,
-        res_ptr=out if residual is None else residual,  # a dummy pointer without a residual, never read
-        xd_ptr=sc.input, wd_ptr=sc.weight,
-        in_scale_ptr=None if prologue is None else prologue[0], in_shift_ptr=None if prologue is None else prologue[1],
-        part_mean_ptr=part_mean, part_m2_ptr=part_m2,
-        fold_ptr=None if shortcut is None else _dense(sc.fold),
-        M=m, H=h, W=w, P=p, Q=q, CG=cg, KG=kg, RES_C=0 if residual is None else residual.shape[1], CD=cd,
-        **stride_args("x", x), **stride_args("w", weight, "kcrs"), **stride_args("out", out),
-        **stride_args("res", residual), **stride_args("sc", sc.input), **stride_args("wd", sc.weight, "kc"),
-        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
-        dil_w=dilation[1], stride_d=sc.stride,
-        R=r, S=s, HAS_SCALE=scale is not None or shift is not None,
-        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=shortcut is not None, ACTIVATION=activation,
-        EPILOGUE_ACT=epilogue_act, PROLOGUE_BN=prologue is not None, STATS=bool(stats), STEM_CPAD=stem_cpad,
-        PROLOGUE_MATH=prologue_math(x) if prologue is not None else "acc",
-        IN_BOUNDS=prologue is not None and r * s == 1 and tuple(padding) == (0, 0),
-        **dot_args(x), ACC_FP64=x.dtype == torch.float64)
+    # stride_args' keywords written out (six calls and dict merges per launch otherwise); zeros for an absent tensor
+    sx, sw, so = x.stride(), weight.stride(), out.stride()
+    sr = _NO_STRIDES if residual is None else residual.stride()
+    ssc = _NO_STRIDES if xd is None else xd.stride()
+    swd = _NO_STRIDES if wd is None else wd.stride()
+    args = {  # a literal: dict(...) of keywords would build its ~70 entries twice
+        "x_ptr": x, "w_ptr": weight, "scale_ptr": _dense(scale), "shift_ptr": _dense(shift), "out_ptr": out,
+        "res_ptr": out if residual is None else residual,  # a dummy pointer without a residual, never read
+        "xd_ptr": xd, "wd_ptr": wd, "in_scale_ptr": None if prologue is None else prologue[0],
+        "in_shift_ptr": None if prologue is None else prologue[1], "part_mean_ptr": part_mean,
+        "part_m2_ptr": part_m2, "fold_ptr": fold,
+        "M": m, "H": h, "W": w, "P": p, "Q": q, "CG": cg, "KG": kg,
+        "RES_C": 0 if residual is None else residual.shape[1], "CD": cd,
+        "stride_x_n": sx[0], "stride_x_c": sx[1], "stride_x_h": sx[2], "stride_x_w": sx[3],
+        "stride_w_k": sw[0], "stride_w_c": sw[1], "stride_w_r": sw[2], "stride_w_s": sw[3],
+        "stride_out_n": so[0], "stride_out_c": so[1], "stride_out_h": so[2], "stride_out_w": so[3],
+        "stride_res_n": sr[0], "stride_res_c": sr[1], "stride_res_h": sr[2], "stride_res_w": sr[3],
+        "stride_sc_n": ssc[0], "stride_sc_c": ssc[1], "stride_sc_h": ssc[2], "stride_sc_w": ssc[3],
+        "stride_wd_k": swd[0], "stride_wd_c": swd[1],
+        "stride_h": stride[0], "stride_w": stride[1], "pad_h": padding[0], "pad_w": padding[1],
+        "dil_h": dilation[0], "dil_w": dilation[1], "stride_d": stride_d,
+        "R": r, "S": s, "HAS_SCALE": scale is not None or shift is not None, "HAS_RESIDUAL": residual is not None,
+        "HAS_SHORTCUT": shortcut is not None, "ACTIVATION": activation, "EPILOGUE_ACT": epilogue_act,
+        "PROLOGUE_BN": prologue is not None, "STATS": bool(stats), "STEM_CPAD": stem_cpad,
+        "PROLOGUE_MATH": prologue_math(x) if prologue is not None else "acc",
+        "IN_BOUNDS": prologue is not None and r * s == 1 and tuple(padding) == (0, 0),
+        "DOT_PRECISION": dot_precision(x), "UPCAST_DOT": upcast_dot(x), "ACC_FP64": x.dtype == torch.float64,
+    }
 
     def grid(meta):  # meta: every bound argument of the launch, the config's and the heuristics' included
         return (m_tiles(meta) * cdiv(kg, meta["BLOCK_N"]), groups)
