@@ -130,8 +130,11 @@ def _sources(b: BNFold) -> tuple:
 
 def eval_affine(conv: nn.Module, bn: nn.Module, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """The cached (scale, shift) in ``dtype`` of an eval conv -> BN pair (see the module docstring)."""
-    b = of_module(conv, bn)
-    return _cached(bn, ("affine", dtype), _sources(b), (b.eps,), lambda: fold(b, dtype))
+    # of_module's tensors in _sources' order, its BNFold built only to refold (per launch otherwise)
+    sources = (tensor_attr(bn, "running_mean"), tensor_attr(bn, "running_var"), tensor_attr(bn, "weight"),
+               tensor_attr(bn, "bias"), tensor_attr(conv, "bias", None))
+    eps = bn.eps
+    return _cached(bn, ("affine", dtype), sources, (eps,), lambda: fold(BNFold(*sources[:4], eps, sources[4]), dtype))
 
 
 def eval_projection(conv: nn.Module, bn: nn.Module, conv_d: nn.Module, bn_d: nn.Module,

@@ -83,8 +83,13 @@ def conv_weight(op: str, name: str, w, x: torch.Tensor, groups: int, input_name:
 
 
 def output_size(op: str, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Tuple[int, int]:
-    sizes = [out_size(size, k, s, p, d)
-             for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
+    xs, ws = x.shape, w.shape
+    if len(xs) == len(ws) == len(stride) + 2 == len(padding) + 2 == len(dilation) + 2 == 4:  # per launch: unrolled
+        sizes = [out_size(xs[2], ws[2], stride[0], padding[0], dilation[0]),
+                 out_size(xs[3], ws[3], stride[1], padding[1], dilation[1])]
+    else:
+        sizes = [out_size(size, k, s, p, d)
+                 for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
     if min(sizes) <= 0:
         padded = [size + 2 * p for size, p in zip(x.shape[2:], padding)]
         kernel = [d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation)]

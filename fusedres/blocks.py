@@ -104,7 +104,11 @@ def layer_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
 
 def pairs_reason(pairs) -> Optional[str]:
     """Why the first of these (conv, bn) pairs cannot be fused, or None when every one can."""
-    return next((r for r in (layer_reason(conv, bn) for conv, bn in pairs) if r is not None), None)
+    for conv, bn in pairs:  # (a loop, not nested generators: per block and forward)
+        reason = layer_reason(conv, bn)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _named_children(module: nn.Module) -> Dict[str, nn.Module]:
@@ -117,10 +121,13 @@ def _named_children(module: nn.Module) -> Dict[str, nn.Module]:
     return children
 
 
+_PAIR_NAMES = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
 def unfusable_reason(block: nn.Module) -> Optional[str]:
     """Why this block's layers cannot run on the fused kernels (None when they can)."""
     children = _named_children(block)
-    pairs = [(children[f"conv{i}"], children.get(f"bn{i}")) for i in "123" if f"conv{i}" in children]
+    pairs = [(children[conv], children.get(bn)) for conv, bn in _PAIR_NAMES if conv in children]
     downsample = block.downsample
     if downsample is not None and not isinstance(downsample, PadChannelsShortcut):
         projection = _projection(downsample)

@@ -65,7 +65,8 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
     check.conv_weight(_OP, "weight", weight, x, groups)
     k = weight.shape[0]
     epi_dtype = stats_dtype(x)
-    bn = _checked_bn(bn, "bn", "scale", scale, shift, k, x.device)
+    if bn is not None:  # (the checks of a given one; per launch the modules pass scale/shift)
+        bn = _checked_bn(bn, "bn", "scale", scale, shift, k, x.device)
     if scale is not None:
         check.per_channel(_OP, "scale", scale, k, x.device)
     if shift is not None:
@@ -74,8 +75,9 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
     if residual is not None:
         check.residual(_OP, residual, x, (x.shape[0], k, p, q))
 
-    shortcut_bn = _checked_bn(shortcut_bn, "shortcut_bn", "shortcut_scale", shortcut_scale, shortcut_shift, k,
-                              x.device)
+    if shortcut_bn is not None:
+        shortcut_bn = _checked_bn(shortcut_bn, "shortcut_bn", "shortcut_scale", shortcut_scale, shortcut_shift, k,
+                                  x.device)
     if shortcut_fold is not None:
         _check_fold(shortcut_fold, k, x.device, scale, shift, bn, shortcut_scale, shortcut_shift, shortcut_bn)
     given = shortcut_fold if shortcut_fold is not None else shortcut_bn  # either one stands for the pair
@@ -128,8 +130,9 @@ def conv_bn_act(input: Tensor, weight: Tensor, scale: Optional[Tensor] = None, s
     # The kernel reads per-channel vectors at stride 1 in the epilogue dtype: views (e.g. t[::2]) become
     # dense K-element copies (none for the modules' cached folds, already dense in that dtype).
     scale, shift = _dense(scale, epi_dtype), _dense(shift, epi_dtype)
-    shortcut_scale, shortcut_shift = _dense(shortcut_scale, epi_dtype), _dense(shortcut_shift, epi_dtype)
-    shortcut_fold = _dense(shortcut_fold, epi_dtype)
+    if shortcut is not None:  # (all None without a shortcut)
+        shortcut_scale, shortcut_shift = _dense(shortcut_scale, epi_dtype), _dense(shortcut_shift, epi_dtype)
+        shortcut_fold = _dense(shortcut_fold, epi_dtype)
     # The custom op fusedres::conv_bn_act (fusedres.ops): traceable by torch.compile / export; its
     # backward raises (eval-mode BN is folded), so nothing is silently non-differentiable.
     return torch.ops.fusedres.conv_bn_act(x, weight, scale, shift, list(stride), list(padding), list(dilation),

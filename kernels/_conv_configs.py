@@ -216,8 +216,14 @@ def tma_mode() -> str:
     """FUSEDRES_TMA: "auto" (default: descriptor configs join the autotune set on sm_90; fixed configs, in the
     interpreter and under deterministic algorithms, keep pointers), "1" (fixed configs take the descriptor path
     too, wherever a launch is eligible: how the tests run it in the interpreter) or "0" (never: pointers only)."""
-    v = os.environ.get("FUSEDRES_TMA", "auto").strip().lower()
-    return {"1": "on", "on": "on", "0": "off", "off": "off"}.get(v, "auto")
+    raw = os.environ.get("FUSEDRES_TMA", "auto")  # read per launch; parsed once per value (_TMA_MODES)
+    mode = _TMA_MODES.get(raw)
+    if mode is None:
+        mode = _TMA_MODES[raw] = {"1": "on", "on": "on", "0": "off", "off": "off"}.get(raw.strip().lower(), "auto")
+    return mode
+
+
+_TMA_MODES: dict = {}
 
 
 def _extent(t) -> int:
@@ -289,7 +295,7 @@ def tma_eligible(a: dict) -> bool:
     esize, row, wrow = x.element_size(), a["stride_x_w"], a["stride_w_k"]
     dense = (a["stride_x_c"] == 1 and a["stride_x_h"] == a["W"] * row and a["stride_x_n"] == a["H"] * a["W"] * row
              and a["stride_w_c"] == 1)
-    aligned = all(v % 16 == 0 for v in (x.data_ptr(), w.data_ptr(), row * esize, wrow * esize))
+    aligned = (x.data_ptr() | w.data_ptr() | row * esize | wrow * esize) % 16 == 0  # each >= 0: all 16-byte multiples
     if not (dense and aligned):
         return False
     if a.get("HAS_SHORTCUT"):

@@ -1,6 +1,7 @@
 """Host helpers shared by the launchers: interpreter detection, tile sizes, output layout."""
 import contextlib
 import struct
+from operator import itemgetter
 from typing import Optional
 
 import torch
@@ -229,8 +230,17 @@ def target_arch() -> int:
 _AUTOTUNER_RUN = Autotuner.run
 
 
-_POINTERS: dict = {}  # tuner -> its kernel's pointer parameters (*_ptr), in parameter order: read once per tuner
+# tuner -> (a copy of its keys, getters of their values and of its kernel's pointer parameters, in parameter order)
+_POINTERS: dict = {}
+
+
+def _getter(names):
+    """itemgetter(*names) as a function that always returns a sequence (itemgetter of one name returns the item)."""
+    if len(names) > 1:
+        return itemgetter(*names)
+    return lambda args: [args[n] for n in names]
 _DTYPE_NAMES: dict = {}  # torch.dtype -> str(dtype), as the autotuner's key spells it
+_ABSENT = object()
 
 
 def tune_key(tuner: Autotuner, args: dict) -> tuple:
@@ -241,18 +251,23 @@ def tune_key(tuner: Autotuner, args: dict) -> tuple:
     (tests/test_launch_host.py checks both against the autotuner's own key for conv, dgrad and wgrad launches). Were
     a launcher to break that, this key would miss (the autotuner's run then launches: slower, not wrong) or find the
     config tuned for a launch with the same shape key and pointer dtypes."""
-    names = _POINTERS.get(tuner)
-    if names is None:
-        names = _POINTERS[tuner] = tuple(n for n in tuner.arg_names if n.endswith("_ptr"))
-    key = [args[k] for k in tuner.keys if k in args]  # tuner.keys: a list the autotuner reads per call, so here too
-    for name in names:
-        v = args.get(name)
-        if v is not None and hasattr(v, "dtype"):
-            dtype = v.dtype
-            text = _DTYPE_NAMES.get(dtype)
-            if text is None:
-                text = _DTYPE_NAMES[dtype] = str(dtype)
-            key.append(text)
+    getters = _POINTERS.get(tuner)
+    if getters is None or getters[0] != tuner.keys:  # tuner.keys: a list the autotuner reads per call, so here too
+        getters = _POINTERS[tuner] = (list(tuner.keys), _getter(tuner.keys),
+                                      _getter([n for n in tuner.arg_names if n.endswith("_ptr")]))
+    try:
+        key, values = list(getters[1](args)), getters[2](args)
+    except KeyError:  # a key argument or a pointer not passed (absent from the autotuner's key as well)
+        key = [args[k] for k in tuner.keys if k in args]
+        values = [args.get(n) for n in tuner.arg_names if n.endswith("_ptr")]
+    for v in values:
+        if v is not None:
+            dtype = getattr(v, "dtype", _ABSENT)  # hasattr(v, "dtype"), then v.dtype, in one lookup
+            if dtype is not _ABSENT:
+                text = _DTYPE_NAMES.get(dtype)
+                if text is None:
+                    text = _DTYPE_NAMES[dtype] = str(dtype)
+                key.append(text)
     return tuple(key)
 
 

@@ -204,6 +204,9 @@ def test_tune_key_is_the_autotuners_key(monkeypatch):
         monkeypatch.setattr(type(kernel), "run", lambda self, *a, **k: None)
         tuner[grid](**args)
         assert cache.looked_up == [_launch.tune_key(tuner, args)]
+        fewer = {k: v for k, v in args.items() if k != "in_scale_ptr"}  # a pointer not passed at all
+        tuner[grid](**fewer)
+        assert cache.looked_up[1:] == [_launch.tune_key(tuner, fewer)]
         with_none += any(v is None for k, v in args.items() if k.endswith("_ptr"))
         for name, v in args.items():
             if not name.endswith("_ptr"):
