@@ -1,5 +1,6 @@
 """Host helpers shared by the launchers: interpreter detection, tile sizes, output layout."""
 import contextlib
+import inspect
 import struct
 from operator import itemgetter
 from typing import Optional
@@ -288,8 +289,45 @@ def launch_tuned(tuner: Autotuner, grid, args: dict) -> None:
         return
     # args is the launcher's own dict, built per launch and not read after it: the config's and the heuristics'
     # keywords go into it (a copy of its ~70 entries per launch otherwise)
-    args.update(config.all_kwargs())
+    config_kwargs = config.all_kwargs()
+    args.update(config_kwargs)
     if heuristics is not None:
         for name, heuristic in heuristics.items():
             args[name] = heuristic(args)
-    fn.run(grid=grid, warmup=False, **args)  # as the autotuner's cached path calls it (tuner[grid]: warmup=False)
+    _run(fn, grid, args, config_kwargs)
+
+
+_SIGNATURES: dict = {}  # kernel -> (getter of its parameters, their names, defaults), or None: read once per kernel
+
+
+def _signature(fn):
+    sig = _SIGNATURES.get(fn, _ABSENT)
+    if sig is _ABSENT:
+        params = inspect.signature(fn.fn).parameters
+        plain = list(params) == list(fn.arg_names) and len(params) > 1 and \
+            all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params.values())
+        sig = _SIGNATURES[fn] = (itemgetter(*params), frozenset(params), {
+            n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}) if plain else None
+    return sig
+
+
+def _run(fn, grid, args: dict, config_kwargs: dict) -> None:
+    """fn.run(grid=grid, warmup=False, **args), as the autotuner's cached path calls it (tuner[grid]: warmup=False),
+    with the kernel's parameters passed by position (its defaults filled in: the values its binder would bind) and
+    only the compile options (num_warps, ...) by keyword: binding ~75 keywords costs ~5 us a launch. Keywords as
+    before when a key is neither a parameter nor a config option, a parameter without a default is missing, or the
+    kernel has pre-run hooks (they are called with the run's arguments as given)."""
+    sig = _signature(fn)
+    if sig is not None and not getattr(fn, "pre_run_hooks", None):
+        getter, names, defaults = sig
+        options = {k: v for k, v in config_kwargs.items() if k not in names}
+        bound = {**defaults, **args}
+        if len(bound) == len(names) + len(options):  # every key a parameter or an option
+            try:
+                values = getter(bound)
+            except KeyError:  # a parameter without a default missing (and an unknown key): binding raises it
+                values = None
+            if values is not None:
+                fn.run(*values, grid=grid, warmup=False, **options)
+                return
+    fn.run(grid=grid, warmup=False, **args)

@@ -50,6 +50,12 @@ def _capture_autotuned_launch(monkeypatch, which: str):
     return seen[0]
 
 
+def _defaults(kernel) -> dict:
+    import inspect
+    return {n: p.default for n, p in inspect.signature(kernel.fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 @pytest.mark.parametrize("which", ["conv", "conv_stats", "wgrad"])
 def test_launch_tuned_calls_the_kernel_as_the_autotuner_does(monkeypatch, which):
     tuner, grid, args = _capture_autotuned_launch(monkeypatch, which)
@@ -57,12 +63,14 @@ def test_launch_tuned_calls_the_kernel_as_the_autotuner_does(monkeypatch, which)
     monkeypatch.setattr(tuner, "cache", {})  # the shared tuner's cache is restored after the test
     timings = iter(range(1000, 0, -1))  # later configs 'faster': the tuner picks the last one it times
     monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: [float(next(timings))] * 3)
-    calls, tuner_runs = [], []
+    calls, tuner_runs, positional = [], [], []
     kernel = tuner.fn.fn if which.startswith("conv") else tuner.fn
 
-    def record(self, *a, grid, warmup, **kw):
-        assert not a and not warmup
-        calls.append((dict(kw), grid(dict(kw)) if callable(grid) else grid))
+    def record(self, *a, grid, warmup, **kw):  # launch_tuned passes the parameters by position, defaults included
+        assert not warmup and (not a or len(a) == len(self.arg_names))
+        bound = {**_defaults(self), **dict(zip(self.arg_names, a)), **kw}
+        calls.append((bound, grid(bound) if callable(grid) else grid))
+        positional.append(bool(a))
 
     monkeypatch.setattr(type(kernel), "run", record)
     real_run = tuner.run
@@ -82,6 +90,13 @@ def test_launch_tuned_calls_the_kernel_as_the_autotuner_does(monkeypatch, which)
         assert ref["EVEN_C"] is True  # a heuristic that differs from its default
     assert fast_grid == ref_grid == slow_grid
     assert _launch.tune_key(tuner, args) in tuner.cache
+    assert positional == [False, True, False]  # the tuned launch binds the kernel's parameters by position
+
+    # keywords as before for a key that is neither a parameter nor an option, or a required parameter missing
+    for odd in ({**fast, "not_a_parameter": 1}, {k: v for k, v in fast.items() if k != "M"}):
+        positional.clear()
+        _launch._run(kernel, (1, 1), dict(odd), {})
+        assert positional == [False] and calls[-1][0] == {**_defaults(kernel), **odd}
 
 
 def test_launch_tuned_defers_to_a_replaced_autotuner_run(monkeypatch):
