@@ -1,4 +1,4 @@
-"""Static GPU check (no GPU needed): compile every kernel variant the fused paths launch for sm_90 / sm_80.
+"""Static GPU check (no GPU needed): compile every kernel variant the fused paths launch for sm_90 / sm_80 / sm_100.
 
     python benchmarks/static_check.py                      # ResNet-18 + ResNet-50 layer classes, bf16, eval + train
     python benchmarks/static_check.py --dtypes bf16,fp16,fp32 --nets resnet18,resnet50   # the full matrix
@@ -36,12 +36,17 @@ from fusedres.bench.measure import DTYPE_OF  # noqa: E402
 # would double the CI time). On sm_90 also a layer-3 identity block in training: issue 17's budgets compare
 # at the anchor's 128x128x64 tile, which the 64-channel layer1.0 never runs (3x3 training forward, dgrad, wgrad).
 # fp32 (TF32, PyTorch's default for convs: issue 17 item 5) on sm_90: the stem and layer1.0, eval and training,
-# and layer3.0 in eval. A skip entry is (layer, mode[, dtype[, arch]]).
+# and layer3.0 in eval. sm_100 (issue 17 item 6: every variant compiles, no spills, tcgen05 dots), bf16: the stem,
+# layer1.0 and layer3.1 (the 3x3 descriptor path) in training, layer3.0 in eval (the projection, 1x1 descriptor
+# tiles); ~45 CPU-s per triton on a cold Triton cache (fp32 and fp16 on sm_100: the documented run, RESULTS.md).
+# A skip entry is (layer, mode[, dtype[, arch]]).
 BUDGET = dict(nets=["resnet50"], layers=["stem", "layer1.0", "layer3.0", "layer3.1"], dtypes=["bf16", "fp32"],
-              modes=["eval", "train"], archs=[90, 80],
+              modes=["eval", "train"], archs=[90, 80, 100],
               skip=[("layer3.0", "train"), ("layer3.1", "eval"), ("layer3.1", "train", "fp32"),
                     ("layer3.1", "train", "bf16", 80),
-                    *((lay, m, "fp32", 80) for lay in ("stem", "layer1.0", "layer3.0") for m in ("eval", "train"))])
+                    *((lay, m, "fp32", arch) for lay in ("stem", "layer1.0", "layer3.0") for m in ("eval", "train")
+                      for arch in (80, 100)),
+                    ("stem", "eval", "bf16", 100), ("layer1.0", "eval", "bf16", 100)])
 
 
 def parse_args(argv=None):

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Static GPU budgets (issues 9, 10 and 17), no GPU needed: compile the CI subset of kernel variants for sm_90 and
-# sm_80 with the GPU image's triton (3.6, in .venv-static36, created here) and with the newest triton
+# Static GPU budgets (issues 9, 10 and 17), no GPU needed: compile the CI subset of kernel variants for sm_90,
+# sm_80 and sm_100 with the GPU image's triton (3.6, in .venv-static36, created here) and with the newest triton
 # (the python on PATH: the venv CI activated), both at once; exit 1 when a budget is broken.
-#   bash benchmarks/static_ci.sh                 # enforce: every variant compiles, no spills, smem fits, wgmma,
-#                                                # loop shape, issue 10's wgrad / stem / BN-reduction budgets, fp32
-#                                                # dots in TF32, and issue 17's budgets against the anchor GEMM
+#   bash benchmarks/static_ci.sh                 # enforce: every variant compiles, no spills, smem fits, wgmma
+#                                                # (tcgen05 on sm_100), loop shape, issue 10's wgrad / stem /
+#                                                # BN-reduction budgets, fp32 dots in TF32, and issue 17's budgets
+#                                                # against the anchor GEMM
 #   bash benchmarks/static_ci.sh --report-only   # list broken budgets, exit 0
 # Issue 17's budgets whose item is not built yet print "PENDING <name>: measured X, limit Y" and pass; one that is
 # met fails, so it gets promoted (benchmarks/static/anchor_budgets.py, PENDING). sm_90 conv kernels are

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional
 import torch
 import triton
 
-from ._launch import INTERPRETED, clamp_block, next_power_of_2, rows_need_int64, target_arch
+from ._launch import INTERPRETED, clamp_block, current_arch, next_power_of_2, rows_need_int64, target_arch
 
 
 class Tile(NamedTuple):
@@ -80,24 +80,62 @@ def prune(configs, tiles: Iterable[Tile], fit: Callable[[Tile], Tile],
     return out
 
 
-# Tiles that spill with one operand dtype only, per (kernel, arch, dtype, variant) (static check at the ResNet-50
-# shapes, sm_90, triton 3.6 and 3.8), matched like CONV_SPILLS on the listed tile or the tile fitted to the problem
-# (dtype_keep). fp32 (TF32, issue 17 item 5): dgrad with the BN gradient at 128x64x64 w4 (16-48 B), dgrad with the
-# gated residual at 128x128 w8 (layer3.1: 32-48 B, triton 3.6), wgrad with the prologue at 64x128x64 w4 s3 (3x3:
-# 24-32 B; 1x1 at 250-255 registers).
+# Tiles that spill, per (kernel, arch, dtype, variant), from the static check at the ResNet-50 shapes (triton 3.6 and
+# 3.8/3.9), matched on the listed tile or the tile fitted to the problem (dtype_keep): the one spill rule of every conv
+# kernel's prune. kernel: "conv" (the forward's pointer tiles), "conv_tma" (its descriptor tiles), "dgrad", "wgrad".
+# arch: a config family (target_arch: 80 or 90, sm_90 entries hold on sm_100 too) or an exact arch (100: that
+# arch's own compile only). dtype / variant None: every operand dtype / every variant. Forward variants: _conv_variant;
+# its descriptor tiles': "residual" or "".
 DTYPE_SPILLS = {
+    # fp32 (TF32, issue 17 item 5): dgrad with the BN gradient at 128x64x64 w4 (16-48 B), dgrad with the gated residual
+    # at 128x128 w8 (layer3.1: 32-48 B, triton 3.6), wgrad with the prologue at 64x128x64 w4 s3 (3x3: 24-32 B; 1x1 at
+    # 250-255 registers).
     ("dgrad", 90, torch.float32, "bn_grad"): {Tile(128, 64, 64, 4, 3), Tile(128, 64, 64, 4, 4)},
     ("dgrad", 90, torch.float32, "res_mask"): {Tile(128, 128, 32, 8, 4), Tile(128, 128, 64, 8, 3)},
     ("wgrad", 90, torch.float32, "prologue"): {Tile(64, 128, 64, 4, 3)},
+    # The forward: the fp32 projection (two fp32 operand pipelines; bf16/fp16 fit every tile since its per-channel
+    # fold moved out of the accumulator's layout), sm_80 STATS convs at 128x64x64, the stem's padded-row loads on
+    # sm_80 (triton 3.6: 8 B eval, 24 B STATS).
+    ("conv", 90, torch.float32, "shortcut"): {Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4)},   # 64-264 B
+    ("conv", 80, torch.float32, "shortcut"): {Tile(128, 64, 64, 8, 3), Tile(64, 128, 64, 4, 4)},   # 16-40 B
+    ("conv", 80, None, "stats"): {Tile(128, 64, 64, 8, 3)},  # triton 3.9: ptxas caps it at 128 registers, 16 B (1x1)
+    ("conv", 80, None, "stem"): {Tile(128, 64, 32, 8, 4)},
+    ("conv", 80, None, "stem_stats"): {Tile(128, 64, 32, 8, 3), Tile(128, 64, 32, 8, 4)},
+    # The forward's descriptor tiles (sm_90, triton 3.6 / 3.8): with the residual epilogue at 4 warps (88-136 B), and
+    # fp32 (TF32) at 4 warps (the projection 8 B on 3.8; eval 8 B, STATS 176 B, prologue + STATS 184 B on 3.6): fp32
+    # eval tunes over the 8-warp descriptor tile, fp32 STATS over pointers only.
+    ("conv_tma", 90, None, "residual"): {Tile(128, 128, 64, 4, 3)},
+    ("conv_tma", 90, torch.float32, None): {Tile(128, 128, 64, 4, 3)},
+    # sm_100 (issue 17 item 6; tcgen05, ResNet-50 stem/layer1.0/layer3.0/layer3.1, bf16 and fp32, triton 3.6 / 3.8):
+    # the 4-warp descriptor tile spills in every forward variant but 64-channel 1x1 ones (56-1600 B: the 128x128 fp32
+    # accumulator read out of tensor memory by 128 threads), so sm_100 tunes over the 8-warp one (STATS: pointers).
+    ("conv_tma", 100, None, None): {Tile(128, 128, 64, 4, 3)},
+    ("conv", 100, None, ""): {Tile(128, 64, 64, 4, 4)},  # with a residual: 24 B bf16, 72 B fp32 (3.8)
+    # the projection: 8 B at 4 warps, 16 B at 128x128x64 w8 (bf16 on 3.8, fp32 on both), 16 B at 128x128x32 (fp32, 3.8)
+    ("conv", 100, None, "shortcut"): {Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4), Tile(128, 128, 64, 8, 3)},
+    ("conv", 100, torch.float32, "shortcut"): {Tile(128, 128, 32, 8, 4)},
+    ("dgrad", 100, None, ""): {Tile(128, 64, 32, 4, 5)},  # 16 B bf16 (3.6), 8 B fp32 (3.8)
+    ("wgrad", 100, torch.bfloat16, ""): {Tile(64, 128, 64, 4, 3)},  # 16 B (3.6), fp16 too
+    ("wgrad", 100, torch.float16, ""): {Tile(64, 128, 64, 4, 3)},
+    ("wgrad", 100, torch.float32, ""): {Tile(64, 64, 64, 4, 4), Tile(128, 128, 64, 8, 3)},  # 8-16 B
 }
 
 
-def dtype_keep(kernel: str, arch: int, dtype, variant: str,
+def spill_archs() -> tuple:
+    """The arch keys of DTYPE_SPILLS that hold for the compile target: its config family, and its exact arch past
+    sm_90 (sm_100). The interpreter has no driver to ask (its tests set the family alone): the family's."""
+    family = target_arch()
+    arch = None if INTERPRETED or family < 90 else current_arch()
+    return (family, arch) if isinstance(arch, int) and arch > family else (family,)
+
+
+def dtype_keep(kernel: str, dtype, variant: str,
                keep: Callable[[Tile, Tile], bool] = lambda tile, fitted: True) -> Callable[[Tile, Tile], bool]:
-    """``keep`` (a prune's keep rule) without the tiles DTYPE_SPILLS lists for the launch's kernel, arch, operand
-    dtype and variant. A launcher's prune falls back to ``keep`` alone where this leaves no config (a spilling config
-    beats none: the autotuner needs one)."""
-    spills = DTYPE_SPILLS.get((kernel, arch, dtype, variant), set())
+    """``keep`` (a prune's keep rule) without the tiles DTYPE_SPILLS lists for the launch's kernel, target arch
+    (spill_archs), operand dtype and variant. A launcher's prune falls back to ``keep`` alone where this leaves no
+    config (a spilling config beats none: the autotuner needs one)."""
+    spills = set().union(*(DTYPE_SPILLS.get((kernel, arch, d, v), set()) for arch in spill_archs()
+                           for d in (dtype, None) for v in (variant, None)))
     return lambda tile, fitted: tile not in spills and fitted not in spills and keep(tile, fitted)
 
 
@@ -142,25 +180,14 @@ def launch_args(named_args: dict, kwargs: dict) -> dict:
 
 # Per arch. Few on purpose: every shipped config must pass the parity tests on the GPU (a config-specific
 # miscompile would otherwise hide), and each compiles without register spills at the ResNet-50 shapes in every
-# variant once CONV_SPILLS below is pruned (static check, triton 3.6 and 3.9; no 2-warp tiles: they compile to
-# mma.sync, not wgmma, on sm_90).
+# variant once DTYPE_SPILLS' "conv" entries are pruned (static check, triton 3.6 and 3.9; no 2-warp tiles: they
+# compile to mma.sync, not wgmma, on sm_90).
 CONV_TILES = {
     90: [Tile(128, 128, 64, 8, 3), Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4), Tile(64, 64, 64, 4, 4),
          Tile(128, 128, 32, 8, 4), Tile(64, 64, 32, 4, 5), Tile(128, 64, 64, 8, 3)],
     80: [Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4), Tile(128, 128, 32, 8, 4), Tile(64, 64, 32, 4, 5),
          Tile(128, 64, 64, 8, 3)],
     # sm_80 spills: Tile(128, 64, 64, 4, 4) 16-24 B; Tile(64, 64, 64, 4, 4) 8 B with the projection
-}
-# Tiles that spill in one variant only (static check at the ResNet-50 shapes, triton 3.6 and 3.9), matched on the
-# listed tile or the tile fitted to the problem: the fp32 projection (two fp32 operand pipelines; bf16/fp16 fit every
-# tile since its per-channel fold moved out of the accumulator's layout), sm_80 STATS convs at 128x64x64, the
-# stem's padded-row loads on sm_80 (triton 3.6: 8 B eval, 24 B STATS).
-CONV_SPILLS = {
-    (90, "shortcut_fp32"): {Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4)},   # 64-264 B
-    (80, "shortcut_fp32"): {Tile(128, 64, 64, 8, 3), Tile(64, 128, 64, 4, 4)},   # 16-40 B
-    (80, "stats"): {Tile(128, 64, 64, 8, 3)},   # triton 3.9: ptxas caps it at 128 registers and spills 16 B (1x1)
-    (80, "stem"): {Tile(128, 64, 32, 8, 4)},
-    (80, "stem_stats"): {Tile(128, 64, 32, 8, 3), Tile(128, 64, 32, 8, 4)},
 }
 # A variant whose every tile spills tunes over these instead (0 spills on both tritons; BLOCK_M = STATS_BLOCK_M).
 CONV_REPLACE = {(80, "stem_stats"): [Tile(128, 32, 32, 4, 3), Tile(128, 64, 32, 4, 3)]}
@@ -203,10 +230,6 @@ def gpu_configs(arch: Optional[int] = None, stats: bool = False) -> List[triton.
 # 88-136 B at 4 warps. STATS convs tune over the 4-warp tile only: each config is a compile of every eligible
 # STATS variant of a training step (benchmarks/cold_start.py budget: 90 for ResNet-50).
 CONV_TMA_TILES = {90: [Tile(128, 128, 64, 4, 3), Tile(128, 128, 64, 8, 3)]}
-# Descriptor tiles that spill (static check, sm_90, ResNet-50 shapes, triton 3.6 / 3.8): with the residual epilogue
-# at 4 warps (88-136 B), and fp32 (TF32) at 4 warps (the projection 8 B on 3.8; eval 8 B, STATS 176 B, prologue +
-# STATS 184 B on 3.6): fp32 eval tunes over the 8-warp descriptor tile, fp32 STATS over pointers only.
-CONV_TMA_SPILLS = {"residual": {Tile(128, 128, 64, 4, 3)}, "fp32": {Tile(128, 128, 64, 4, 3)}}
 TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TAPS_TMA_DTYPES = (torch.float16, torch.bfloat16)  # with taps: fp32 (TF32) not compiled spill-free there
 SPATIAL_TILE_W = 16  # columns of a spatial tile (kernels/conv.py TILE_W): 8 x 16 pixels at BLOCK_M = 128
@@ -318,12 +341,12 @@ def conv_fit(tile: Tile, kg: int, red: int, stem: bool = False) -> Tile:
     return tile._replace(block_k=next_power_of_2(red)) if stem else tile.fit(k=red)
 
 
-def _conv_variant(stem: bool, shortcut: bool, stats: bool, fp32: bool = False) -> str:
-    """The key of a kernel variant in CONV_SPILLS / CONV_REPLACE / CONV_FIXED."""
+def _conv_variant(stem: bool, shortcut: bool, stats: bool) -> str:
+    """The key of a forward variant in DTYPE_SPILLS ("conv") / CONV_REPLACE / CONV_FIXED."""
     if stem:
         return "stem_stats" if stats else "stem"
     if shortcut:
-        return "shortcut_fp32" if fp32 else "shortcut"
+        return "shortcut"
     return "stats" if stats else ""
 
 
@@ -331,10 +354,10 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     """This arch's forward configs minus the variant's spilling tiles, fitted to the problem, deduplicated."""
     a = launch_args(named_args, kwargs)
     kg, red, stem, stats = a["KG"], max(a["CG"], a["CD"]), bool(a.get("STEM_CPAD")), bool(a.get("STATS"))
-    fp32 = getattr(a.get("x_ptr"), "dtype", None) == torch.float32
+    dtype = getattr(a.get("x_ptr"), "dtype", None)
     arch = target_arch()
-    key = (arch, _conv_variant(stem, bool(a.get("HAS_SHORTCUT")), stats, fp32))
-    spills = CONV_SPILLS.get(key, set())
+    key = (arch, _conv_variant(stem, bool(a.get("HAS_SHORTCUT")), stats))
+    lean = dtype_keep("conv", dtype, key[1])
 
     def fit(tile):
         return conv_fit(tile, kg, red, stem)
@@ -343,7 +366,7 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     configs = [c for c in configs if not c.kwargs.get("TMA")]
 
     def pointer(cs):
-        out = prune(cs, CONV_TILES[arch], fit, keep=lambda tile, fitted: tile not in spills and fitted not in spills)
+        out = prune(cs, CONV_TILES[arch], fit, lean)
         if not out:  # never leave a variant without a config
             tiles = CONV_REPLACE.get(key)
             out = prune(tile_configs(tiles), tiles, fit) if tiles else prune(cs, CONV_TILES[arch], fit)
@@ -352,10 +375,8 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     def descriptors():
         if not (descriptor and arch in CONV_TMA_TILES and tma_eligible(a)):  # the launcher sends eligible ones only
             return []
-        tma_spills = set().union(*(CONV_TMA_SPILLS[k] for k, on in (("residual", a.get("HAS_RESIDUAL")),
-                                                                     ("fp32", fp32)) if on))
-        return prune(descriptor, CONV_TMA_TILES[arch], fit, keep=lambda tile, fitted: tile not in tma_spills,
-                     extra=lambda fitted: dict(TMA=True))
+        keep = dtype_keep("conv_tma", dtype, "residual" if a.get("HAS_RESIDUAL") else "")
+        return prune(descriptor, CONV_TMA_TILES[arch], fit, keep, extra=lambda fitted: dict(TMA=True))
 
     if _taps_capable(a) and arch in CONV_TMA_TILES:  # with taps: one descriptor tile, in place of a pointer one for
         # STATS (the training step's compile budget); beside the pointer ones in eval (the stride-2 3x3 eval convs
@@ -477,7 +498,7 @@ def dgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
 
     dy = a.get("dy_ptr")
     variant = " ".join(k for k, on in (("bn_grad", a.get("BN_GRAD")), ("res_mask", a.get("HAS_RES_MASK"))) if on)
-    keep = dtype_keep("dgrad", arch, getattr(dy, "dtype", None), variant, _dgrad_keep)
+    keep = dtype_keep("dgrad", getattr(dy, "dtype", None), variant, _dgrad_keep)
 
     def pointer(cs):  # never no config
         return prune(cs, tiles, fit, keep) or prune(cs, tiles, fit, _dgrad_keep) or prune(cs, tiles, fit)
@@ -532,7 +553,7 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
 
     arch = target_arch()
     dtype = getattr(a.get("dy_ptr"), "dtype", None)
-    lean = dtype_keep("wgrad", arch, dtype, "prologue" if a.get("PROLOGUE_BN") else "", keep)
+    lean = dtype_keep("wgrad", dtype, "prologue" if a.get("PROLOGUE_BN") else "", keep)
 
     def fit(tile):
         return tile.fit(m=a["NCOL"], n=a["KG"])

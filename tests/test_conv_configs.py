@@ -31,7 +31,7 @@ class _Arch:
 
 def test_every_table_holds_tiles_with_the_fixed_block_of_its_kernel():
     tables = [cc.CONV_TILES, cc.DGRAD_TILES, cc.WGRAD_TILES, cc.CONV_REPLACE,
-              {key: list(ts) for key, ts in cc.CONV_SPILLS.items()}, {key: [t] for key, t in cc.CONV_FIXED.items()}]
+              {key: list(ts) for key, ts in cc.DTYPE_SPILLS.items()}, {key: [t] for key, t in cc.CONV_FIXED.items()}]
     assert all(isinstance(t, cc.Tile) for table in tables for ts in table.values() for t in ts)
     assert all(t.block_m == cc.DGRAD_BLOCK_M for ts in cc.DGRAD_TILES.values() for t in ts)
     assert all(t.block_k == cc.WGRAD_BLOCK_K for ts in cc.WGRAD_TILES.values() for t in ts)
@@ -117,12 +117,70 @@ def test_fp32_prune_drops_its_spilling_tiles_and_keeps_a_config(arch, flags):
             assert not spills.intersection(out), f"{kernel} {view}: a spilling fp32 tile kept: {out}"
 
 
-def test_fp32_rules_name_shipped_tiles():
-    """Every DTYPE_SPILLS entry names a tile its kernel's table ships for that arch (a stale entry prunes nothing)."""
-    tables = {"dgrad": cc.DGRAD_TILES, "wgrad": cc.WGRAD_TILES, "conv": cc.CONV_TILES}
+def test_spill_rules_name_shipped_tiles():
+    """Every DTYPE_SPILLS entry names a tile its kernel's table ships for that arch's family, or a fit of one (the
+    stem's: BLOCK_N fitted to 64 channels, BLOCK_K to a filter row): a stale entry prunes nothing."""
+    tables = {"dgrad": cc.DGRAD_TILES, "wgrad": cc.WGRAD_TILES, "conv": cc.CONV_TILES, "conv_tma": cc.CONV_TMA_TILES}
     assert cc.DTYPE_SPILLS
     for (kernel, arch, _, _), tiles in cc.DTYPE_SPILLS.items():
-        assert tiles <= set(tables[kernel][arch]), f"{kernel} sm_{arch}: {tiles - set(tables[kernel][arch])}"
+        shipped = tables[kernel][90 if arch >= 90 else 80]
+        for t in tiles:
+            assert t in shipped or any(t._replace(block_n=s.block_n, block_k=s.block_k) == s and t.block_n < s.block_n
+                                       for s in shipped), f"{kernel} sm_{arch}: {t}"
+
+
+def _spills(kernel, archs, dtype, variant):
+    return set().union(*(cc.DTYPE_SPILLS.get((kernel, a, d, v), set()) for a in archs for d in (dtype, None)
+                         for v in (variant, None)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("flags", [{}, {"bn_grad": True, "prologue": True}], ids=["plain", "bn"])
+def test_sm100_prune_drops_its_own_and_the_family_spills(dtype, flags, monkeypatch):
+    """Issue 17 item 6: sm_100 takes the sm_90 tables; its prune drops the tiles DTYPE_SPILLS lists for sm_100 and
+    for the sm_90 family, and keeps a config. sm_90 keeps the sm_100-only tiles (another compile)."""
+    monkeypatch.setattr(cc, "INTERPRETED", False)  # as the static check: a driver (_Arch) names the exact arch
+    kept = {}
+    for arch in (100, 90):
+        with _Arch(arch):
+            for prune, configs, view in _backward_views(dtype, **flags):
+                kernel = "dgrad" if prune is cc.dgrad_prune else "wgrad"
+                variant = ("bn_grad" if view["BN_GRAD"] else "") if kernel == "dgrad" else \
+                    ("prologue" if view["PROLOGUE_BN"] else "")
+                out = [cc.Tile.of(c) for c in prune(configs, {}, **view)]
+                assert out, f"sm_{arch} {kernel} {view}: no config left"
+                spills = _spills(kernel, (90, arch), dtype, variant)
+                assert not spills.intersection(out), f"sm_{arch} {kernel} {view}: a spilling tile kept: {out}"
+                kept.setdefault(arch, set()).update(out)
+    if dtype == torch.bfloat16 and not flags:
+        assert cc.Tile(128, 64, 32, 4, 5) in kept[90] - kept[100]  # dgrad's sm_100-only entry
+
+
+def _tma_view(dtype, c=256, k=256, **flags):
+    """A forward launch's keywords that tma_eligible admits: a 1x1 stride-1 conv on channels_last tensors."""
+    x = torch.empty(2, c, 14, 14, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.empty(k, c, 1, 1, dtype=dtype).to(memory_format=torch.channels_last)
+    sx, sw = x.stride(), w.stride()
+    return dict(x_ptr=x, w_ptr=w, R=1, S=1, stride_h=1, stride_w=1, pad_h=0, pad_w=0, stride_w_r=sw[2],
+                stride_w_s=sw[3], STEM_CPAD=0, KG=k, CG=c, CD=0, W=14, H=14, M=392, stride_x_n=sx[0], stride_x_c=sx[1],
+                stride_x_h=sx[2], stride_x_w=sx[3], stride_w_k=sw[0], stride_w_c=sw[1], **flags)
+
+
+@pytest.mark.parametrize("flags", [{}, {"HAS_RESIDUAL": True}, {"STATS": True}], ids=["eval", "residual", "stats"])
+def test_forward_descriptor_tiles_follow_the_spill_rule(flags, monkeypatch):
+    """The forward's descriptor tiles go through the same rule (DTYPE_SPILLS' "conv_tma"): sm_90 keeps the 4-warp
+    tile for bf16 except with a residual, never for fp32; sm_100 never keeps it (it spills 56-1600 B there)."""
+    monkeypatch.setattr(cc, "INTERPRETED", False)
+    stats = bool(flags.get("STATS"))
+    configs = kernels.gpu_configs(stats=stats) + cc.tma_configs(stats=stats)
+    w4 = cc.Tile(128, 128, 64, 4, 3)
+    for arch, dtype, want in ((90, torch.bfloat16, not flags.get("HAS_RESIDUAL")), (90, torch.float32, False),
+                              (100, torch.bfloat16, False), (100, torch.float32, False)):
+        with _Arch(arch):
+            out = cc.conv_prune(configs, {}, **_tma_view(dtype, **flags))
+        tma = {cc.Tile.of(c) for c in out if c.kwargs.get("TMA")}
+        assert out and (w4 in tma) == want, f"sm_{arch} {dtype} {flags}: {out}"
+        assert not stats or all(c.kwargs["BLOCK_M"] == cc.STATS_BLOCK_M for c in out)
 
 
 def test_dtype_rule_that_leaves_nothing_falls_back(monkeypatch):
