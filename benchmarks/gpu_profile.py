@@ -66,6 +66,16 @@ def _graph_ms(fn) -> str:
         return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
+def _wall_ms(fn, steps: int = 20) -> float:
+    """Host wall time per step over back-to-back steps, synchronized at the end only: max(host, GPU)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
 def _kernel_table(case_id: str, prof, warm: float) -> float:
     rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     rows.sort(key=lambda e: -e.self_device_time_total)
@@ -93,8 +103,10 @@ def profile_case(case: B.Case, device: torch.device) -> None:
         torch.cuda.synchronize()
     kernels = _kernel_table(case.id, prof, warm)
     graphed = _graph_ms(r.fn)
+    again = do_bench(r.fn, warmup=100, rep=300)  # after the profiler: a host that slowed down shows here
     print(f"\ntimed step {timed:.3f} ms; kernels {kernels:.3f} ms; CUDA-graph replay {graphed} ms "
-          f"(timed - kernels = {timed - kernels:.3f} ms the GPU waited for the host)")
+          f"(timed - kernels = {timed - kernels:.3f} ms the GPU waited for the host); "
+          f"timed again after the profiler {again:.3f} ms; wall {_wall_ms(r.fn):.3f} ms per step")
     r.restore()
     sys.stdout.flush()
 

@@ -336,9 +336,15 @@ def tma_configs(stats: bool = False) -> List[triton.Config]:
 def conv_fit(tile: Tile, kg: int, red: int, stem: bool = False) -> Tile:
     """Shrink a forward tile to the problem (4-channel ResNeXt groups): BLOCK_N to the output channels per
     group, BLOCK_K to the reduction's channel block (``red``); on the stem path BLOCK_K holds a whole filter
-    row, so it is the row's length rounded up to a power of two."""
+    row, so it is the row's length rounded up to a power of two, and at least 16: tl.dot's smallest K on a GPU
+    (a 1x1 stem-path conv's row is 4 values; the interpreter does not check it)."""
     tile = tile.fit(n=kg)
-    return tile._replace(block_k=next_power_of_2(red)) if stem else tile.fit(k=red)
+    return tile._replace(block_k=stem_block_k(red)) if stem else tile.fit(k=red)
+
+
+def stem_block_k(row: int) -> int:
+    """The stem path's BLOCK_K for a filter row of ``row`` values (see conv_fit)."""
+    return max(16, next_power_of_2(row))
 
 
 def _conv_variant(stem: bool, shortcut: bool, stats: bool) -> str:

@@ -34,6 +34,7 @@ from ._conv_configs import (
     conv_fixed_config,
     conv_prune,
     gpu_configs,
+    stem_block_k,
     tma_configs,
     tma_eligible,
     tma_mode,
@@ -49,7 +50,6 @@ from ._launch import (
     dot_precision,
     empty_activation,
     launch_tuned,
-    next_power_of_2,
     out_size,
     pad_channels_nhwc,
     prologue_math,
@@ -500,7 +500,7 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
     if stem_cpad:
         x, weight, cg = pad_channels_nhwc(x, STEM_CPAD), pad_channels_nhwc(weight, STEM_CPAD), s * stem_cpad
         if config is not None:
-            config = dict(config, BLOCK_K=next_power_of_2(cg))
+            config = dict(config, BLOCK_K=stem_block_k(cg))
     # Autotuning may pick another tile (so another summation order) in another process: under
     # torch.use_deterministic_algorithms(True) a fixed config keeps results bitwise reproducible.
     if config is None:

@@ -2,6 +2,7 @@
 config, BLOCK_K as the reduction in every kernel, and the STATS convs' fixed BLOCK_M."""
 import pytest
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
@@ -53,6 +54,18 @@ def test_stats_convs_tune_only_over_stats_block_m(arch):
                 pruned = cc.conv_prune(configs, {}, KG=kg, CG=cg, CD=0, x_ptr=torch.empty(1, dtype=torch.bfloat16),
                                        STEM_CPAD=stem, HAS_SHORTCUT=False, STATS=True)
                 assert pruned and all(c.kwargs["BLOCK_M"] == cc.STATS_BLOCK_M for c in pruned)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("row", [4, 8, 12, 28, 64])  # a stem-path filter row: S x 4 padded channels
+def test_stem_path_block_k_is_a_dot_operand(arch, row):
+    """The stem path's BLOCK_K is its filter row rounded up, but never under tl.dot's K >= 16 (a 1x1 conv of a
+    1-4 channel input has a row of 4: it failed to compile on the H200, the interpreter does not check)."""
+    with _Arch(arch):
+        tuned = cc.conv_prune(kernels.gpu_configs(), {}, KG=16, CG=row, CD=0, STEM_CPAD=4)
+        fixed = cc.conv_fixed_config(64, 16, row, stem=True)
+    blocks = {c.kwargs["BLOCK_K"] for c in tuned} | {fixed["BLOCK_K"]}
+    assert blocks == {max(16, triton.next_power_of_2(row))}
 
 
 @pytest.mark.parametrize("arch", [90, 80])
