@@ -63,8 +63,8 @@ def test_stem_path_block_k_is_a_dot_operand(arch, row):
     1-4 channel input has a row of 4: it failed to compile on the H200, the interpreter does not check)."""
     with _Arch(arch):
         tuned = cc.conv_prune(kernels.gpu_configs(), {}, KG=16, CG=row, CD=0, STEM_CPAD=4)
-        fixed = cc.conv_fixed_config(64, 16, row, stem=True)
-    blocks = {c.kwargs["BLOCK_K"] for c in tuned} | {fixed["BLOCK_K"]}
+    fixed = cc.conv_fit(cc.CONV_FIXED_DEFAULT, 16, row, stem=True)  # the fixed configs' fit (None on a GPU)
+    blocks = {c.kwargs["BLOCK_K"] for c in tuned} | {fixed.block_k}
     assert blocks == {max(16, triton.next_power_of_2(row))}
 
 
