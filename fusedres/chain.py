@@ -28,7 +28,7 @@ from torch import Tensor
 from . import _sync, kernels
 from .kernels import bn as bn_k
 from .kernels import tail as tail_k
-from .kernels._launch import empty_activation, stats_dtype
+from .kernels._launch import empty_activation, prologue_math, stats_dtype
 from .kernels.conv import ConvStats, conv_bn_stats
 from .kernels.dgrad import conv_dgrad, conv_dgrad_bn
 from .kernels.wgrad import conv_wgrad
@@ -154,7 +154,9 @@ class ChainSpec(NamedTuple):
 
 
 class BNStats(NamedTuple):
-    """One BN's batch statistics (the stats dtype: fp32, fp64 for fp64 activations), [K] each."""
+    """One BN's batch statistics (the stats dtype: fp32, fp64 for fp64 activations), [K] each. A BN that the next
+    conv's prologue applies in packed 16-bit math holds scale and shift rounded to the activations' dtype (bf16):
+    the factors the forward applied (see _finalize)."""
     mean: Tensor
     invstd: Tensor
     scale: Tensor   # gamma * invstd
@@ -304,12 +306,18 @@ def conv_out_shape(x_shape, weight_shape, stride, padding, dilation) -> Tuple[in
             kernels.conv.out_size(w, s, stride[1], padding[1], dilation[1]))
 
 
-def _finalize(conv: ConvStats, state: BNState, group: int):
+def _finalize(conv: ConvStats, state: BNState, group: int, feeds_prologue: bool = False):
     """BN statistics from a conv's per-tile partials, and the new running statistics (new tensors: the op
     does not mutate its inputs). Synchronized: this rank's statistics merged with the other ranks' (per-
-    channel vectors only), then the same finalize over that one merged row updates the running statistics."""
+    channel vectors only), then the same finalize over that one merged row updates the running statistics.
+    feeds_prologue: the BN is applied by the next conv's prologue. Where that prologue rounds scale and shift to y's
+    dtype (packed 16-bit math: _launch.prologue_math) in every k-step, the finalize rounds them once instead and
+    the statistics hold them so (BNStats.scale / shift in y's dtype): the forward prologue, the backward's
+    recompute and wgrad prologue (the same math) and dgrad's activation gate all read the factors the forward
+    applied."""
     y, part_mean, part_m2, tile_m = conv
     m = y.shape[0] * y.shape[2] * y.shape[3]
+    rounded = _rounded_factors(y, part_mean.shape[1]) if feeds_prologue else None
     new_rm = new_rv = None
     if state.updates:
         new_rm, new_rv = torch.empty_like(state.running_mean), torch.empty_like(state.running_var)
@@ -319,8 +327,21 @@ def _finalize(conv: ConvStats, state: BNState, group: int):
         total = int(round(total))
         part_mean, part_m2, tile_m, m = mean[None], (var * total)[None], total, total
     s = bn_k.bn_finalize(part_mean, part_m2, tile_m, m, state.gamma, state.beta, state.eps,
-                         state.running_update(new_rm, new_rv))
-    return BNStats(s.mean, s.invstd, s.scale, s.shift), new_rm, new_rv
+                         state.running_update(new_rm, new_rv), prologue_out=rounded)
+    return BNStats(s.mean, s.invstd, *(rounded if rounded is not None else (s.scale, s.shift))), new_rm, new_rv
+
+
+def _rounded_factors(y: Tensor, k: int) -> Optional[Tuple[Tensor, Tensor]]:
+    """Two [k] tensors of y's dtype for scale and shift where the next conv's prologue rounds them (else None);
+    apart, not views of one buffer: they are op outputs, which may not alias."""
+    if prologue_math(y) == "acc":
+        return None
+    return torch.empty(k, device=y.device, dtype=y.dtype), torch.empty(k, device=y.device, dtype=y.dtype)
+
+
+def feeds_prologue(spec: "ChainSpec", i: int) -> bool:
+    """Unit i's BN is applied by unit i + 1's prologue (the last unit's feeds the tail, the projection's the add)."""
+    return i + 1 < spec.num_units
 
 
 def chain_forward(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutputs:
@@ -329,7 +350,7 @@ def chain_forward(x: Tensor, params: ChainParams, spec: ChainSpec) -> ChainOutpu
 
     def unit(inp, i, prologue=None):
         conv = conv_bn_stats(inp, params.weights[i], *spec.conv(i), prologue=prologue)
-        s, rm, rv = _finalize(conv, spec.bn_state(params, i), spec.group)
+        s, rm, rv = _finalize(conv, spec.bn_state(params, i), spec.group, feeds_prologue(spec, i))
         stats.append(s)
         new_rms.append(rm)
         new_rvs.append(rv)
@@ -364,7 +385,12 @@ def chain_forward_shapes(x: Tensor, params: ChainParams, spec: ChainSpec) -> Cha
         ys.append(empty_activation(x, shape))
     yd = empty_activation(x, shape) if spec.shortcut_kind == PROJECTION else None
     sdt = stats_dtype(x)
-    stats = [BNStats(*(x.new_empty(w.shape[0], dtype=sdt) for _ in range(4))) for w in params.weights]
+    stats = []
+    for i, w in enumerate(params.weights):
+        k = w.shape[0]
+        rounded = _rounded_factors(x, k) if feeds_prologue(spec, i) else None  # (y_i has x's dtype)
+        stats.append(BNStats(x.new_empty(k, dtype=sdt), x.new_empty(k, dtype=sdt),
+                             *(rounded or (x.new_empty(k, dtype=sdt), x.new_empty(k, dtype=sdt)))))
     new = [[None if t is None else torch.empty_like(t) for t in ts] for ts in (params.running_means,
                                                                                params.running_vars)]
     out = x.new_empty(shape[:2], dtype=sdt) if spec.tail == "attention" else empty_activation(x, shape)

@@ -72,7 +72,7 @@ def activation(y, ACTIVATION: tl.constexpr, KEEP_NEG_ZERO: tl.constexpr = True):
 
 
 @triton.jit
-def _round_fp64_to(y, DT: tl.constexpr):
+def round_fp64_to(y, DT: tl.constexpr):
     """fp64 y rounded once (to nearest even) to DT's significand, as fp64. bf16 by its bits (the interpreter's casts to
     bf16 truncate); fp16 by the cast (numpy rounds fp64 -> fp16 once). bf16's subnormal range is not modelled."""
     if DT == tl.bfloat16:
@@ -92,8 +92,9 @@ def _fma_x2(a, s, t, ASM: tl.constexpr):
 @triton.jit
 def bn_act(a, scale, shift, ACTIVATION: tl.constexpr, MATH: tl.constexpr):
     """The BN-apply + activation prologue of an A tile: ACTIVATION(scale * a + shift) in a's dtype, for a [BM, BK] and
-    per-channel (fp32 or fp64) scale, shift [BK]. ReLU propagates NaN; a zero's sign is not kept (the result only
-    feeds an MMA). MATH (_launch.prologue_math, per launch):
+    per-channel (fp32 or fp64; for "packed" / "rounded" possibly already rounded to a's dtype) scale, shift [BK].
+    ReLU propagates NaN; a zero's sign is not kept (the result only feeds an MMA).
+    MATH (_launch.prologue_math, per launch):
     - "acc": in scale's dtype, one rounding to a's dtype at the end (fp32 / fp64 inputs, and fp16);
     - "packed": bf16 on sm_80+: scale and shift rounded to a's dtype, then one fma.rn(.relu).bf16x2 per pair (PTX:
       the exact a * scale + shift rounded once; .relu clamps negatives to 0 and returns NaN as the canonical NaN);
@@ -114,15 +115,39 @@ def bn_act(a, scale, shift, ACTIVATION: tl.constexpr, MATH: tl.constexpr):
         else:
             y = _fma_x2(a, s, t, "fma.rn.f16x2 $0, $1, $2, $3;")
     elif MATH == "rounded":
-        s = _round_fp64_to(scale.to(tl.float64), a.dtype)
-        t = _round_fp64_to(shift.to(tl.float64), a.dtype)
+        s = round_fp64_to(scale.to(tl.float64), a.dtype)
+        t = round_fp64_to(shift.to(tl.float64), a.dtype)
         y = activation(a.to(tl.float32).to(tl.float64) * s[None, :] + t[None, :], ACTIVATION, KEEP_NEG_ZERO=False)
-        y = _round_fp64_to(y, a.dtype).to(tl.float32).to(a.dtype)  # bf16: exact, so the truncating cast is right
+        y = round_fp64_to(y, a.dtype).to(tl.float32).to(a.dtype)  # bf16: exact, so the truncating cast is right
     else:
         tl.static_assert(MATH == "acc", "MATH: acc, packed or rounded")
         y = activation(a.to(scale.dtype) * scale[None, :] + shift[None, :], ACTIVATION, KEEP_NEG_ZERO=False)
         y = y.to(a.dtype)
     return y
+
+
+@triton.jit
+def in_range(i, n):
+    """0 <= i < n for int32 (int64) coordinates i and a size n >= 0, in one unsigned compare (a negative i wraps above
+    any size): half the compares of a padding mask, recomputed per row in every k-step of a tap loop."""
+    # n (an int32 argument, or an int where Triton specialized it) is compared as unsigned: the mixed-sign
+    # comparison takes the unsigned operand's type
+    if i.dtype == tl.int64:
+        return i.to(tl.uint64, bitcast=True) < n
+    return i.to(tl.uint32, bitcast=True) < n
+
+
+@triton.jit
+def zero_where_not(a, keep, MATH: tl.constexpr):
+    """tl.where(keep, a, 0.0) for a prologue's activated tile (keep broadcasts to a's shape: the padding mask).
+    "packed" (16-bit a on a GPU): one and.b32 per element pair with the mask as 16-bit all-ones / zeros, where the
+    compiler's select unpacks each pair, selects and repacks (on sm_90, triton 3.6: 96 SEL and 73 PRMT in the 3x3
+    training forward's k-step). The result's zeros are +0 either way, and a NaN in the padding is cleared too."""
+    if MATH == "packed":
+        bits = tl.broadcast_to(tl.where(keep, -1, 0).to(tl.int16), a.shape)
+        return tl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [a, bits], dtype=a.dtype, is_pure=True,
+                                         pack=2)
+    return tl.where(keep, a, 0.0)
 
 
 @triton.jit

@@ -4,13 +4,14 @@ deterministic column sums the backward reductions end in (the block tail and BN 
 All work on [pixels, channels] tiles of logical [N, C, P, Q] tensors through their strides
 (see ``_tiles``); per-channel math is fp32 (fp64 for fp64 activations).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import INTERPRETED, cdiv, clamp_block, device_guard, fp32_hi_lo, next_power_of_2
+from ._tiles import round_fp64_to
 
 
 @triton.jit
@@ -70,9 +71,10 @@ def _bn_finalize_kernel(
     rmean_out_ptr, rvar_out_ptr,  # [K] their new values (may be rmean_ptr / rvar_ptr: in place)
     nbt_ptr,                      # num_batches_tracked, already incremented (CUMULATIVE: momentum=None)
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr, var_ptr,  # [K] outputs (var: biased batch variance)
+    pscale_ptr, pshift_ptr,       # [K] out (PROLOGUE_COPY): scale and shift rounded once to the next conv's dtype
     T, M, K, TILE_M,              # tiles, pixels per channel, channels, pixels per full tile
     eps, eps_lo, momentum, momentum_lo,  # each a float as fp32 hi + lo parts (see fp32_hi_lo): exact for fp64
-    HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, PROLOGUE_COPY: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Batch mean / biased variance of all T (mean, M2) partials (tiles, or pass 1's chunks; see
@@ -94,6 +96,12 @@ def _bn_finalize_kernel(
     tl.store(var_ptr + offs_k, var, mask=mask_k)
     tl.store(scale_ptr + offs_k, scale, mask=mask_k)
     tl.store(shift_ptr + offs_k, shift, mask=mask_k)
+    if PROLOGUE_COPY:
+        # what the packed prologue rounds them to in every k-step of its main loop (_tiles.bn_act), rounded here
+        # once: the same values (to nearest even; exact afterwards, so the interpreter's truncating cast is right)
+        dt: tl.constexpr = pscale_ptr.dtype.element_ty
+        tl.store(pscale_ptr + offs_k, round_fp64_to(scale.to(tl.float64), dt).to(tl.float32).to(dt), mask=mask_k)
+        tl.store(pshift_ptr + offs_k, round_fp64_to(shift.to(tl.float64), dt).to(tl.float32).to(dt), mask=mask_k)
     if UPDATE_RUNNING:
         if CUMULATIVE:
             factor = 1.0 / tl.load(nbt_ptr).to(var.dtype)
@@ -179,11 +187,13 @@ class BatchStats(NamedTuple):
 
 
 def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, eps, running: Optional[RunningUpdate] = None,
-                chunk=None) -> BatchStats:
+                chunk=None, prologue_out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> BatchStats:
     """Batch mean, invstd, BN scale/shift and biased variance [K] from (mean, M2) partials of ``tile_m``
     pixels per tile (the conv STATS epilogue's, or one merged row of ``m`` pixels), and the running
     statistics update when ``running`` is given. gamma/beta None: affine=False.
     chunk: tiles per program of the parallel first pass (default: from the shape; >= T: one pass).
+    prologue_out: optional ([K], [K]) of a 16-bit dtype, written with scale and shift rounded to it: the next conv's
+    packed prologue operands (it would round them itself in every k-step of its main loop).
     """
     t, k = part_mean.shape
     stats = BatchStats(*(torch.empty(k, device=part_mean.device, dtype=part_mean.dtype) for _ in range(5)))
@@ -204,10 +214,11 @@ def bn_finalize(part_mean, part_m2, tile_m, m, gamma, beta, eps, running: Option
             part_mean, part_m2, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
             run.mean, run.var, run.new_mean, run.new_var,
             run.num_batches if run.num_batches is not None else dummy,
-            stats.mean, stats.invstd, stats.scale, stats.shift, stats.var, t, m, k, tile_m,
+            stats.mean, stats.invstd, stats.scale, stats.shift, stats.var,
+            *(prologue_out if prologue_out is not None else (dummy, dummy)), t, m, k, tile_m,
             *fp32_hi_lo(eps), *fp32_hi_lo(run.momentum or 0.0),
             HAS_AFFINE=gamma is not None, UPDATE_RUNNING=running is not None, CUMULATIVE=run.momentum is None,
-            BLOCK_T=block_t, BLOCK_K=block_k)
+            PROLOGUE_COPY=prologue_out is not None, BLOCK_T=block_t, BLOCK_K=block_k)
     return stats
 
 

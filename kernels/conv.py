@@ -58,7 +58,7 @@ from ._launch import (
     target_arch,
     upcast_dot,
 )
-from ._tiles import add_residual_act_store, bn_act, mma, pixel_rows, tile_mean_m2
+from ._tiles import add_residual_act_store, bn_act, in_range, mma, pixel_rows, tile_mean_m2, zero_where_not
 
 
 # Stride and padding only shift per-tile row bases (R and S are constexpr): a specialized value (== 1, a multiple of
@@ -197,7 +197,8 @@ def _conv_bn_act_kernel(
                 b = w_desc.load([n0, c0]).T
             else:
                 w_in = w0 + s
-                a_mask = (mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W))[:, None]
+                # padding only: rows past M are never stored nor counted in STATS (as in the 1x1 case below)
+                a_mask = (in_range(h, H) & in_range(w_in, W))[:, None]
                 if TILE_W:
                     a = x_desc.load([n_img, p0 + r - pad_h, q0 + s - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
                 else:
@@ -209,7 +210,7 @@ def _conv_bn_act_kernel(
             cc = offs_c
             mask_c = cc < S * STEM_CPAD
             w_el = w0[:, None] + (cc // STEM_CPAD).to(tl.int32)[None, :]  # each value's input column
-            a_mask = (mask_m & (h >= 0) & (h < H))[:, None] & mask_c[None, :] & (w_el >= 0) & (w_el < W)
+            a_mask = (mask_m & in_range(h, H))[:, None] & mask_c[None, :] & in_range(w_el, W)
             a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
             b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
         else:
@@ -223,7 +224,7 @@ def _conv_bn_act_kernel(
             else:
                 dw = s * dil_w
                 w_in = w0 + dw
-                valid = mask_m & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
+                valid = mask_m & in_range(h, H) & in_range(w_in, W)
                 a_mask = valid[:, None] & mask_c[None, :]
                 a_off = dh.to(tl.int64) * stride_x_h + dw.to(tl.int64) * stride_x_w + c_off * stride_x_c
                 b_off = r.to(tl.int64) * stride_w_r + s.to(tl.int64) * stride_w_s + c_off * stride_w_c
@@ -238,7 +239,7 @@ def _conv_bn_act_kernel(
                 # rows past M (act(shift)) are never stored nor counted in STATS
                 a = a_act
             else:
-                a = tl.where(a_mask, a_act, 0.0)  # pad the activated tensor
+                a = zero_where_not(a_act, a_mask, PROLOGUE_MATH)  # pad the activated tensor
         if not TMA:
             b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)

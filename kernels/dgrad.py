@@ -49,7 +49,7 @@ from ._launch import (
     stats_dtype,
     stride_args,
 )
-from ._tiles import activation_grad, mma, tile_ptrs
+from ._tiles import activation_grad, in_range, mma, tile_ptrs
 from .bn import sum_rows
 from .conv import spatial_rows
 from .wgrad import max_offset
@@ -178,7 +178,7 @@ def _conv_dgrad_kernel(
             else:
                 hp = pi - jr * PD
                 wq = qj - js * QD
-                valid = mask_m & (hp >= 0) & (hp < P) & (wq >= 0) & (wq < Q)
+                valid = mask_m & in_range(hp, P) & in_range(wq, Q)
                 if IDX64:
                     tap_a = -jr.to(tl.int64) * PD * stride_dy_h - js.to(tl.int64) * QD * stride_dy_w
                     tap_b = (R0 + jr * RSTEP).to(tl.int64) * stride_w_r + (S0 + js * SSTEP).to(tl.int64) * stride_w_s
@@ -209,7 +209,8 @@ def _conv_dgrad_kernel(
         invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
         y = tl.load(tile_ptrs(y_ptr, n, h, w, offs_c, stride_y_n, stride_y_c, stride_y_h, stride_y_w), mask=msk,
                     other=0.0).to(acc_dtype)
-        # the pre-activation, the same fp32 expression as the forward prologue
+        # the pre-activation, the forward prologue's expression in fp32 (of the factors it applied: a bf16 chain's
+        # are rounded to bf16, fusedres/chain.py _finalize), so the gate opens where the forward's activation is > 0
         acc = activation_grad(acc, y * scale[None, :] + shift[None, :], ACTIVATION)
         # Reduce what is stored (rounded to the activation dtype), so that the BN backward applied to
         # the stored gradient removes exactly its own mean and xhat components.

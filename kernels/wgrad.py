@@ -60,7 +60,7 @@ from ._launch import (
     stats_dtype,
     stride_args,
 )
-from ._tiles import bn_act, mma
+from ._tiles import bn_act, in_range, mma
 from .bn import sum_rows
 
 
@@ -190,7 +190,7 @@ def _conv_wgrad_kernel(
             if IN_BOUNDS:
                 row_ok = mask_m[:, None]
             else:
-                row_ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & mask_m[:, None]
+                row_ok = in_range(hh, H) & in_range(ww, W) & mask_m[:, None]
             x_mask = row_ok & mask_col[None, :]
             if TAP_PER_TILE and PROLOGUE_BN:
                 dy_mask = row_ok & mask_k[None, :]  # a padded tap's row: zero dy, not each activated x element

@@ -87,3 +87,19 @@ def test_gpu_split_fills_the_machine():
     assert bn_k._split(12544, 1, row, gpu=False)[0] >= 12544  # the interpreter: one pass
     assert bn_k._split(12544, 1, row, 48) == (48, 16)
     assert bn_k._split(5, 1, row, 1) == (1, 1)
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_finalize_rounds_the_prologue_factors_once(chunk, device):
+    """prologue_out gets scale and shift rounded to nearest (even) bf16 once, as the packed prologue rounds them
+    (torch's fp32 -> bf16 cast is that rounding), and the fp32 results are unchanged by asking for them."""
+    k, tile, m = 70, 16, 16 * 23 - 5
+    y = 3.0 + torch.randn(m, k, device=device, dtype=torch.float64) * (torch.rand(k, device=device) + 0.1)
+    pm, pm2 = (t.float() for t in tile_partials(y, tile))
+    gamma, beta = torch.randn(k, device=device), torch.randn(k, device=device)
+    out = (torch.empty(k, device=device, dtype=torch.bfloat16), torch.empty(k, device=device, dtype=torch.bfloat16))
+    plain = bn_k.bn_finalize(pm, pm2, tile, m, gamma, beta, 1e-5, chunk=chunk)
+    stats = bn_k.bn_finalize(pm, pm2, tile, m, gamma, beta, 1e-5, chunk=chunk, prologue_out=out)
+    assert all(torch.equal(a, b) for a, b in zip(plain, stats))
+    assert torch.equal(out[0], stats.scale.to(torch.bfloat16)) and torch.equal(out[1], stats.shift.to(torch.bfloat16))
+    assert (out[0].float() != stats.scale).sum() > k // 2, "the factors are rounded, not copies"

@@ -156,3 +156,38 @@ def test_prologue_math_choice():
     assert _launch.prologue_math(bf16) == ("rounded" if _launch.INTERPRETED else "packed")
     for dt in (torch.float16, torch.float32, torch.float64):
         assert _launch.prologue_math(torch.empty(1, dtype=dt)) == "acc"
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_bf16_prologue_takes_factors_rounded_beforehand(geo, device):
+    """The training chain hands a bf16 conv its factors already rounded to bf16 (kernels/bn.py bn_finalize's
+    prologue_out): the same output, bit for bit, as the fp32 factors the prologue rounds itself."""
+    x, scale, shift = _inputs(torch.bfloat16, device, seed=2)
+    out = _run(x, scale.to(torch.bfloat16), shift.to(torch.bfloat16), geo, device)
+    torch.testing.assert_close(out, _run(x, scale, shift, geo, device), rtol=0, atol=0)
+    torch.testing.assert_close(out.double(), _expected_out(activated(x, scale, shift), *geo[1:5]), rtol=0, atol=0)
+
+
+def test_dgrad_gate_follows_the_forward_prologue(device):
+    """With bf16 factors (the training chain's, rounded once by the finalize), dgrad's ReLU gate is closed exactly
+    where the forward prologue's activation is 0, also on the boundary where fp32 factors would open it: scale
+    1 + 2**-9 rounds to 1 and shift -1 stays, so y = 1 activates to relu(1 * 1 - 1) = 0 in the forward, while
+    1 * (1 + 2**-9) - 1 > 0 in fp32."""
+    from fusedres.kernels import dgrad as dgrad_k
+    x, scale, shift = _inputs(torch.bfloat16, device, seed=3)
+    x[0, 2, 1, 1], scale[2], shift[2] = 1.0, 1 + 2 ** -9, -1.0
+    s16, t16 = scale.to(torch.bfloat16), shift.to(torch.bfloat16)
+    geo = GEOMETRIES[0]
+    act = _run(x, s16, t16, geo, device)  # the identity filter: the activated input itself
+    assert act[0, 2, 1, 1].item() == 0.0
+    g = torch.Generator().manual_seed(4)
+    dy = (torch.randn(x.shape, generator=g) + 3.0).to(device, torch.bfloat16).to(memory_format=torch.channels_last)
+    w = _identity(torch.bfloat16, device, 1, (0, 0))
+    mean, invstd = torch.zeros_like(scale), torch.ones_like(scale)
+    config = None if ON_GPU else dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+    dx = dgrad_k.conv_dgrad_bn(dy, w, x.shape, (1, 1), (0, 0), (1, 1), 1, (x, s16, t16, mean, invstd),
+                               config=config).dx
+    assert torch.equal(dx == 0, act == 0) and torch.equal(dx[act != 0], dy[act != 0])
+    dx32 = dgrad_k.conv_dgrad_bn(dy, w, x.shape, (1, 1), (0, 0), (1, 1), 1, (x, scale, shift, mean, invstd),
+                                 config=config).dx
+    assert dx32[0, 2, 1, 1] != 0, "fp32 factors open the gate there: the case discriminates"

@@ -259,3 +259,43 @@ def test_a_raising_call_still_writes_the_running_statistics_of_what_ran(device):
     model[1] = nn.Identity()
     model(torch.randn(2, 8, 6, 6, device=device))  # and the next call writes as before
     assert bn.num_batches_tracked == before + 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_prologue_factors_rounded_once_by_the_finalize(dtype, device, monkeypatch):
+    """A bf16 chain hands each next conv its BN scale and shift already rounded to bf16 by the finalize (the packed
+    prologue would round them in every k-step: issue 17 item 2), and not a bit of the training step changes;
+    fp32 (and fp16) chains keep fp32 factors."""
+    from fusedres import chain
+    seen = []
+    real_conv = chain.conv_bn_stats
+
+    def spy(x, weight, *args, prologue=None, **kw):
+        seen.append(None if prologue is None else (prologue[0].dtype, prologue[1].dtype))
+        return real_conv(x, weight, *args, prologue=prologue, **kw)
+
+    monkeypatch.setattr(chain, "conv_bn_stats", spy)
+    fused = build_pair("bottleneck_proj_s2")[0].to(device, dtype).train()
+    x = torch.randn(2, 64, 8, 8, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(fused(x))
+    steps, forwards = [], []
+    for rounded in (True, False):
+        if not rounded:  # the same step with fp32 factors: the conv rounds them itself
+            monkeypatch.setattr(chain, "prologue_math", lambda y: "acc")
+        model = copy.deepcopy(fused)
+        xi = x.clone().requires_grad_()
+        seen.clear()
+        out = model(xi)
+        forwards.append(list(seen))
+        out.backward(grad_out)
+        steps.append([out, xi.grad, *(p.grad for p in model.parameters()), *model.buffers()])
+    factor = (dtype,) * 2 if dtype == torch.bfloat16 else (torch.float32,) * 2
+    fp32 = (torch.float32,) * 2
+    assert forwards == [[None, factor, factor, None], [None, fp32, fp32, None]]  # conv1-3 (2, 3: prologues), proj.
+    n_fwd = 1 + len(list(fused.parameters()))
+    outs = [[st[0], *st[n_fwd:]] for st in steps]  # the output and the running statistics: not a bit changes
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    if dtype != torch.bfloat16:
+        assert all(torch.equal(a, b) for a, b in zip(*steps))
+    # bf16 gradients: dgrad's ReLU gate now reads the factors the forward applied, so elements on the ReLU
+    # boundary may flip against the fp32-factor gate (tests/test_conv_prologue.py: the gate follows the forward)
