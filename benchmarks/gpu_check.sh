@@ -83,8 +83,10 @@ step profile "${GPU_CHECK_PROFILE_S:-130}" bash -c "'$PY' benchmarks/gpu_profile
     '$PY' benchmarks/host_overhead.py --device cuda --mode train --batch 128 --sgd >> '$OUT/profile.md' 2>&1 || rc=1; \
     grep -E '^(###|timed step|fused resnet50|\\| _conv|\\| resnet50|\\| mode)' '$OUT/profile.md' | tail -70; exit \$rc"
 
-# kernel parity first, then the rest (xdist hands files out in this order)
-FIRST=(tests/test_conv_kernel.py tests/test_conv_backward.py tests/test_blocks.py tests/test_training.py)
+# what no card has run yet first (the packed bf16 prologue's and.b32 padding mask and bf16 BN factors, a088f60), then
+# kernel parity, then the rest (xdist hands files out in this order)
+FIRST=(tests/test_conv_prologue.py tests/test_wgrad_prologue.py tests/test_training.py tests/test_blocks.py
+       tests/test_conv_kernel.py tests/test_conv_backward.py)
 STEP_SIGNAL=INT step tests "${GPU_CHECK_TESTS_S:-100}" bash -c "${PYTEST[*]} -m '' -n $W -v --dist loadfile \
     ${FIRST[*]} tests --ignore=tests/test_properties.py --durations=15 > '$OUT/tests.log' 2>&1; rc=\$?; \
     grep -E '(FAILED|ERROR) ' '$OUT/tests.log' | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u | tail -40; \
