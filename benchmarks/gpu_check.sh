@@ -8,13 +8,15 @@
 # Sized for a 15-minute lease (machine start ~30 s) with room for a partial rerun. Order = value per second, as the
 # first card run (H200, 2026-12-04) measured it:
 # 1. install: pip install -e . (no deps, no build isolation: nothing is downloaded)
-# 2. tma: the descriptor (TMA) paths, FUSEDRES_TMA=1, xdist: tests/test_conv_tma_3x3.py (negative and past-the-end
-#    coordinates: passed on the H200 on 2026-12-04), test_conv_tma.py, test_conv_backward_tma.py (~2 min on 6 workers)
+# 2. tma: the descriptor (TMA) paths, FUSEDRES_TMA=1, xdist: tests/test_conv_persistent.py (the persistent 1x1 walk and
+#    its descriptor epilogue: not run on a card yet), test_conv_tma_3x3.py (negative and past-the-end coordinates:
+#    passed on the H200 on 2026-12-04), test_conv_tma.py, test_conv_backward_tma.py (~2 min on 6 workers)
 # 3. main: the main job, ResNet-50 bf16 models only (--no-layers), inference and training, fused / eager / eager-amp
 #    (+ torch.compile when the budget allows: compiles come last) -> resnet50-cuda-bf16.json
 # 4. profile: benchmarks/gpu_profile.py: kernel time per step against the timed step and a CUDA-graph replay of it
 #    (host-bound or not), every autotuned launch's best descriptor config against its best pointer one, and
-#    benchmarks/host_overhead.py --device cuda (host enqueue time per step, real launches) -> profile.md
+#    benchmarks/host_overhead.py --device cuda (host enqueue time per step, real launches), then a 1x1 layer
+#    (layer3.1.conv1) persistent and one program per tile (FUSEDRES_PERSISTENT=1 / 0) -> profile.md
 # 5. tests: the suite on CUDA, bf16 included (-m "": the slow tests too), on GPU_CHECK_WORKERS xdist workers, -v so
 #    a cut run still lists what passed and failed; stopped by SIGINT at its limit (pytest then prints its summary).
 #    The whole suite does not fit a lease (~1/3 ran in 150 s on 10 workers): kernel parity files go first.
@@ -69,7 +71,8 @@ PYTEST=("$PY" -m pytest -p no:cacheprovider -rfE --tb=short)  # -v per step (not
 # the descriptor paths (issue 17 item 3; sm_90), FUSEDRES_TMA=1 so fixed configs take them too; SIGINT at the limit:
 # pytest prints the failures it has; tma.log keeps the per-test lines
 STEP_SIGNAL=INT step tma "${GPU_CHECK_TMA_S:-100}" bash -c "FUSEDRES_TMA=1 ${PYTEST[*]} -n 6 -v \
-    tests/test_conv_tma_3x3.py tests/test_conv_tma.py tests/test_conv_backward_tma.py > '$OUT/tma.log' 2>&1; \
+    tests/test_conv_persistent.py tests/test_conv_tma_3x3.py tests/test_conv_tma.py tests/test_conv_backward_tma.py \
+    > '$OUT/tma.log' 2>&1; \
     rc=\$?; tail -25 '$OUT/tma.log'; exit \$rc"
 
 step main "${GPU_CHECK_MAIN_S:-150}" "$PY" -m fusedres --out "$OUT" --no-layers \
@@ -81,6 +84,8 @@ step profile "${GPU_CHECK_PROFILE_S:-130}" bash -c "'$PY' benchmarks/gpu_profile
     model:resnet50:inference:256 > '$OUT/profile.md' 2>&1; rc=\$?; \
     '$PY' benchmarks/host_overhead.py --device cuda --mode eval --batch 256 >> '$OUT/profile.md' 2>&1 || rc=1; \
     '$PY' benchmarks/host_overhead.py --device cuda --mode train --batch 128 --sgd >> '$OUT/profile.md' 2>&1 || rc=1; \
+    for p in 1 0; do echo \"### FUSEDRES_PERSISTENT=\$p\" >> '$OUT/profile.md'; FUSEDRES_PERSISTENT=\$p '$PY' \
+        benchmarks/gpu_profile.py layer:layer3.1.conv1:inference:256 >> '$OUT/profile.md' 2>&1 || rc=1; done; \
     grep -E '^(###|timed step|fused resnet50|\\| _conv|\\| resnet50|\\| mode)' '$OUT/profile.md' | tail -70; exit \$rc"
 
 # what no card has run yet first (the packed bf16 prologue's and.b32 padding mask and bf16 BN factors, a088f60), then

@@ -252,6 +252,33 @@ def tma_mode() -> str:
 _TMA_MODES: dict = {}
 
 
+def persistent_wanted() -> bool:
+    """FUSEDRES_PERSISTENT (default "1"): descriptor launches over flat pixel rows run persistent (kernels/conv.py
+    PERSISTENT: min(tiles, SMs) programs walk the tiles); "0": one program per tile, to time the two on a card."""
+    raw = os.environ.get("FUSEDRES_PERSISTENT", "1")  # read per launch; parsed once per value
+    on = _PERSISTENT_MODES.get(raw)
+    if on is None:
+        on = _PERSISTENT_MODES[raw] = raw.strip().lower() not in ("0", "off", "false", "no")
+    return on
+
+
+_PERSISTENT_MODES: dict = {}
+INTERPRETER_PROGRAMS = 2  # a persistent launch's programs in the interpreter: each walks several tiles in the tests
+_SMS: dict = {}  # CUDA device index -> its SM count
+
+
+def persistent_programs(x: torch.Tensor) -> int:
+    """How many programs a persistent launch on x's device runs at most: one per SM (an H100's 132 for the static
+    check's meta tensors; INTERPRETER_PROGRAMS in the interpreter)."""
+    if not x.is_cuda:
+        return 132 if x.is_meta else INTERPRETER_PROGRAMS
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    sms = _SMS.get(index)
+    if sms is None:
+        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms
+
+
 def _extent(t) -> int:
     """1 + the largest element offset of a strided tensor (0 when empty)."""
     return 0 if t.numel() == 0 else 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))

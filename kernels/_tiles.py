@@ -57,14 +57,24 @@ def check_activation(ACTIVATION: tl.constexpr):
     tl.static_assert(ACTIVATION == "relu" or ACTIVATION == "none", "ACTIVATION: not in kernels/_launch.py ACTIVATIONS")
 
 
+# y < 0 ? +0 : y (a NaN or -0.0 compares false: kept), for activation's PTX path
+_RELU_F32 = tl.constexpr("{ .reg .pred p; setp.lt.f32 p, $1, 0f00000000; selp.f32 $0, 0f00000000, $1, p; }")
+
+
 @triton.jit
-def activation(y, ACTIVATION: tl.constexpr, KEEP_NEG_ZERO: tl.constexpr = True):
+def activation(y, ACTIVATION: tl.constexpr, KEEP_NEG_ZERO: tl.constexpr = True, PTX: tl.constexpr = False):
     """The forward activation (the names of _launch.ACTIVATIONS): "relu" as torch.relu, NaN propagating
     (a plain tl.maximum would drop it) and -0.0 kept; "none": y unchanged. KEEP_NEG_ZERO=False, for values
     that only feed an MMA (where a zero's sign cannot matter): ReLU as one NaN-propagating max instead of a
-    compare and a select (wgrad's prologue: ~5% fewer main-loop SASS instructions, its budget needs them)."""
+    compare and a select (wgrad's prologue: ~5% fewer main-loop SASS instructions, its budget needs them).
+    PTX (a GPU target; fp32 y): the compare and select as inline PTX, opaque to the compiler: before a cast to 16
+    bits, triton 3.8's LLVM moves a select past the cast onto the unpacked halves and, out of predicate registers,
+    keeps the conditions as bits of general registers (the 1x1 descriptor epilogue at 128x128, 8 warps: 413
+    instructions for its 64 values, 128 this way)."""
     check_activation(ACTIVATION)
-    if ACTIVATION == "relu" and KEEP_NEG_ZERO:
+    if ACTIVATION == "relu" and KEEP_NEG_ZERO and PTX and y.dtype == tl.float32:
+        y = tl.inline_asm_elementwise(_RELU_F32, "=r,r", [y], dtype=tl.float32, is_pure=True, pack=1)
+    elif ACTIVATION == "relu" and KEEP_NEG_ZERO:
         y = tl.where(y < 0, 0.0, y)
     elif ACTIVATION == "relu":
         y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)

@@ -34,6 +34,8 @@ from ._conv_configs import (
     conv_fixed_config,
     conv_prune,
     gpu_configs,
+    persistent_programs,
+    persistent_wanted,
     stem_block_k,
     tma_configs,
     tma_eligible,
@@ -58,7 +60,7 @@ from ._launch import (
     target_arch,
     upcast_dot,
 )
-from ._tiles import add_residual_act_store, bn_act, in_range, mma, pixel_rows, tile_mean_m2, zero_where_not
+from ._tiles import activation, add_residual_act_store, bn_act, in_range, mma, pixel_rows, tile_mean_m2, zero_where_not
 
 
 # Stride and padding only shift per-tile row bases (R and S are constexpr): a specialized value (== 1, a multiple of
@@ -108,205 +110,262 @@ def _conv_bn_act_kernel(
     PROLOGUE_MATH: tl.constexpr = "acc",  # the prologue's arithmetic: _tiles.bn_act's MATH (_launch.prologue_math)
     IN_BOUNDS: tl.constexpr = False,  # every tap of every pixel lies inside the input (1x1, no padding): no pad select
     TILE_W: tl.constexpr = 0,      # TMA with taps, no STATS: spatial tiles of BLOCK_M // TILE_W rows x TILE_W columns
+    OUT_DESC: tl.constexpr = False,  # 1x1 TMA, out (and residual) dense [M, K]: the epilogue's descriptors (_out_desc)
+    PERSISTENT: tl.constexpr = False,  # 1x1 TMA: a program per SM walks the tiles (_persistent)
+    PTX: tl.constexpr = False,     # a GPU target (not the interpreter): the descriptor epilogue's ReLU as inline PTX
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    # 1-D grid over (m-tile, n-tile), n fastest: neighbouring programs share the A tile.
-    # axis 1 is the group.
-    pid = tl.program_id(0)
+    g = tl.program_id(1)  # axis 1 is the group
     num_n = tl.cdiv(KG, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    g = tl.program_id(1)
-
-    if TILE_W:
-        n, p, q, mask_m, n_img, p0, q0 = spatial_rows(pid_m, P, Q, BLOCK_M, TILE_W)
-    else:
-        offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M, IDX64)
-    offs_ng = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
-    offs_n = g * KG + offs_ng                                                # global output channel
-    mask_n = offs_ng < KG
-    offs_c = tl.arange(0, BLOCK_K).to(tl.int64)  # channel * channel-stride can pass 2**31 (NCHW)
-
-    # Row bases: each output pixel's input offset and coordinates at tap (0, 0); a tap adds a scalar.
-    h0 = p * stride_h - pad_h
-    w0 = q * stride_w - pad_w
-    if TMA:
-        # Stride 1 over dense rows (the host checked: tma_eligible), one group: x is [M, CG] with row stride
-        # stride_x_w, channel-contiguous and 16-byte aligned. A 1x1 conv is a plain GEMM with w as [KG, CG]. With
-        # taps, "same" padding makes P, Q = H, W, so tap (r, s) is the row shift (r - pad_h) * W + (s - pad_w) of the
-        # output pixel tile: rows that leave the image (a row above or below, or a column wrapped to the next row)
-        # are masked in registers below, and w is [KG, R*S, CG] (channels_last weights: dense taps).
-        # The device-side descriptors (global scratch: the launcher's allocator) load zeros out of bounds, negative
-        # coordinates included: rows outside [0, M) and channels past CG (zero in A and B alike).
-        # TILE_W (eval: no STATS, whose partials are one per BLOCK_M flat pixels): x is [N, H, W, CG] and a tile
-        # an image's TILE_H x TILE_W output pixels; a tap moves the box, the descriptor zero-fills every pixel outside
-        # the image (padding), so the tile needs no mask (Triton reshapes the box to [BLOCK_M, BLOCK_K] in registers).
-        tl.static_assert(not STEM_CPAD and not (TILE_W and STATS))
+    if PERSISTENT:  # the device-side descriptors (global scratch): built once per program, whatever its tiles
+        descs = _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n, stride_x_h,
+                             stride_x_w, stride_w_k, stride_w_s, stride_out_w, stride_res_w, R, S, HAS_RESIDUAL,
+                             OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K)
+        x_desc, w_desc, out_desc, res_desc = descs
+        tl.static_assert(TMA and not TILE_W)
+    # Axis 0 walks the (m-tile, n-tile) grid, n fastest: neighbouring programs share the A tile, and the weights
+    # (at most a few MB in a ResNet) stay in L2. One tile per program, or (PERSISTENT: as many programs as SMs) a
+    # stride through the tiles: the descriptors above and the kernel's setup are paid once per program, not per tile.
+    if PERSISTENT:
+        first = tl.program_id(0)
+        last = tl.cdiv(M, BLOCK_M) * num_n
+        step = tl.num_programs(0)
+    else:  # constant bounds: the one-trip loop folds away at compile time (no loop in the IR)
+        first = 0
+        last = 1
+        step = 1
+    for t in tl.range(first, last, step, flatten=False):
+        tile = t if PERSISTENT else tl.program_id(0)
+        pid_m = tile // num_n
+        pid_n = tile % num_n
         if TILE_W:
-            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M // (P * Q), H, W, CG],
-                                               strides=[stride_x_n, stride_x_h, stride_x_w, 1],
-                                               block_shape=[1, BLOCK_M // TILE_W, TILE_W, BLOCK_K])
+            n, p, q, mask_m, n_img, p0, q0 = spatial_rows(pid_m, P, Q, BLOCK_M, TILE_W)
         else:
-            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
-        if R * S == 1:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, CG], strides=[stride_w_k, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, R * S, CG], strides=[stride_w_k, stride_w_s, 1],
-                                               block_shape=[BLOCK_N, 1, BLOCK_K])
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        num_k = R * S * tl.cdiv(CG, BLOCK_K)
-    elif STEM_CPAD:
-        # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, S, STEM_CPAD], both dense,
-        # so one filter row (r) reads a contiguous run of S * STEM_CPAD values per pixel: R K-steps of one
-        # block each, instead of R*S, and constexpr strides and masks let the loads vectorize.
-        tl.static_assert(BLOCK_K >= S * STEM_CPAD)
-        x_rows = x_ptr + ((n * H + h0) * W + w0) * STEM_CPAD
-        w_cols = w_ptr + offs_n.to(tl.int64) * (R * S * STEM_CPAD)
-        num_k = R
-    else:
-        x_rows = x_ptr + (n * stride_x_n + (g * CG).to(tl.int64) * stride_x_c + h0 * stride_x_h + w0 * stride_x_w)
-        w_cols = w_ptr + offs_n.to(tl.int64) * stride_w_k
-        # Loop-invariant operand pointers: a step adds one scalar (tap and channel-block offset) to each.
-        a_base = x_rows[:, None] + offs_c[None, :] * stride_x_c
-        b_base = w_cols[None, :] + offs_c[:, None] * stride_w_c
-        num_k = R * S * tl.cdiv(CG, BLOCK_K)
-    h0 = h0.to(tl.int32)
-    w0 = w0.to(tl.int32)
-    if IN_BOUNDS:
-        valid_1x1 = mask_m
-    else:
-        valid_1x1 = mask_m & (h0 >= 0) & (h0 < H) & (w0 >= 0) & (w0 < W)  # a 1x1 filter's one tap: loop-invariant
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
-    # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
-    # no division runs in the loop.
-    r = 0
-    s = 0
-    c0 = 0
-    for _ in range(num_k):
-        dh = r * dil_h
-        h = h0 + dh
+            offs_m, n, p, q, mask_m = pixel_rows(pid_m, M, P, Q, BLOCK_M, IDX64)
+        offs_ng = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # channel within group
+        offs_n = g * KG + offs_ng                                                # global output channel
+        mask_n = offs_ng < KG
+        offs_c = tl.arange(0, BLOCK_K).to(tl.int64)  # channel * channel-stride can pass 2**31 (NCHW)
+
+        # Row bases: each output pixel's input offset and coordinates at tap (0, 0); a tap adds a scalar.
+        h0 = p * stride_h - pad_h
+        w0 = q * stride_w - pad_w
         if TMA:
-            cc = c0 + offs_c
-            mask_c = (cc < CG) | EVEN_C
-            if R * S == 1:
-                a = x_desc.load([m0, c0])
-                b = w_desc.load([n0, c0]).T
-            else:
-                w_in = w0 + s
-                # padding only: rows past M are never stored nor counted in STATS (as in the 1x1 case below)
-                a_mask = (in_range(h, H) & in_range(w_in, W))[:, None]
-                if TILE_W:
-                    a = x_desc.load([n_img, p0 + r - pad_h, q0 + s - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
-                else:
-                    a = x_desc.load([m0 + (r - pad_h) * W + (s - pad_w), c0])
-                    if not PROLOGUE_BN:
-                        a = tl.where(a_mask, a, 0.0)
-                b = w_desc.load([n0, r * S + s, c0]).reshape(BLOCK_N, BLOCK_K).T
+            # Stride 1 over dense rows (the host checked: tma_eligible), one group: x is [M, CG] with row stride
+            # stride_x_w, channel-contiguous and 16-byte aligned. A 1x1 conv is a plain GEMM with w as [KG, CG].
+            # With taps, "same" padding makes P, Q = H, W, so tap (r, s) is the row shift
+            # (r - pad_h) * W + (s - pad_w) of the output pixel tile: rows that leave the image (a row above or
+            # below, or a column wrapped to the next row) are masked in registers below, and w is [KG, R*S, CG]
+            # (channels_last weights: dense taps). The device-side descriptors (global scratch: the launcher's
+            # allocator) load zeros out of bounds, negative coordinates included: rows outside [0, M) and channels
+            # past CG (zero in A and B alike). TILE_W (eval: no STATS, whose partials are one per BLOCK_M flat
+            # pixels): x is [N, H, W, CG] and a tile an image's TILE_H x TILE_W output pixels; a tap moves the box,
+            # the descriptor zero-fills every pixel outside the image (padding), so the tile needs no mask (Triton
+            # reshapes the box to [BLOCK_M, BLOCK_K] in registers).
+            tl.static_assert(not STEM_CPAD and not (TILE_W and STATS))
+            if not PERSISTENT:
+                descs = _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n,
+                                     stride_x_h, stride_x_w, stride_w_k, stride_w_s, stride_out_w, stride_res_w, R, S,
+                                     HAS_RESIDUAL, OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K)
+                x_desc, w_desc, out_desc, res_desc = descs
+            m0 = pid_m * BLOCK_M
+            n0 = pid_n * BLOCK_N
+            num_k = R * S * tl.cdiv(CG, BLOCK_K)
         elif STEM_CPAD:
-            cc = offs_c
-            mask_c = cc < S * STEM_CPAD
-            w_el = w0[:, None] + (cc // STEM_CPAD).to(tl.int32)[None, :]  # each value's input column
-            a_mask = (mask_m & in_range(h, H))[:, None] & mask_c[None, :] & in_range(w_el, W)
-            a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
-            b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
+            # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, S, STEM_CPAD], both dense,
+            # so one filter row (r) reads a contiguous run of S * STEM_CPAD values per pixel: R K-steps of one
+            # block each, instead of R*S, and constexpr strides and masks let the loads vectorize.
+            tl.static_assert(BLOCK_K >= S * STEM_CPAD)
+            x_rows = x_ptr + ((n * H + h0) * W + w0) * STEM_CPAD
+            w_cols = w_ptr + offs_n.to(tl.int64) * (R * S * STEM_CPAD)
+            num_k = R
         else:
-            cc = c0 + offs_c
-            mask_c = (cc < CG) | EVEN_C  # EVEN_C (CG % BLOCK_K == 0): no channel mask to compute
-            c_off = c0.to(tl.int64)
-            if R * S == 1:  # a plain GEMM over channel blocks: no tap to track
-                a_mask = valid_1x1[:, None] & mask_c[None, :]
-                a_off = c_off * stride_x_c
-                b_off = c_off * stride_w_c
+            x_rows = x_ptr + (n * stride_x_n + (g * CG).to(tl.int64) * stride_x_c + h0 * stride_x_h + w0 * stride_x_w)
+            w_cols = w_ptr + offs_n.to(tl.int64) * stride_w_k
+            # Loop-invariant operand pointers: a step adds one scalar (tap and channel-block offset) to each.
+            a_base = x_rows[:, None] + offs_c[None, :] * stride_x_c
+            b_base = w_cols[None, :] + offs_c[:, None] * stride_w_c
+            num_k = R * S * tl.cdiv(CG, BLOCK_K)
+        h0 = h0.to(tl.int32)
+        w0 = w0.to(tl.int32)
+        if IN_BOUNDS:
+            valid_1x1 = mask_m
+        else:
+            valid_1x1 = mask_m & (h0 >= 0) & (h0 < H) & (w0 >= 0) & (w0 < W)  # a 1x1 filter's one tap: loop-invariant
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
+        # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
+        # no division runs in the loop.
+        r = 0
+        s = 0
+        c0 = 0
+        for _ in range(num_k):
+            dh = r * dil_h
+            h = h0 + dh
+            if TMA:
+                cc = c0 + offs_c
+                mask_c = (cc < CG) | EVEN_C
+                if R * S == 1:
+                    a = x_desc.load([m0, c0])
+                    b = w_desc.load([n0, c0]).T
+                else:
+                    w_in = w0 + s
+                    # padding only: rows past M are never stored nor counted in STATS (as in the 1x1 case below)
+                    a_mask = (in_range(h, H) & in_range(w_in, W))[:, None]
+                    if TILE_W:
+                        a = x_desc.load([n_img, p0 + r - pad_h, q0 + s - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                    else:
+                        a = x_desc.load([m0 + (r - pad_h) * W + (s - pad_w), c0])
+                        if not PROLOGUE_BN:
+                            a = tl.where(a_mask, a, 0.0)
+                    b = w_desc.load([n0, r * S + s, c0]).reshape(BLOCK_N, BLOCK_K).T
+            elif STEM_CPAD:
+                cc = offs_c
+                mask_c = cc < S * STEM_CPAD
+                w_el = w0[:, None] + (cc // STEM_CPAD).to(tl.int32)[None, :]  # each value's input column
+                a_mask = (mask_m & in_range(h, H))[:, None] & mask_c[None, :] & in_range(w_el, W)
+                a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
+                b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
             else:
-                dw = s * dil_w
-                w_in = w0 + dw
-                valid = mask_m & in_range(h, H) & in_range(w_in, W)
-                a_mask = valid[:, None] & mask_c[None, :]
-                a_off = dh.to(tl.int64) * stride_x_h + dw.to(tl.int64) * stride_x_w + c_off * stride_x_c
-                b_off = r.to(tl.int64) * stride_w_r + s.to(tl.int64) * stride_w_s + c_off * stride_w_c
-            a = tl.load(a_base + a_off, mask=a_mask, other=0.0)
-            b_ptrs = b_base + b_off
-        if PROLOGUE_BN:
-            s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
-            t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
-            a_act = bn_act(a, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
-            if (TMA and R * S == 1) or IN_BOUNDS:
-                # no padding (a 1x1 conv without it, TMA included): channels past CG read act(0 * 0 + 0) = 0, and
-                # rows past M (act(shift)) are never stored nor counted in STATS
-                a = a_act
-            else:
-                a = zero_where_not(a_act, a_mask, PROLOGUE_MATH)  # pad the activated tensor
-        if not TMA:
-            b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-        if STEM_CPAD:
-            r += 1
-        elif R * S == 1:
-            c0 += BLOCK_K
-        else:
-            c0 += BLOCK_K
-            next_s = c0 >= CG
-            c0 = tl.where(next_s, 0, c0)
-            s = tl.where(next_s, s + 1, s)
-            next_r = s == S
-            s = tl.where(next_r, 0, s)
-            r = tl.where(next_r, r + 1, r)
-
-    if HAS_SHORTCUT:
-        # Projection shortcut (1x1 conv, stride stride_d, no padding, its own BN) so the block tail is one
-        # launch, on one accumulator whose operands go from memory to the MMA untouched (cp.async, pipelined):
-        #   scale * acc + shift + scale_d * acc_d + shift_d = mult * (ratio * acc + offset + acc_d)
-        # with the per-channel (ratio, offset, mult, live) folded by the host (projection_fold): two live
-        # accumulators, or scale_d folded into each B tile, spilled.
-        tl.static_assert(not STATS)  # STATS reads the raw main accumulator
-        k_all = KG * tl.num_programs(1)
-        ratio = tl.load(fold_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
-        offset = tl.load(fold_ptr + k_all + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
-        acc = acc * ratio[None, :] + offset[None, :]
-        live_d = tl.load(fold_ptr + 3 * k_all + offs_n, mask=mask_n, other=0.0) != 0  # shortcut columns read
-        if TMA:
-            # within the 4-warp descriptor tile's registers (128 x 128 x 64: 255, 0 spilled; 160 B with int64 offsets
-            # and BLOCK_K-wide steps): half-width channel steps on int32 offsets (tma_eligible: xd and wd have fewer
-            # than 2**31 elements). A strided conv in general, so pointers, not a descriptor; its B tile keeps the
-            # live mask (projection_fold), which a descriptor load could not apply without a register round trip.
-            SC_K: tl.constexpr = BLOCK_K // 2 if BLOCK_K >= 32 else BLOCK_K
-            ad_rows = xd_ptr + (n.to(tl.int32) * stride_sc_n + (p.to(tl.int32) * stride_d) * stride_sc_h
-                                + (q.to(tl.int32) * stride_d) * stride_sc_w)
-            bd_cols = wd_ptr + offs_n * stride_wd_k
-            sc_c = tl.arange(0, SC_K)
-        else:
-            SC_K: tl.constexpr = BLOCK_K
-            ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
-            bd_cols = wd_ptr + offs_n.to(tl.int64) * stride_wd_k
-            sc_c = offs_c
-        for c0 in range(0, CD, SC_K):
-            cc = c0 + sc_c
-            mask_c = cc < CD
-            a = tl.load(ad_rows[:, None] + cc[None, :] * stride_sc_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & live_d[None, :], other=0.0)
+                cc = c0 + offs_c
+                mask_c = (cc < CG) | EVEN_C  # EVEN_C (CG % BLOCK_K == 0): no channel mask to compute
+                c_off = c0.to(tl.int64)
+                if R * S == 1:  # a plain GEMM over channel blocks: no tap to track
+                    a_mask = valid_1x1[:, None] & mask_c[None, :]
+                    a_off = c_off * stride_x_c
+                    b_off = c_off * stride_w_c
+                else:
+                    dw = s * dil_w
+                    w_in = w0 + dw
+                    valid = mask_m & in_range(h, H) & in_range(w_in, W)
+                    a_mask = valid[:, None] & mask_c[None, :]
+                    a_off = dh.to(tl.int64) * stride_x_h + dw.to(tl.int64) * stride_x_w + c_off * stride_x_c
+                    b_off = r.to(tl.int64) * stride_w_r + s.to(tl.int64) * stride_w_s + c_off * stride_w_c
+                a = tl.load(a_base + a_off, mask=a_mask, other=0.0)
+                b_ptrs = b_base + b_off
+            if PROLOGUE_BN:
+                s_in = tl.load(in_scale_ptr + g * CG + cc, mask=mask_c, other=0.0)
+                t_in = tl.load(in_shift_ptr + g * CG + cc, mask=mask_c, other=0.0)
+                a_act = bn_act(a, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
+                if (TMA and R * S == 1) or IN_BOUNDS:
+                    # no padding (a 1x1 conv without it, TMA included): channels past CG read act(0 * 0 + 0) = 0, and
+                    # rows past M (act(shift)) are never stored nor counted in STATS
+                    a = a_act
+                else:
+                    a = zero_where_not(a_act, a_mask, PROLOGUE_MATH)  # pad the activated tensor
+            if not TMA:
+                b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-        y = acc * tl.load(fold_ptr + 2 * k_all + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
-    elif HAS_SCALE:
-        scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, acc_dtype)
-        y = acc * scale[None, :] + shift[None, :]
+            if STEM_CPAD:
+                r += 1
+            elif R * S == 1:
+                c0 += BLOCK_K
+            else:
+                c0 += BLOCK_K
+                next_s = c0 >= CG
+                c0 = tl.where(next_s, 0, c0)
+                s = tl.where(next_s, s + 1, s)
+                next_r = s == S
+                s = tl.where(next_r, 0, s)
+                r = tl.where(next_r, r + 1, r)
+
+        if HAS_SHORTCUT:
+            # Projection shortcut (1x1 conv, stride stride_d, no padding, its own BN) so the block tail is one
+            # launch, on one accumulator whose operands go from memory to the MMA untouched (cp.async, pipelined):
+            #   scale * acc + shift + scale_d * acc_d + shift_d = mult * (ratio * acc + offset + acc_d)
+            # with the per-channel (ratio, offset, mult, live) folded by the host (projection_fold): two live
+            # accumulators, or scale_d folded into each B tile, spilled.
+            tl.static_assert(not STATS)  # STATS reads the raw main accumulator
+            k_all = KG * tl.num_programs(1)
+            ratio = tl.load(fold_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
+            offset = tl.load(fold_ptr + k_all + offs_n, mask=mask_n, other=0.0).to(acc_dtype)
+            acc = acc * ratio[None, :] + offset[None, :]
+            live_d = tl.load(fold_ptr + 3 * k_all + offs_n, mask=mask_n, other=0.0) != 0  # shortcut columns read
+            if TMA:
+                # within the 4-warp descriptor tile's registers (128 x 128 x 64: 255, 0 spilled; 160 B with int64
+                # offsets and BLOCK_K-wide steps): half-width channel steps on int32 offsets (tma_eligible: xd and wd
+                # have fewer than 2**31 elements). A strided conv in general, so pointers, not a descriptor; its B
+                # tile keeps the live mask (projection_fold), which a descriptor load could not apply without a
+                # register round trip.
+                SC_K: tl.constexpr = BLOCK_K // 2 if BLOCK_K >= 32 else BLOCK_K
+                ad_rows = xd_ptr + (n.to(tl.int32) * stride_sc_n + (p.to(tl.int32) * stride_d) * stride_sc_h
+                                    + (q.to(tl.int32) * stride_d) * stride_sc_w)
+                bd_cols = wd_ptr + offs_n * stride_wd_k
+                sc_c = tl.arange(0, SC_K)
+            else:
+                SC_K: tl.constexpr = BLOCK_K
+                ad_rows = xd_ptr + (n * stride_sc_n + (p * stride_d) * stride_sc_h + (q * stride_d) * stride_sc_w)
+                bd_cols = wd_ptr + offs_n.to(tl.int64) * stride_wd_k
+                sc_c = offs_c
+            for c0 in range(0, CD, SC_K):
+                cc = c0 + sc_c
+                mask_c = cc < CD
+                a = tl.load(ad_rows[:, None] + cc[None, :] * stride_sc_c, mask=mask_m[:, None] & mask_c[None, :],
+                            other=0.0)
+                b = tl.load(bd_cols[None, :] + cc[:, None] * stride_wd_c, mask=mask_c[:, None] & live_d[None, :],
+                            other=0.0)
+                acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+            y = acc * tl.load(fold_ptr + 2 * k_all + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
+        elif HAS_SCALE:
+            scale, shift = channel_affine(offs_n, mask_n, scale_ptr, shift_ptr, acc_dtype)
+            y = acc * scale[None, :] + shift[None, :]
+        else:
+            y = acc
+
+        if STATS:
+            cnt = tl.sum(mask_m.to(acc_dtype), axis=0)
+            t_mean, t_m2 = tile_mean_m2(acc, mask_m, cnt)
+            part = pid_m.to(tl.int64) * (KG * tl.num_programs(1)) + offs_n
+            tl.store(part_mean_ptr + part, t_mean, mask=mask_n)
+            tl.store(part_m2_ptr + part, t_m2, mask=mask_n)
+
+        OUT_ACT: tl.constexpr = ACTIVATION if EPILOGUE_ACT else "none"  # a STATS conv activates its input only
+        if OUT_DESC:  # no per-row address: no pixel (n, p, q) division, no 64-bit pointer per row
+            if HAS_RESIDUAL:
+                y += res_desc.load([m0, n0]).to(y.dtype)
+            out_desc.store([m0, n0], activation(y, OUT_ACT, PTX=PTX).to(out_ptr.dtype.element_ty))
+        else:
+                add_residual_act_store(y, n, p, q, offs_n, mask_m, mask_n, res_ptr, stride_res_n, stride_res_c,
+                                   stride_res_h, stride_res_w, RES_C,
+                                   out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL,
+                                   OUT_ACT)
+
+
+@triton.jit
+def _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n, stride_x_h, stride_x_w,
+                 stride_w_k, stride_w_s, stride_out_w, stride_res_w, R: tl.constexpr, S: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, OUT_DESC: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The descriptor path's device-side tensor descriptors (x, w, out, residual); the last two stand in as x's where
+    the epilogue has none (OUT_DESC, HAS_RESIDUAL): never read."""
+    if TILE_W:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M // (P * Q), H, W, CG],
+                                           strides=[stride_x_n, stride_x_h, stride_x_w, 1],
+                                           block_shape=[1, BLOCK_M // TILE_W, TILE_W, BLOCK_K])
     else:
-        y = acc
-
-    if STATS:
-        cnt = tl.sum(mask_m.to(acc_dtype), axis=0)
-        t_mean, t_m2 = tile_mean_m2(acc, mask_m, cnt)
-        part = pid_m.to(tl.int64) * (KG * tl.num_programs(1)) + offs_n
-        tl.store(part_mean_ptr + part, t_mean, mask=mask_n)
-        tl.store(part_m2_ptr + part, t_m2, mask=mask_n)
-
-    OUT_ACT: tl.constexpr = ACTIVATION if EPILOGUE_ACT else "none"  # a STATS conv activates its input only
-    add_residual_act_store(y, n, p, q, offs_n, mask_m, mask_n, res_ptr, stride_res_n, stride_res_c, stride_res_h,
-                           stride_res_w, RES_C,
-                           out_ptr, stride_out_n, stride_out_c, stride_out_h, stride_out_w, HAS_RESIDUAL, OUT_ACT)
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    if R * S == 1:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, CG], strides=[stride_w_k, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, R * S, CG], strides=[stride_w_k, stride_w_s, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_K])
+    if OUT_DESC:
+        # the output (and residual) as [M, K] matrices: the epilogue stores its tile as one box, the descriptor
+        # clips rows past M and channels past K; a residual's channels past RES_C load as zero (option A)
+        tl.static_assert(not TILE_W)
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, KG], strides=[stride_out_w, 1],
+                                             block_shape=[BLOCK_M, BLOCK_N])
+        if HAS_RESIDUAL:
+            res_desc = tl.make_tensor_descriptor(res_ptr, shape=[M, RES_C], strides=[stride_res_w, 1],
+                                                 block_shape=[BLOCK_M, BLOCK_N])
+    if not OUT_DESC:
+        out_desc = x_desc
+        res_desc = x_desc
+    elif not HAS_RESIDUAL:
+        res_desc = out_desc
+    return x_desc, w_desc, out_desc, res_desc
 
 
 @triton.jit
@@ -364,6 +423,34 @@ def _tile_w(args) -> int:
     return min(SPATIAL_TILE_W, args["BLOCK_M"]) if args.get("TMA") and taps and not args["STATS"] else 0
 
 
+def _gemm_shaped(args) -> bool:
+    """A descriptor launch of a 1x1 conv: a plain GEMM over [M, C] rows, persistent and with a descriptor epilogue
+    where its output allows (issue 17 item 4). With taps (the STATS forward's flat rows) both cost main-loop
+    instructions on sm_90 (the 4-warp 3x3 tile at 253 registers): 302 -> 311-327 per k-step."""
+    return bool(args.get("TMA")) and args["R"] * args["S"] == 1
+
+
+def _out_desc(args) -> bool:
+    """OUT_DESC: a 1x1 descriptor launch whose 16-bit output, and residual if any, are dense NHWC [M, K] matrices
+    (TMA's rule: 16-byte aligned base and row stride), so its epilogue goes through descriptors. (An fp32 tile
+    staged in shared memory overflows it beside 3 stages of 128x128x64 operands: fp32 keeps the pointer epilogue.)"""
+    if not _gemm_shaped(args) or args["out_ptr"].element_size() > 2:
+        return False
+    return all(_nhwc_matrix(args[name], args["P"], args["Q"]) for name in
+               (("out_ptr", "res_ptr") if args["HAS_RESIDUAL"] else ("out_ptr",)))
+
+
+def _persistent(args) -> bool:
+    """PERSISTENT (issue 17 item 4): a 1x1 descriptor launch, unless FUSEDRES_PERSISTENT=0."""
+    return _gemm_shaped(args) and persistent_wanted()
+
+
+def _nhwc_matrix(t, p: int, q: int) -> bool:
+    """t [N, C, P, Q] is a [N*P*Q, C] matrix a descriptor can address: channel stride 1, pixels at one stride."""
+    sn, sc, sh, sw = t.stride()
+    return sc == 1 and sh == q * sw and sn == p * sh and (t.data_ptr() | sw * t.element_size()) % 16 == 0
+
+
 def m_tiles(meta) -> int:
     """The launch's pixel tiles: flat BLOCK_M runs of the N*P*Q pixels, or (TILE_W) spatial tiles per image."""
     bm, tw = meta["BLOCK_M"], _tile_w(meta)
@@ -373,7 +460,8 @@ def m_tiles(meta) -> int:
 
 
 # per launch, per tile
-_conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64, "TILE_W": _tile_w})(_conv_bn_act_kernel)
+_conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64, "TILE_W": _tile_w,
+                                  "OUT_DESC": _out_desc, "PERSISTENT": _persistent})(_conv_bn_act_kernel)
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
                                          prune_configs_by={"early_config_prune": conv_prune},
                                          **autotune_options())(_conv_bn_act)
@@ -551,10 +639,12 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
         "PROLOGUE_MATH": prologue_math(x) if prologue is not None else "acc",
         "IN_BOUNDS": prologue is not None and r * s == 1 and tuple(padding) == (0, 0),
         "DOT_PRECISION": dot_precision(x), "UPCAST_DOT": upcast_dot(x), "ACC_FP64": x.dtype == torch.float64,
+        "PTX": not INTERPRETED,
     }
 
     def grid(meta):  # meta: every bound argument of the launch, the config's and the heuristics' included
-        return (m_tiles(meta) * cdiv(kg, meta["BLOCK_N"]), groups)
+        tiles = m_tiles(meta) * cdiv(kg, meta["BLOCK_N"])
+        return (min(tiles, persistent_programs(x)) if meta.get("PERSISTENT") else tiles, groups)
 
     # The descriptor path (issue 17 item 3): in the autotune set of eligible launches on sm_90; a fixed config
     # takes it when it asks (TMA=True: FUSEDRES_TMA=1, or the caller's config) and the launch is eligible.

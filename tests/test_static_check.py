@@ -82,6 +82,17 @@ def test_ttgir_counts_loops_around_the_dot_and_drains_inside_loops():
     assert (s["dot_loops"], s["dot_depth"], s["async_wait0_in_loop"]) == (2, 2, 1)
 
 
+def test_ttgir_persistent_tile_loop_is_not_a_dot_loop():
+    """A persistent kernel's outermost loop walks tiles: its k-loop is the one loop around the dot, and the drain at
+    the end of each tile is where a one-tile kernel drains after its loop. Loops inside the k-loop still count."""
+    analyze, _ = _static()
+    s = analyze.ttgir_summary(TTGIR, tile_loop=True)
+    assert (s["dot_loops"], s["dot_depth"], s["async_wait0_in_loop"]) == (1, 1, 0)
+    nested = "scf.for %t = %c0 to %c9 step %c1 {\n" + TTGIR + "}\n"  # a tap loop inside the tile walk drains
+    s = analyze.ttgir_summary(nested, tile_loop=True)
+    assert (s["dot_loops"], s["dot_depth"], s["async_wait0_in_loop"]) == (2, 2, 1)
+
+
 def test_sass_main_loop_and_instructions_per_mflop():
     analyze, _ = _static()
     s = analyze.sass_summary(SASS)

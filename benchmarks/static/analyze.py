@@ -221,8 +221,10 @@ def ptx_summary(text: str) -> Dict:
 _DOT = re.compile(r"(?:=\s*|^)(?:ttng\.warp_group_dot|tt\.dot|ttng\.tc_gen5_mma)\b")  # tc_gen5_mma: no result
 
 
-def ttgir_summary(text: str) -> Dict:
-    """scf.for loops that contain a dot (and their deepest nesting), pipelining waits inside loops."""
+def ttgir_summary(text: str, tile_loop: bool = False) -> Dict:
+    """scf.for loops that contain a dot (and their deepest nesting), pipelining waits inside loops. tile_loop: the
+    outermost scf.for is a persistent kernel's walk over output tiles (one tile's k-loops and epilogue per trip; the
+    pipeline drains at the end of each tile there, as one-tile kernels drain after their loop): not counted."""
     stack: List[List] = []  # [is_for, has_dot]
     dot_loops = depth = wait0 = wgwait0 = 0
     for line in text.splitlines():
@@ -243,7 +245,10 @@ def ttgir_summary(text: str) -> Dict:
         if in_for and re.search(r"warp_group_dot_wait\b.*\{pendings = 0 ", s):
             wgwait0 += 1
         if s.endswith("{") and not closes:
-            stack.append([bool(re.search(r"\bscf\.for\b", s)), False])
+            is_for = bool(re.search(r"\bscf\.for\b", s))
+            if is_for and tile_loop and not any(f for f, _ in stack):
+                is_for = tile_loop = False  # the tile loop: a region like an if's
+            stack.append([is_for, False])
         elif s.endswith("{") and closes:  # "} else {" / "} do {": a sibling region of the same op
             stack.append([False, False])
     return dict(dot_loops=dot_loops, dot_depth=depth, async_wait0_in_loop=wait0, wgmma_wait0_in_loop=wgwait0,

@@ -38,12 +38,17 @@ _BN_PASS2 = {"_bn_chunk_stats_kernel": "_bn_finalize_kernel", "_sum_rows_kernel"
 MIN_CHUNK_ROWS = 8  # bn._split's chunks are a multiple of 8 rows (its BLOCK_T 8..32 divides them)
 
 
+# Not variants: TMA and the switches heuristics derive from it (OUT_DESC, PERSISTENT) are config switches; PTX is
+# the target (every compiled row has it, the interpreter none)
+_CONFIG_FLAGS = ("TMA", "OUT_DESC", "PERSISTENT", "PTX")
+
+
 def _variant(const: Dict, dtype: str) -> str:
     """The constexpr switches that change the code (true flags, filter size), not the tile sizes."""
     parts = [f"{const['R']}x{const['S']}"] if "R" in const and "S" in const else []
     # TMA (the forward's descriptor path) is a config switch, not a variant: the autotuner picks it or a pointer
     # config for the same launch, so both are rows of one kernel (the config label says "tma")
-    parts += [k for k, v in const.items() if v is True and not k.startswith("BLOCK") and k != "TMA"]
+    parts += [k for k, v in const.items() if v is True and not k.startswith("BLOCK") and k not in _CONFIG_FLAGS]
     # the stem paths' channel padding (forward and wgrad STEM_CPAD, wgrad STEM_SP): ints, not flags
     parts += [f"{k}={v}" for k, v in const.items() if k.startswith("STEM_") and type(v) is int and v]
     # the activation (kernels/_launch.py ACTIVATIONS): a name, not a flag; "none" is left out like a false flag
@@ -61,14 +66,16 @@ def _shape(ints: Dict) -> str:
 def _config(const: Dict, meta) -> str:
     blocks = "x".join(str(const[k]) for k in const if k.startswith("BLOCK"))
     tma = " tma" if const.get("TMA") is True else ""
+    tma += " persistent" if const.get("PERSISTENT") is True else ""
     if meta is None:
         return blocks + tma
     return f"{blocks} w{meta.num_warps} s{meta.num_stages}{tma}"
 
 
-def analyse(compiled, sass: bool = True) -> Dict:
+def analyse(compiled, sass: bool = True, tile_loop: bool = False) -> Dict:
     """Every static figure of one compiled kernel (cached by its hash). sass=False skips the
-    disassembly (the main-loop columns stay empty; the MMA kind then comes from the PTX)."""
+    disassembly (the main-loop columns stay empty; the MMA kind then comes from the PTX). tile_loop: a persistent
+    kernel, whose outermost loop walks output tiles around its k-loops (analyze.ttgir_summary)."""
     h = (compiled.metadata.hash, sass)
     if h not in _CACHE:
         asm = compiled.asm
@@ -80,7 +87,7 @@ def analyse(compiled, sass: bool = True) -> Dict:
             row.update(analyze.sass_summary(analyze.sass(asm["cubin"])))
         else:
             row["mma"] = row["ptx_mma"]
-        row.update(analyze.ttgir_summary(asm["ttgir"]))
+        row.update(analyze.ttgir_summary(asm["ttgir"], tile_loop))
         row["has_dot"] = row["dot_loops"] > 0 or row["mma"] != "none"
         if not row["has_dot"]:
             row["operand_loads"] = "-"  # no dot: the column is about the dot's operands
@@ -151,7 +158,8 @@ def make_rows(records: List[Launch], arch: int, sass: bool = True) -> List[Dict]
         row["launches"] = 1
         if rec.compiled is not None:
             try:
-                row.update(analyse(rec.compiled, sass or needs_sass(rec.kernel, arch, row["dtype"])))
+                row.update(analyse(rec.compiled, sass or needs_sass(rec.kernel, arch, row["dtype"]),
+                                   rec.constexprs.get("PERSISTENT") is True))
                 row["ctas_per_sm"], row["occupancy_limit"] = analyze.ctas_per_sm(arch, row["regs"], row["smem"],
                                                                                  row["num_warps"])
             except Exception as exc:  # noqa: BLE001 - an analysis failure is reported on its row
