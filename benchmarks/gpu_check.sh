@@ -9,8 +9,9 @@
 # first card run (H200, 2026-12-04) measured it:
 # 1. install: pip install -e . (no deps, no build isolation: nothing is downloaded)
 # 2. tma: the descriptor (TMA) paths, FUSEDRES_TMA=1, xdist: tests/test_conv_persistent.py (the persistent 1x1 walk and
-#    its descriptor epilogue: not run on a card yet), test_conv_tma_3x3.py (negative and past-the-end coordinates:
-#    passed on the H200 on 2026-12-04), test_conv_tma.py, test_conv_backward_tma.py (~2 min on 6 workers)
+#    its descriptor epilogue) and test_conv_tma_stride2.py (a 5-D parity view): not run on a card yet;
+#    test_conv_tma_3x3.py (negative and past-the-end coordinates: passed on the H200 on 2026-12-04), test_conv_tma.py,
+#    test_conv_backward_tma.py (~2 min on 6 workers)
 # 3. main: the main job, ResNet-50 bf16 models only (--no-layers), inference and training, fused / eager / eager-amp
 #    (+ torch.compile when the budget allows: compiles come last) -> resnet50-cuda-bf16.json
 # 4. profile: benchmarks/gpu_profile.py: kernel time per step against the timed step and a CUDA-graph replay of it
@@ -71,7 +72,8 @@ PYTEST=("$PY" -m pytest -p no:cacheprovider -rfE --tb=short)  # -v per step (not
 # the descriptor paths (issue 17 item 3; sm_90), FUSEDRES_TMA=1 so fixed configs take them too; SIGINT at the limit:
 # pytest prints the failures it has; tma.log keeps the per-test lines
 STEP_SIGNAL=INT step tma "${GPU_CHECK_TMA_S:-100}" bash -c "FUSEDRES_TMA=1 ${PYTEST[*]} -n 6 -v \
-    tests/test_conv_persistent.py tests/test_conv_tma_3x3.py tests/test_conv_tma.py tests/test_conv_backward_tma.py \
+    tests/test_conv_persistent.py tests/test_conv_tma_stride2.py tests/test_conv_tma_3x3.py tests/test_conv_tma.py \
+    tests/test_conv_backward_tma.py \
     > '$OUT/tma.log' 2>&1; \
     rc=\$?; tail -25 '$OUT/tma.log'; exit \$rc"
 

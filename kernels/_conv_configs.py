@@ -319,10 +319,21 @@ def same_padded(r: int, s: int, pad_h: int, pad_w: int, dil_h: int = 1, dil_w: i
     return (dil_h, dil_w) == (1, 1) and r % 2 == 1 and s % 2 == 1 and (pad_h, pad_w) == ((r - 1) // 2, (s - 1) // 2)
 
 
+def stride2_parity(a: dict) -> bool:
+    """A stride-2 launch with taps the descriptor path takes through its parity view (kernels/conv.py STRIDE2): an
+    eval conv (spatial tiles: STATS partials are per flat BLOCK_M rows) whose input H and W are even and whose pixels
+    are dense (stride_x_w == C: a pixel pair's channels are one run of 2C), with C a multiple of 16 (each channel block
+    of a config must stay within one pixel of the pair: the launcher and conv_prune check its BLOCK_K). The padding
+    rule is the stride-1 one's ("same" padding, so P, Q = H / 2, W / 2)."""
+    return ((a["stride_h"], a["stride_w"]) == (2, 2) and not a.get("STATS") and a["H"] % 2 == 0 and a["W"] % 2 == 0
+            and a["stride_x_w"] == a["CG"] and a["CG"] % 16 == 0)
+
+
 def tma_eligible(a: dict) -> bool:
-    """Whether a forward launch (its keyword arguments) may take the descriptor path: stride 1, either a 1x1 conv
-    without padding or an odd RxS one with "same" padding (same_padded: taps are row shifts), one group, not the
-    stem path, 16-bit operands (fp32 too for 1x1); x a [M = N*H*W, C] matrix (channel stride 1, rows at one stride:
+    """Whether a forward launch (its keyword arguments) may take the descriptor path: stride 1 (stride 2 with taps
+    where stride2_parity admits it), either a 1x1 conv without padding or an odd RxS one with "same" padding
+    (same_padded: taps are row shifts), one group, not the stem path, 16-bit operands (fp32 too for 1x1); x a
+    [M = N*H*W, C] matrix (channel stride 1, rows at one stride:
     channels_last, or a channel slice of it) and w a [K, C] one (channel stride 1; with taps [K, R*S, C]: dense
     taps, channels_last), each with a 16-byte aligned base and strides (TMA's rule), and pixel indices in int32
     (tile coordinates are 32-bit). A projection shortcut's operands stay on pointers, with int32 offsets there
@@ -331,9 +342,9 @@ def tma_eligible(a: dict) -> bool:
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dtype not in TMA_DTYPES:
         return False
     r, s = a["R"], a["S"]
-    if (a["stride_h"], a["stride_w"]) != (1, 1):
-        return False
     taps = r * s > 1
+    if (a["stride_h"], a["stride_w"]) != (1, 1) and not (taps and stride2_parity(a)):
+        return False
     if not taps and (a["pad_h"], a["pad_w"]) != (0, 0):
         return False
     if taps and not (x.dtype in TAPS_TMA_DTYPES and same_padded(r, s, a["pad_h"], a["pad_w"], a.get("dil_h", 1),
@@ -412,7 +423,10 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         if not (descriptor and arch in CONV_TMA_TILES and tma_eligible(a)):  # the launcher sends eligible ones only
             return []
         keep = dtype_keep("conv_tma", dtype, "residual" if a.get("HAS_RESIDUAL") else "")
-        return prune(descriptor, CONV_TMA_TILES[arch], fit, keep, extra=lambda fitted: dict(TMA=True))
+        out = prune(descriptor, CONV_TMA_TILES[arch], fit, keep, extra=lambda fitted: dict(TMA=True))
+        if a["stride_h"] == 2:  # the parity view: a channel block within one pixel of the pair
+            out = [c for c in out if a["CG"] % c.kwargs["BLOCK_K"] == 0]
+        return out
 
     if _taps_capable(a) and arch in CONV_TMA_TILES:  # with taps: one descriptor tile, in place of a pointer one for
         # STATS (the training step's compile budget); beside the pointer ones in eval (the stride-2 3x3 eval convs

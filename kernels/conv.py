@@ -113,6 +113,7 @@ def _conv_bn_act_kernel(
     OUT_DESC: tl.constexpr = False,  # 1x1 TMA, out (and residual) dense [M, K]: the epilogue's descriptors (_out_desc)
     PERSISTENT: tl.constexpr = False,  # 1x1 TMA: a program per SM walks the tiles (_persistent)
     PTX: tl.constexpr = False,     # a GPU target (not the interpreter): the descriptor epilogue's ReLU as inline PTX
+    STRIDE2: tl.constexpr = False,  # TILE_W at stride 2: x through its parity view (_descriptors, _stride2)
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     g = tl.program_id(1)  # axis 1 is the group
@@ -120,7 +121,7 @@ def _conv_bn_act_kernel(
     if PERSISTENT:  # the device-side descriptors (global scratch): built once per program, whatever its tiles
         descs = _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n, stride_x_h,
                              stride_x_w, stride_w_k, stride_w_s, stride_out_w, stride_res_w, R, S, HAS_RESIDUAL,
-                             OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K)
+                             OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K, STRIDE2)
         x_desc, w_desc, out_desc, res_desc = descs
         tl.static_assert(TMA and not TILE_W)
     # Axis 0 walks the (m-tile, n-tile) grid, n fastest: neighbouring programs share the A tile, and the weights
@@ -161,12 +162,13 @@ def _conv_bn_act_kernel(
             # past CG (zero in A and B alike). TILE_W (eval: no STATS, whose partials are one per BLOCK_M flat
             # pixels): x is [N, H, W, CG] and a tile an image's TILE_H x TILE_W output pixels; a tap moves the box,
             # the descriptor zero-fills every pixel outside the image (padding), so the tile needs no mask (Triton
-            # reshapes the box to [BLOCK_M, BLOCK_K] in registers).
+            # reshapes the box to [BLOCK_M, BLOCK_K] in registers). STRIDE2 (stride 2, eval): the same tiles over x's
+            # parity view (_descriptors).
             tl.static_assert(not STEM_CPAD and not (TILE_W and STATS))
             if not PERSISTENT:
                 descs = _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n,
                                      stride_x_h, stride_x_w, stride_w_k, stride_w_s, stride_out_w, stride_res_w, R, S,
-                                     HAS_RESIDUAL, OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K)
+                                     HAS_RESIDUAL, OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K, STRIDE2)
                 x_desc, w_desc, out_desc, res_desc = descs
             m0 = pid_m * BLOCK_M
             n0 = pid_n * BLOCK_N
@@ -212,7 +214,12 @@ def _conv_bn_act_kernel(
                     w_in = w0 + s
                     # padding only: rows past M are never stored nor counted in STATS (as in the 1x1 case below)
                     a_mask = (in_range(h, H) & in_range(w_in, W))[:, None]
-                    if TILE_W:
+                    if STRIDE2:  # input row 2p + r - pad_h = 2 (p + dr) + (its parity): dr by an arithmetic shift
+                        dr = r - pad_h
+                        ds = s - pad_w
+                        a = x_desc.load([n_img, p0 + (dr >> 1), dr & 1, q0 + (ds >> 1), (ds & 1) * CG + c0])
+                        a = a.reshape(BLOCK_M, BLOCK_K)
+                    elif TILE_W:
                         a = x_desc.load([n_img, p0 + r - pad_h, q0 + s - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
                     else:
                         a = x_desc.load([m0 + (r - pad_h) * W + (s - pad_w), c0])
@@ -335,10 +342,18 @@ def _conv_bn_act_kernel(
 def _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n, stride_x_h, stride_x_w,
                  stride_w_k, stride_w_s, stride_out_w, stride_res_w, R: tl.constexpr, S: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, OUT_DESC: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STRIDE2: tl.constexpr = False):
     """The descriptor path's device-side tensor descriptors (x, w, out, residual); the last two stand in as x's where
-    the epilogue has none (OUT_DESC, HAS_RESIDUAL): never read."""
-    if TILE_W:
+    the epilogue has none (OUT_DESC, HAS_RESIDUAL): never read. STRIDE2: x [N, H, W, C] (even H and W, dense
+    pixels) as [N, H/2, 2, W/2, 2C], rows and columns split into (pair, parity) with a pair's two pixels' channels
+    one run: a stride-2 tap is then a box at (pair offset, parity), and the rows and columns past the image are
+    outside the view (zero-filled, the padding), as at stride 1."""
+    if STRIDE2:
+        tl.static_assert(TILE_W > 0)
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M // (P * Q), H // 2, 2, W // 2, 2 * CG],
+                                           strides=[stride_x_n, 2 * stride_x_h, stride_x_h, 2 * stride_x_w, 1],
+                                           block_shape=[1, BLOCK_M // TILE_W, 1, TILE_W, BLOCK_K])
+    elif TILE_W:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M // (P * Q), H, W, CG],
                                            strides=[stride_x_n, stride_x_h, stride_x_w, 1],
                                            block_shape=[1, BLOCK_M // TILE_W, TILE_W, BLOCK_K])
@@ -423,6 +438,11 @@ def _tile_w(args) -> int:
     return min(SPATIAL_TILE_W, args["BLOCK_M"]) if args.get("TMA") and taps and not args["STATS"] else 0
 
 
+def _stride2(args) -> bool:
+    """STRIDE2: a stride-2 descriptor launch with taps (spatial tiles through the parity view, stride2_parity)."""
+    return bool(args.get("TMA")) and args["stride_h"] == 2 and bool(_tile_w(args))
+
+
 def _gemm_shaped(args) -> bool:
     """A descriptor launch of a 1x1 conv: a plain GEMM over [M, C] rows, persistent and with a descriptor epilogue
     where its output allows (issue 17 item 4). With taps (the STATS forward's flat rows) both cost main-loop
@@ -460,8 +480,8 @@ def m_tiles(meta) -> int:
 
 
 # per launch, per tile
-_conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64, "TILE_W": _tile_w,
-                                  "OUT_DESC": _out_desc, "PERSISTENT": _persistent})(_conv_bn_act_kernel)
+_conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64, "TILE_W": _tile_w, "OUT_DESC": _out_desc,
+                                  "PERSISTENT": _persistent, "STRIDE2": _stride2})(_conv_bn_act_kernel)
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
                                          prune_configs_by={"early_config_prune": conv_prune},
                                          **autotune_options())(_conv_bn_act)
@@ -658,7 +678,7 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
             launch_tuned(tuners[0 if stats else 1], grid, args)
         else:
             config = {k: v for k, v in config.items() if k != "TMA"}
-            if tma and config_tma:
+            if tma and config_tma and (stride[0] == 1 or cg % config["BLOCK_K"] == 0):  # (stride2_parity's rule)
                 config["TMA"] = True  # (omitted otherwise: the pointer path's compile key stays as it was)
             _conv_bn_act[grid](**args, **config)
     return ConvStats(out, part_mean, part_m2, block_m)
