@@ -556,9 +556,15 @@ def dgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     capable = not a.get("IDX64") and getattr(dy, "dtype", None) in BWD_TMA_DTYPES  # 1x1, or taps (spatial tiles)
     if not (capable and arch in DGRAD_TMA_TILES):
         return pointer(configs)
-    warps = 8 if a.get("BN_GRAD") or a.get("HAS_RESIDUAL") else 4
+    # 4 warps (the anchor's loop); 8 where a 1x1 epilogue reads tiles (BN gradient, residual: 4 spilled 408-664 B);
+    # with taps the epilogue over column quarters (EPI_SPLIT: the whole tile at once spilled 296-456 B at 4 warps)
+    taps = not a.get("ONE_TAP", True)
+    reads = a.get("BN_GRAD") or a.get("HAS_RESIDUAL")
+    warps = 8 if reads and not taps else 4
+    split = dict(EPI_SPLIT=4) if reads and taps else {}
     return replace_by_tma(pointer, configs, lambda: prune(
-        [c for c in descriptor if c.num_warps == warps], DGRAD_TMA_TILES[arch], fit, extra=lambda _: dict(TMA=True)))
+        [c for c in descriptor if c.num_warps == warps], DGRAD_TMA_TILES[arch], fit,
+        extra=lambda _: dict(TMA=True, **split)))
 
 
 def dgrad_tma_configs() -> List[triton.Config]:

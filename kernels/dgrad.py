@@ -89,6 +89,7 @@ def _conv_dgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr = False,  # a config switch: dy and w through tensor descriptors (dgrad_tma_eligible)
     TILE_W: tl.constexpr = 0,  # TMA with taps: spatial tiles of BLOCK_M // TILE_W rows x TILE_W columns (_tile_w)
+    EPI_SPLIT: tl.constexpr = 1,  # a config switch: the epilogue over 1 or 4 column slices (dgrad_prune)
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0)
@@ -201,6 +202,40 @@ def _conv_dgrad_kernel(
 
     h = PH0 + stride_h * i
     w = PW0 + stride_w * j
+    if EPI_SPLIT == 1:
+        _dx_epilogue(acc, offs_c, mask_c, n, h, w, mask_m, pid_m, dx_ptr, y_ptr, in_scale_ptr, in_shift_ptr, mean_ptr,
+                     invstd_ptr, parts_ptr, res_ptr, rmask_ptr, RES_C, C, TILE0, stride_dx_n, stride_dx_c, stride_dx_h,
+                     stride_dx_w, stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_res_n, stride_res_c,
+                     stride_res_h, stride_res_w, stride_rmask_n, stride_rmask_c, stride_rmask_h, stride_rmask_w,
+                     RES_STRIDE, BN_GRAD, HAS_RESIDUAL, HAS_RES_MASK, ACTIVATION, acc_dtype)
+    else:
+        # The epilogue over column quarters (the 4-warp descriptor tile with taps, dgrad_prune): each reads its own
+        # y, residual and per-channel factors beside the accumulator, a quarter of the registers the whole tile's
+        # need (at once, that tile spilled 296-456 B).
+        tl.static_assert(EPI_SPLIT == 4 and BLOCK_N >= 4)
+        QN: tl.constexpr = BLOCK_N // 4
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        for k in tl.static_range(2):
+            quarters = tl.split(tl.permute(tl.reshape(halves[k], (BLOCK_M, 2, QN)), (0, 2, 1)))
+            for k2 in tl.static_range(2):
+                oc = g * CG + (pid % num_n) * BLOCK_N + (2 * k + k2) * QN + tl.arange(0, QN)
+                _dx_epilogue(quarters[k2], oc, oc < g * CG + CG, n, h, w, mask_m, pid_m, dx_ptr, y_ptr, in_scale_ptr,
+                             in_shift_ptr, mean_ptr, invstd_ptr, parts_ptr, res_ptr, rmask_ptr, RES_C, C, TILE0,
+                             stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w, stride_y_n, stride_y_c, stride_y_h,
+                             stride_y_w, stride_res_n, stride_res_c, stride_res_h, stride_res_w, stride_rmask_n,
+                             stride_rmask_c, stride_rmask_h, stride_rmask_w, RES_STRIDE, BN_GRAD, HAS_RESIDUAL,
+                             HAS_RES_MASK, ACTIVATION, acc_dtype)
+
+
+@triton.jit
+def _dx_epilogue(acc, offs_c, mask_c, n, h, w, mask_m, pid_m, dx_ptr, y_ptr, in_scale_ptr, in_shift_ptr, mean_ptr,
+                 invstd_ptr, parts_ptr, res_ptr, rmask_ptr, RES_C, C, TILE0, stride_dx_n, stride_dx_c, stride_dx_h,
+                 stride_dx_w, stride_y_n, stride_y_c, stride_y_h, stride_y_w, stride_res_n, stride_res_c, stride_res_h,
+                 stride_res_w, stride_rmask_n, stride_rmask_c, stride_rmask_h, stride_rmask_w, RES_STRIDE,
+                 BN_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_RES_MASK: tl.constexpr,
+                 ACTIVATION: tl.constexpr, acc_dtype: tl.constexpr):
+    """dx of a tile's columns offs_c (acc [BLOCK_M, len(offs_c)]): the BN-ReLU gate and that BN's partial sums
+    (BN_GRAD), + the residual gradient, the store."""
     msk = mask_m[:, None] & mask_c[None, :]
     if BN_GRAD:
         scale = tl.load(in_scale_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)

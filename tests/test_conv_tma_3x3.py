@@ -261,14 +261,18 @@ def _assert_bn_sums(out, xhat, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("split", [1, 4], ids=["whole", "quarters"])
 @pytest.mark.parametrize("epilogue,rs,pad", [("plain", (3, 3), (1, 1)), ("residual", (3, 3), (1, 1)),
                                              ("bn_grad", (3, 3), (1, 1)), ("bn_grad", (5, 5), (2, 2)),
                                              ("plain", (1, 3), (0, 1))])
-def test_taps_dgrad(epilogue, rs, pad, dtype, device, dgrad_launches):
+def test_taps_dgrad(epilogue, rs, pad, split, dtype, device, dgrad_launches):
     """dx of a stride-1 "same" conv on the descriptor path (2 x 16-pixel spatial tiles of the 5 x 7 images: ragged on
     both axes, every border tap at a negative or past-the-edge coordinate), with each epilogue: the shortcut's
     gradient gated by the block output's ReLU, and the BN gradient (the previous BN's ReLU gate, and its sums over
-    the stored values: the spatial tiles' partial rows, pixels outside the image not counted)."""
+    the stored values: the spatial tiles' partial rows, pixels outside the image not counted). quarters: the
+    epilogue over 4 column slices (EPI_SPLIT; 24 channels in 16-wide tiles: the second tile's last two slices are
+    past C)."""
+    cfg = dict(DGRAD_CFG, EPI_SPLIT=split) if split > 1 else DGRAD_CFG
     dy = _x(dtype, device, (N, K, H, W))
     w = (torch.randn(K, C, *rs, device=device) / (C * rs[0] * rs[1]) ** 0.5).to(dtype).to(
         memory_format=torch.channels_last)
@@ -278,7 +282,7 @@ def test_taps_dgrad(epilogue, rs, pad, dtype, device, dgrad_launches):
         scale, shift = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
         mean, invstd = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
         out = dgrad_mod.conv_dgrad_bn(dy, w, (N, C, H, W), (1, 1), pad, (1, 1), 1, (y, scale, shift, mean, invstd),
-                                      config=DGRAD_CFG)
+                                      config=cfg)
         pre = y.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
         assert_close(out.dx, ref * (pre > 0), dtype, "gated dx")
         _assert_bn_sums(out, (y.double() - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1), dtype)
@@ -288,7 +292,7 @@ def test_taps_dgrad(epilogue, rs, pad, dtype, device, dgrad_launches):
             res, act_out = _x(dtype, device), _x(dtype, device)
             residual = (res, act_out, 1)
             ref = ref + res.double() * (act_out.double() > 0)
-        dx = dgrad_mod.conv_dgrad(dy, w, (N, C, H, W), (1, 1), pad, (1, 1), 1, residual=residual, config=DGRAD_CFG)
+        dx = dgrad_mod.conv_dgrad(dy, w, (N, C, H, W), (1, 1), pad, (1, 1), 1, residual=residual, config=cfg)
         assert dx.is_contiguous(memory_format=torch.channels_last)
         assert_close(dx, ref, dtype)
     assert dgrad_launches == [RUNS], "an eligible launch that asks for the descriptor path takes it"
@@ -313,8 +317,8 @@ def test_ineligible_taps_dgrad_take_pointer_path(what, device, dgrad_launches):
 
 def test_dgrad_taps_partials_and_configs(monkeypatch):
     """The BN partial rows of a dgrad with taps: one per spatial tile when it takes descriptors (phase_tiles), flat
-    otherwise; on sm_90 its variant tunes one descriptor tile in place of TMA_REPLACES (8 warps with the BN
-    gradient)."""
+    otherwise; on sm_90 its variant tunes one descriptor tile in place of TMA_REPLACES (4 warps, the BN gradient's
+    epilogue over column quarters: EPI_SPLIT)."""
     base = dict(M=N * H * W, HP=H, WP=W, BLOCK_M=128, TMA=True, ONE_TAP=False)
     assert dgrad_mod.phase_tiles(base) == N and dgrad_mod.phase_tiles(dict(base, BLOCK_M=32)) == N * 3
     assert dgrad_mod.phase_tiles(dict(base, TMA=False, BLOCK_M=32)) == 3
@@ -323,8 +327,12 @@ def test_dgrad_taps_partials_and_configs(monkeypatch):
     args = dict(dy_ptr=dy, CG=256, KG=256, ONE_TAP=False, BN_GRAD=True)
     monkeypatch.setattr(cc, "target_arch", lambda: 90)
     configs = dgrad_mod.gpu_configs() + cc.dgrad_tma_configs()
-    tiles = [(cc.Tile.of(c), bool(c.kwargs.get("TMA"))) for c in cc.dgrad_prune(configs, {}, **args)]
-    assert [t.num_warps for t, tma in tiles if tma] == [8] and (cc.TMA_REPLACES, False) not in tiles
+    pruned = cc.dgrad_prune(configs, {}, **args)
+    tiles = [(cc.Tile.of(c), bool(c.kwargs.get("TMA"))) for c in pruned]
+    assert [t.num_warps for t, tma in tiles if tma] == [4] and (cc.TMA_REPLACES, False) not in tiles
+    assert [c.kwargs.get("EPI_SPLIT") for c in pruned if c.kwargs.get("TMA")] == [4]
+    plain = [c for c in cc.dgrad_prune(configs, {}, **dict(args, BN_GRAD=False)) if c.kwargs.get("TMA")]
+    assert [(c.num_warps, c.kwargs.get("EPI_SPLIT")) for c in plain] == [(4, None)], "no epilogue tiles: one slice"
     w = torch.empty(256, 256, 3, 3, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     assert cc.dgrad_tma_eligible(dy, w, (1, 1), (1, 1), 1, False)
     assert not cc.dgrad_tma_eligible(dy, w, (1, 1), (1, 1), 1, False, dilation=(2, 2))

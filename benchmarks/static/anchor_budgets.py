@@ -160,12 +160,13 @@ PENDING = {
     "train_fwd_3x3_vs_anchor": "11.67",
     "wgrad_prologue_vs_anchor": "8.68 (3x3 pointers; 10.13 before the packed prologue, 1x1 descriptors 1.77)",
     "issue_share_every_kernel": "367.9 (the stem's STATS forward)",
-    "dgrad_3x3_vs_anchor": "3.7",
     "fp32_no_wgmma_wait0_in_loop": "1 (wgrad with the prologue)",
 }
 # fwd_3x3_eval_vs_anchor (item 3; 4.33 when written, then 3.85 / 3.61 with its worst row layer3.0's stride-2 pointer
 # conv) is met by the stride-2 descriptor tile over x's parity view (kernels/conv.py STRIDE2; 1.63 / 1.48 on triton
 # 3.6 / 3.8; layer3.1's stride-1 tile 1.57 / 1.42): enforced.
+# dgrad_3x3_vs_anchor (item 3; 3.7 when written, 3.09 / 2.59 at 8 warps) is met by the 4-warp descriptor tile with
+# its BN-gradient epilogue over column quarters (kernels/dgrad.py EPI_SPLIT; 1.75 / 1.55, 0 spilled): enforced.
 # fp32_no_spills (item 5; 40 / 48 B before) is met by _conv_configs.DTYPE_SPILLS, the fp32 prune of dgrad's and
 # wgrad's spilling tiles (0 B, triton 3.6 / 3.8): enforced. fp32_no_wgmma_wait0_in_loop stays pending: the fp32
 # wgrad's activated x is the B operand, a fresh shared-memory copy each step (TTGIR local_alloc, then
