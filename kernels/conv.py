@@ -118,16 +118,16 @@ def _conv_bn_act_kernel(
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     g = tl.program_id(1)  # axis 1 is the group
     num_n = tl.cdiv(KG, BLOCK_N)
-    if PERSISTENT:  # the device-side descriptors (global scratch): built once per program, whatever its tiles
+    # Axis 0 walks the (m-tile, n-tile) grid, n fastest: neighbouring programs share the A tile, and the weights
+    # (at most a few MB in a ResNet) stay in L2. One tile per program, or (PERSISTENT: as many programs as SMs) a
+    # stride through the tiles: the device-side descriptors (global scratch) and the kernel's setup are then paid
+    # once per program, not per tile.
+    if PERSISTENT:
+        tl.static_assert(TMA and not TILE_W)
         descs = _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n, stride_x_h,
                              stride_x_w, stride_w_k, stride_w_s, stride_out_w, stride_res_w, R, S, HAS_RESIDUAL,
                              OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K, STRIDE2)
         x_desc, w_desc, out_desc, res_desc = descs
-        tl.static_assert(TMA and not TILE_W)
-    # Axis 0 walks the (m-tile, n-tile) grid, n fastest: neighbouring programs share the A tile, and the weights
-    # (at most a few MB in a ResNet) stay in L2. One tile per program, or (PERSISTENT: as many programs as SMs) a
-    # stride through the tiles: the descriptors above and the kernel's setup are paid once per program, not per tile.
-    if PERSISTENT:
         first = tl.program_id(0)
         last = tl.cdiv(M, BLOCK_M) * num_n
         step = tl.num_programs(0)
