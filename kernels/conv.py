@@ -438,31 +438,30 @@ def _tile_w(args) -> int:
     return min(SPATIAL_TILE_W, args["BLOCK_M"]) if args.get("TMA") and taps and not args["STATS"] else 0
 
 
+# The descriptor path's own switches (heuristics, per launch and config): each returns at its first test for a
+# pointer config, so a pointer launch pays one dict lookup per switch (the launch path is the card's bottleneck).
+
 def _stride2(args) -> bool:
     """STRIDE2: a stride-2 descriptor launch with taps (spatial tiles through the parity view, stride2_parity)."""
-    return bool(args.get("TMA")) and args["stride_h"] == 2 and bool(_tile_w(args))
-
-
-def _gemm_shaped(args) -> bool:
-    """A descriptor launch of a 1x1 conv: a plain GEMM over [M, C] rows, persistent and with a descriptor epilogue
-    where its output allows (issue 17 item 4). With taps (the STATS forward's flat rows) both cost main-loop
-    instructions on sm_90 (the 4-warp 3x3 tile at 253 registers): 302 -> 311-327 per k-step."""
-    return bool(args.get("TMA")) and args["R"] * args["S"] == 1
+    return bool(args.get("TMA") and args["stride_h"] == 2 and _tile_w(args))
 
 
 def _out_desc(args) -> bool:
     """OUT_DESC: a 1x1 descriptor launch whose 16-bit output, and residual if any, are dense NHWC [M, K] matrices
     (TMA's rule: 16-byte aligned base and row stride), so its epilogue goes through descriptors. (An fp32 tile
-    staged in shared memory overflows it beside 3 stages of 128x128x64 operands: fp32 keeps the pointer epilogue.)"""
-    if not _gemm_shaped(args) or args["out_ptr"].element_size() > 2:
+    staged in shared memory overflows it beside 3 stages of 128x128x64 operands: fp32 keeps the pointer epilogue.)
+    1x1 only, as PERSISTENT: with taps (the STATS forward's flat rows) both cost main-loop instructions on sm_90 (the
+    4-warp 3x3 tile at 253 registers: 302 -> 311-327 per k-step)."""
+    if not args.get("TMA") or args["R"] * args["S"] != 1 or args["out_ptr"].element_size() > 2:
         return False
     return all(_nhwc_matrix(args[name], args["P"], args["Q"]) for name in
                (("out_ptr", "res_ptr") if args["HAS_RESIDUAL"] else ("out_ptr",)))
 
 
 def _persistent(args) -> bool:
-    """PERSISTENT (issue 17 item 4): a 1x1 descriptor launch, unless FUSEDRES_PERSISTENT=0."""
-    return _gemm_shaped(args) and persistent_wanted()
+    """PERSISTENT (issue 17 item 4): a 1x1 descriptor launch (a plain GEMM over [M, C] rows), unless
+    FUSEDRES_PERSISTENT=0."""
+    return bool(args.get("TMA") and args["R"] * args["S"] == 1 and persistent_wanted())
 
 
 def _nhwc_matrix(t, p: int, q: int) -> bool:
