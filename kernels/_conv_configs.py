@@ -255,8 +255,8 @@ _TMA_MODES: dict = {}
 
 
 def persistent_wanted() -> bool:
-    """FUSEDRES_PERSISTENT (default "1"): descriptor launches over flat pixel rows run persistent (kernels/conv.py
-    PERSISTENT: min(tiles, SMs) programs walk the tiles); "0": one program per tile, to time the two on a card."""
+    """FUSEDRES_PERSISTENT (default "1"): 16-bit 1x1 descriptor launches run persistent (kernels/conv.py PERSISTENT:
+    min(tiles, SMs) programs walk the tiles); "0": one program per tile, to time the two on a card."""
     raw = os.environ.get("FUSEDRES_PERSISTENT", "1")  # read per launch; parsed once per value
     on = _PERSISTENT_MODES.get(raw)
     if on is None:

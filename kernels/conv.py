@@ -40,6 +40,7 @@ from ._conv_configs import (
     tma_configs,
     tma_eligible,
     tma_mode,
+    tma_rows,
 )
 from ._launch import (
     INTERPRETED,
@@ -454,8 +455,7 @@ def _out_desc(args) -> bool:
     4-warp 3x3 tile at 253 registers: 302 -> 311-327 per k-step)."""
     if not args.get("TMA") or args["R"] * args["S"] != 1 or args["out_ptr"].element_size() > 2:
         return False
-    return all(_nhwc_matrix(args[name], args["P"], args["Q"]) for name in
-               (("out_ptr", "res_ptr") if args["HAS_RESIDUAL"] else ("out_ptr",)))
+    return tma_rows(args["out_ptr"]) and (not args["HAS_RESIDUAL"] or tma_rows(args["res_ptr"]))
 
 
 def _persistent(args) -> bool:
@@ -464,12 +464,6 @@ def _persistent(args) -> bool:
     8 warps, ResNet-50 layer4.1, sm_90; one tile per program there: 254-255 registers, none spilled.)"""
     return bool(args.get("TMA") and args["R"] * args["S"] == 1 and args["out_ptr"].element_size() <= 2
                 and persistent_wanted())
-
-
-def _nhwc_matrix(t, p: int, q: int) -> bool:
-    """t [N, C, P, Q] is a [N*P*Q, C] matrix a descriptor can address: channel stride 1, pixels at one stride."""
-    sn, sc, sh, sw = t.stride()
-    return sc == 1 and sh == q * sw and sn == p * sh and (t.data_ptr() | sw * t.element_size()) % 16 == 0
 
 
 def m_tiles(meta) -> int:
