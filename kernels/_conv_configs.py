@@ -522,16 +522,21 @@ def dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64: bool, dilatio
         tma_rows(weight, BWD_TMA_DTYPES, weight=True)
 
 
-def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: Callable[[], list]) -> list:
-    """The configs of a launch whose variant may take the descriptor path (a 1x1-shaped variant, 16-bit): the
-    pointer set (``pointer(configs)`` prunes pointer configs) without the pointer tile TMA_REPLACES, plus, for an
-    eligible launch, the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one).
+def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: Callable[[], list],
+                   twins: bool = False) -> list:
+    """The configs of a launch whose variant may take the descriptor path (16-bit): the pointer set
+    (``pointer(configs)`` prunes pointer configs) without the pointer tile TMA_REPLACES, plus, for an eligible launch,
+    the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one). twins: the descriptor
+    tile also replaces a pointer tile fitted to its own blocks (wgrad with taps: a 64-channel 3x3's 64-wide tile, the
+    same work on pointers; no launch of ResNet-50 shares that variant on pointers, which would compile both).
     Variants are shared: a 1x1 stride-2 launch compiles the same variant as a stride-1 one, so a pointer tile kept
     for the one would still compile beside the other's descriptor tile (benchmarks/cold_start.py: +1 per kernel).
     Never more configs than the pointer set alone (where the replaced tile was pruned anyway: fitted to 64
     channels beside a tile of the same blocks, a launch keeps that set)."""
     alone = pointer(configs)
-    out = descriptor() + pointer([c for c in configs if Tile.of(c) != TMA_REPLACES])
+    desc = descriptor()
+    twins = {Tile.of(c) for c in desc} if twins else set()
+    out = desc + [c for c in pointer([c for c in configs if Tile.of(c) != TMA_REPLACES]) if Tile.of(c) not in twins]
     return out if len(out) <= len(alone) else alone
 
 
@@ -622,13 +627,21 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     def pointer(cs):  # never no config
         return prune(cs, WGRAD_TILES[arch], fit, lean, extra=tap) or prune(cs, WGRAD_TILES[arch], fit, keep, extra=tap)
 
+    def tma_fit(tile):  # with taps, columns of one tap per tile (TAP_PER_TILE): BLOCK_M divides the channels
+        fitted = fit(tile)
+        while taps and cg % fitted.block_m and fitted.block_m > 64:
+            fitted = fitted._replace(block_m=fitted.block_m // 2)
+        return fitted
+
     descriptor = [c for c in configs if c.kwargs.get("TMA")]
     configs = [c for c in configs if not c.kwargs.get("TMA")]
-    capable = a.get("R") == 1 and a.get("S") == 1 and a.get("X_AS_A") and not (a.get("STEM_CPAD") or a.get("IDX64"))
+    taps = a.get("R", 1) * a.get("S", 1) > 1
+    capable = a.get("X_AS_A") and not (a.get("STEM_CPAD") or a.get("IDX64"))
     if not (capable and arch in WGRAD_TMA_TILES):
         return pointer(configs)
-    return replace_by_tma(pointer, configs, lambda: prune(descriptor, WGRAD_TMA_TILES[arch], fit,
-                                                          extra=lambda fitted: dict(tap(fitted), TMA=True)))
+    return replace_by_tma(pointer, configs, lambda: prune(
+        descriptor, WGRAD_TMA_TILES[arch], tma_fit, lambda _, fitted: not taps or cg % fitted.block_m == 0,
+        extra=lambda fitted: dict(tap(fitted), TMA=True)), twins=taps)
 
 
 # wgrad's descriptor tile (see DGRAD_TMA_TILES): the anchor's, 128 columns x 128 output channels x 64 pixels at
@@ -641,13 +654,22 @@ def wgrad_tma_configs() -> List[triton.Config]:
     return [t.config(TMA=True) for t in arch_tiles(WGRAD_TMA_TILES)]
 
 
-def wgrad_tma_eligible(dy, x, weight, stride, padding, groups, stem: bool, idx64: bool) -> bool:
-    """Whether a wgrad launch may take the descriptor path: a 1x1 conv of stride 1, no padding, one group, not the
-    stem path, 16-bit operands (X_AS_A: x the MMA's A operand, transposed from shared memory), pixel indices in
-    int32 (not IDX64), dy and x [N*H*W, C] matrices (tma_rows). The BN prologue applies to the loaded x tile in
-    registers as on the pointer path: rows past M load 0 and become act(shift) there, against dy rows that load 0
-    (no contribution); a split's pixel range is whole BLOCK_K steps except at M (ROWS_PER_SPLIT)."""
-    if tuple(weight.shape[2:]) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0) or groups != 1:
+def wgrad_tma_eligible(dy, x, weight, stride, padding, groups, stem: bool, idx64: bool, dilation=(1, 1)) -> bool:
+    """Whether a wgrad launch may take the descriptor path: stride 1 and one group, either a 1x1 conv without padding
+    or an odd RxS one with "same" padding (same_padded; kernels/wgrad.py _tap_views: the column tiles are one tap's
+    channels, TAP_PER_TILE, so the channels a multiple of 16, a BLOCK_M the prune fits to them; the image at least
+    the filter's size, so no tap's view is empty), not the stem path, 16-bit operands (X_AS_A: x the MMA's A
+    operand, transposed from shared memory), pixel indices in int32 (not IDX64), dy and x [N*H*W, C] matrices
+    (tma_rows). The BN prologue applies to the loaded x tile in registers as on the pointer path: rows past M (1x1)
+    or past a view (taps) load 0 and become act(shift) there, against dy rows that load 0 (no contribution); a 1x1
+    split's pixel range is whole BLOCK_K steps except at M (ROWS_PER_SPLIT)."""
+    r, s = weight.shape[2:]
+    if tuple(stride) != (1, 1) or groups != 1:
+        return False
+    if (r, s) == (1, 1) and tuple(padding) != (0, 0):
+        return False
+    if (r, s) != (1, 1) and not (same_padded(r, s, *padding, *dilation) and weight.shape[1] % 16 == 0
+                                 and x.shape[2] >= r and x.shape[3] >= s):
         return False
     return not (stem or idx64) and x.dtype == dy.dtype and all(tma_rows(t, BWD_TMA_DTYPES) for t in (dy, x))
 

@@ -25,6 +25,11 @@ per tile, a padded row zeroes the dy row instead (one mask per row, not a select
 taps are skipped, as oneDNN does, so a non-finite dy never meets the padding. A 1x1 conv without padding
 (IN_BOUNDS) has no such taps: no bounds test and no select.
 
+Descriptors (TMA, 16-bit, sm_90; _conv_configs.wgrad_tma_eligible): a 1x1 stride-1 wgrad is the GEMM x^T @ dy over
+[M, C] and [M, K] rows. A same-padded stride-1 RxS wgrad (3x3: ResNet's conv2) runs one tap per column tile over
+that tap's pixel pairs: x and dy as two equal-shape views (_tap_views), so no padding mask or select is needed, and a
+padded tap is never paired (a non-finite dy does not meet the padding, as on the pointer path's TAP_PER_TILE).
+
 The stem (C <= 4, STEM_CPAD): x is first copied into a zero-padded dense NHWC tensor of STEM_CPAD = 4 channels,
 and the columns run over whole filter rows: S*4 contiguous input elements, loaded 8 bytes at a time.
 """
@@ -143,6 +148,9 @@ def _conv_wgrad_kernel(
     if PROLOGUE_BN:
         s_in = tl.load(in_scale_ptr + offs_c, mask=mask_col, other=0.0)
         t_in = tl.load(in_shift_ptr + offs_c, mask=mask_col, other=0.0)
+    else:
+        s_in = 0.0  # unused
+        t_in = 0.0
 
     # Pixel decode once; then advanced by BLOCK_K per step: BLOCK_K = dn*P*Q + dp*Q + dq.
     if IDX64:
@@ -159,18 +167,26 @@ def _conv_wgrad_kernel(
         # stride stride_dy_w. A split's pixels are whole BLOCK_K steps but at M, where the descriptors load zeros
         # (x rows past M may become act(shift) in the prologue, against zero dy rows: no contribution); columns past
         # CG and KG load zeros and are not stored.
-        tl.static_assert(R * S == 1 and STEM_CPAD == 0 and X_AS_A)
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
-                                           block_shape=[BLOCK_K, BLOCK_M])
-        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, KG], strides=[stride_dy_w, 1],
-                                            block_shape=[BLOCK_K, BLOCK_N])
-        c0 = pid_col * BLOCK_M
+        # Taps (a same-padded stride-1 conv, one tap per column tile; _tap_views): x and dy through views of the
+        # pixels a tap pairs, walked in spatial tiles.
+        tl.static_assert(STEM_CPAD == 0 and X_AS_A and (R * S == 1 or TAP_PER_TILE))
         n0 = pid_out * BLOCK_N
-        for m0 in range(start, end, BLOCK_K):
-            xt = x_desc.load([m0, c0])
-            if PROLOGUE_BN:
-                xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
-            acc = mma(tl.trans(xt), dy_desc.load([m0, n0]), acc, DOT_PRECISION, UPCAST_DOT)
+        if R * S == 1:
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
+                                               block_shape=[BLOCK_K, BLOCK_M])
+            dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, KG], strides=[stride_dy_w, 1],
+                                                block_shape=[BLOCK_K, BLOCK_N])
+            c0 = pid_col * BLOCK_M
+            for m0 in range(start, end, BLOCK_K):
+                xt = x_desc.load([m0, c0])
+                if PROLOGUE_BN:
+                    xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
+                acc = mma(tl.trans(xt), dy_desc.load([m0, n0]), acc, DOT_PRECISION, UPCAST_DOT)
+        else:
+            acc = _tap_views(x_ptr, dy_ptr, acc, s_in, t_in, M // (P * Q), H, W, CG, KG, split, SPLIT,
+                             r - pad_h, s - pad_w, pid_col * BLOCK_M - rs * CG, n0, stride_x_n, stride_x_h,
+                             stride_x_w, stride_dy_n, stride_dy_h, stride_dy_w, PROLOGUE_BN, ACTIVATION,
+                             PROLOGUE_MATH, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         offs_m = start + tl.arange(0, BLOCK_K)
         n = offs_m // (P * Q)
@@ -230,6 +246,56 @@ def _conv_wgrad_kernel(
         tl.store(part + col_part[:, None] + k_part[None, :], acc, mask=mask_col[:, None] & mask_k[None, :])
     else:
         tl.store(part + k_part[:, None] + col_part[None, :], acc, mask=mask_k[:, None] & mask_col[None, :])
+
+
+@triton.jit
+def _tap_views(x_ptr, dy_ptr, acc, s_in, t_in, IMG, H, W, CG, KG, split, SPLIT, dh, dw, c0, n0, stride_x_n, stride_x_h,
+               stride_x_w, stride_dy_n, stride_dy_h, stride_dy_w, PROLOGUE_BN: tl.constexpr, ACTIVATION: tl.constexpr,
+               PROLOGUE_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tap's share of a same-padded stride-1 wgrad on descriptors: acc += act(x)^T @ dy over the pixel pairs the
+    tap (dh, dw) = (r - pad_h, s - pad_w) joins, x at (h, w) and dy at (h - dh, w - dw), both inside the image (P, Q
+    = H, W). Those pairs are two [IMG, H - |dh|, W - |dw|] views of equal shape, x from (max(dh, 0), max(dw, 0)) and dy
+    from (max(-dh, 0), max(-dw, 0)): one descriptor each, walked in TILE_H x TILE_W spatial tiles at the same
+    coordinates. Both zero-fill the same places (a tile's overhang past the view), where x may become act(shift) in
+    the prologue against dy's zeros: no padding mask, no select, and every x value, finite or not, meets exactly the dy
+    values the convolution pairs it with. The steps are the [IMG, H, W] grid's tiles (the same for every tap: a view
+    is at most that), split evenly over the SPLIT programs of a column tile (a split may get none: zero partials).
+    The host checked H >= R and W >= S (no view is empty) and 16-byte aligned rows (a view's base is whole pixels)."""
+    TILE_W: tl.constexpr = 8 if BLOCK_K >= 8 else BLOCK_K
+    TILE_H: tl.constexpr = BLOCK_K // TILE_W
+    hv = H - tl.abs(dh)
+    wv = W - tl.abs(dw)
+    x_view = tl.make_tensor_descriptor(x_ptr + tl.maximum(dh, 0) * stride_x_h + tl.maximum(dw, 0) * stride_x_w,
+                                       shape=[IMG, hv, wv, CG], strides=[stride_x_n, stride_x_h, stride_x_w, 1],
+                                       block_shape=[1, TILE_H, TILE_W, BLOCK_M])
+    dy_view = tl.make_tensor_descriptor(dy_ptr + tl.maximum(-dh, 0) * stride_dy_h + tl.maximum(-dw, 0) * stride_dy_w,
+                                        shape=[IMG, hv, wv, KG], strides=[stride_dy_n, stride_dy_h, stride_dy_w, 1],
+                                        block_shape=[1, TILE_H, TILE_W, BLOCK_N])
+    tiles_w = tl.cdiv(W, TILE_W)
+    per_img = tl.cdiv(H, TILE_H) * tiles_w
+    total = IMG * per_img
+    per_split = tl.cdiv(total, SPLIT)
+    t0 = split * per_split
+    t1 = tl.minimum(t0 + per_split, total)
+    n = t0 // per_img
+    hw = t0 - n * per_img
+    h0 = (hw // tiles_w) * TILE_H
+    w0 = (hw % tiles_w) * TILE_W
+    for _ in range(t0, t1):
+        xt = x_view.load([n, h0, w0, c0]).reshape(BLOCK_K, BLOCK_M)
+        if PROLOGUE_BN:
+            xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
+        acc = mma(tl.trans(xt), dy_view.load([n, h0, w0, n0]).reshape(BLOCK_K, BLOCK_N), acc, DOT_PRECISION,
+                  UPCAST_DOT)
+        w0 += TILE_W
+        next_row = w0 >= W
+        w0 = tl.where(next_row, 0, w0)
+        h0 = tl.where(next_row, h0 + TILE_H, h0)
+        next_img = h0 >= H
+        h0 = tl.where(next_img, 0, h0)
+        n = tl.where(next_img, n + 1, n)
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,8 +382,10 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
                 STEM_SP=stem_sp, IDX64=idx64, X_AS_A=dy.element_size() == 2, **dot_args(dy),
                 PROLOGUE_MATH=prologue_math(x) if prologue is not None else "acc",
                 IN_BOUNDS=prologue is not None and r * s == 1 and tuple(padding) == (0, 0))
-    # the descriptor path (issue 17 item 3): a 1x1 stride-1 launch's operands
-    tma = tma_wanted(dy) and wgrad_tma_eligible(dy, x, weight, stride, padding, groups, stem_cpad > 0, idx64)
+    # the descriptor path (issue 17 items 2-3): a 1x1 stride-1 launch's operands, or a same-padded stride-1 one's
+    # (with a fixed config, one whose column tile stays within one tap)
+    tma = tma_wanted(dy) and wgrad_tma_eligible(dy, x, weight, stride, padding, groups, stem_cpad > 0, idx64,
+                                                dilation) and (cfg is None or r * s == 1 or cg % cfg["BLOCK_M"] == 0)
     cfg = tma_config(cfg, tma)
     with device_guard(dy), descriptor_scratch(dy if tma else None):
         if cfg is None:

@@ -91,6 +91,79 @@ def test_descriptor_wgrad(prologue, dtype, device, wgrad_launches):
     assert_close(dw, torch.nn.grad.conv2d_weight(xin, w.shape, dy.double()), dtype)
 
 
+def _wgrad_taps_ref(x, w, dy, pro, dtype, padding):
+    xin = x.double()
+    if pro is not None:
+        xin = torch.relu(xin * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1))
+        xin = xin.to(dtype).double()  # the kernel rounds the activated tile to x's dtype before the MMA
+    return torch.nn.grad.conv2d_weight(xin, w.shape, dy.double(), padding=padding)
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("shape", [(2, 32, 5, 7, 24, 3), (3, 16, 4, 3, 16, 3), (1, 48, 6, 9, 40, 5)],
+                         ids=["3x3", "3x3_narrow", "5x5"])
+def test_descriptor_wgrad_taps(shape, prologue, dtype, device, wgrad_launches):
+    """A same-padded stride-1 RxS wgrad on the descriptor path: each column tile is one tap's channels, the x box moves
+    by the tap's row shift of the flattened pixels (negative at the first step, past M at the last), and the rows that
+    wrap to a neighbouring image row or image are zeroed after the prologue (a positive shift: relu(shift) != 0 there,
+    so a missed row shows). Ragged: 70-54 pixels in 32-row steps, 24 and 40 output channels in 16-wide blocks."""
+    n, c, h, w_, k, r = shape
+    dy, x, w = _act(dtype, device, (n, k, h, w_)), _act(dtype, device, (n, c, h, w_)), _w(dtype, device, k, c, r)
+    w = w.to(memory_format=torch.channels_last)
+    pro = (torch.rand(c, device=device) + 0.5, torch.rand(c, device=device) + 0.1) if prologue else None
+    pad = (r // 2, r // 2)
+    dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, pad, ONE, 1, prologue=pro, config=WGRAD_CFG)
+    assert wgrad_launches == [RUNS]
+    assert_close(dw, _wgrad_taps_ref(x, w, dy, pro, dtype, pad), dtype)
+
+
+def _wgrad_pairs_ref(x, w, dy, pro, dtype):
+    """dw of a same-padded stride-1 conv as the sum, per tap, over the pixel pairs inside the image (slices, float64):
+    a padded tap is skipped, as oneDNN does, not multiplied as a zero (im2col: 0 * NaN = NaN)."""
+    xa = x.double()
+    if pro is not None:
+        xa = torch.relu(xa * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1)).to(dtype).double()
+    g = dy.double()
+    _, _, h, w_ = x.shape
+    r, s = w.shape[2:]
+    dw = torch.empty(w.shape, dtype=torch.float64, device=x.device)
+    for i in range(r):
+        for j in range(s):
+            dh, dw_ = i - r // 2, j - s // 2
+            xs = xa[:, :, max(dh, 0):h + min(dh, 0), max(dw_, 0):w_ + min(dw_, 0)]
+            gs = g[:, :, max(-dh, 0):h + min(-dh, 0), max(-dw_, 0):w_ + min(-dw_, 0)]
+            dw[:, :, i, j] = torch.einsum("nkhw,nchw->kc", gs, xs)
+    return dw
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_descriptor_wgrad_taps_special_values(prologue, device, wgrad_launches):
+    """Inf in x at an image's first and last column and NaN in dy: NaN and Inf at the same places of dw as the sum
+    over the pixel pairs each tap joins. A tile that read a neighbouring row's pixel where the tap leaves the image
+    would put Inf * dy into taps the pixel never meets. A padded tap is skipped (a NaN dy does not meet the padding),
+    so the NaNs are those of the pair sum, not im2col's (0 * NaN at the borders: more NaNs)."""
+    dtype = torch.float16
+    n, c, h, w_, k = 2, 16, 5, 6, 16
+    dy, x, w = _act(dtype, device, (n, k, h, w_)), _act(dtype, device, (n, c, h, w_)), _w(dtype, device, k, c, 3)
+    w = w.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        x[0, 3, 2, 0] = float("inf")
+        x[1, 5, 4, w_ - 1] = float("-inf")
+        dy[1, 7, 0, 2] = float("nan")
+    pro = (torch.rand(c, device=device) + 0.5, torch.rand(c, device=device) + 0.1) if prologue else None
+    dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, ONE, ONE, 1, prologue=pro, config=WGRAD_CFG).double().cpu()
+    ref = _wgrad_pairs_ref(x, w, dy, pro, dtype).cpu()
+    assert wgrad_launches == [RUNS]
+    for name, fn in (("NaN", torch.isnan), ("+Inf", lambda t: t == float("inf")),
+                     ("-Inf", lambda t: t == float("-inf"))):
+        assert torch.equal(fn(dw), fn(ref)), f"{name} at {fn(dw).sum()} places, the pair sum {fn(ref).sum()}"
+    finite = ref.isfinite()
+    assert finite.sum() > ref.numel() // 2
+    assert_close(dw[finite], ref[finite], dtype)
+
+
 def _ineligible(device):
     """(what, dy, x, w, stride, padding, groups): launches the descriptor paths must leave to pointers."""
     dt = torch.float16
@@ -101,13 +174,14 @@ def _ineligible(device):
         ("padding", _act(dt, device, (N, K, H + 2, W + 2)), x, w, ONE, (1, 1), 1),
         ("NCHW", dy.contiguous(), x.contiguous(), w, ONE, ZERO, 1),
         ("misaligned base", big_dy[:, 1:K + 1], big[:, 1:C + 1], w, ONE, ZERO, 1),  # 2 bytes past 16
-        ("3x3", dy, x, _w(dt, device, r=3), ONE, (1, 1), 1),
+        ("3x3 unpadded", _act(dt, device, (N, K, H - 2, W - 2)), x, _w(dt, device, r=3), ONE, ZERO, 1),
+        ("3x3 stride 2", _act(dt, device, (N, K, 3, 4)), x, _w(dt, device, r=3), (2, 2), ONE, 1),
         ("groups", dy, x, _w(dt, device, K, C // 2), ONE, ZERO, 2),
         ("fp32", dy.float(), x.float(), w.float(), ONE, ZERO, 1),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_ineligible_backward_takes_pointer_path(case, device, dgrad_launches, wgrad_launches):
     what, dy, x, w, stride, padding, groups = _ineligible(device)[case]
     dx = dgrad_mod.conv_dgrad(dy, w, x.shape, stride, padding, ONE, groups, config=DGRAD_CFG)
@@ -161,6 +235,20 @@ def test_backward_tma_configs_replace_a_pointer_tile(monkeypatch):
     wg = dict(CG=1024, KG=256, NCOL=1024, R=1, S=1, X_AS_A=True, STEM_CPAD=0, IDX64=False)
     check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), wg, dict(X_AS_A=False),
           cc.Tile(128, 128, 64, 4, 3))
+    # 3x3 with the prologue (ResNet-50's conv2): one tap's channels per column tile
+    wg3 = dict(CG=256, KG=256, NCOL=2304, R=3, S=3, X_AS_A=True, STEM_CPAD=0, IDX64=False, PROLOGUE_BN=True,
+               dy_ptr=torch.empty(1, dtype=torch.bfloat16))
+    check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), wg3, dict(X_AS_A=False),
+          cc.Tile(128, 128, 64, 4, 3))
+    # 64 channels (layer1): the descriptor tile fits to 64 columns and replaces its pointer twin, not a wider tile
+    wg64 = dict(wg3, CG=64, KG=64, NCOL=576)
+    before = run(cc.wgrad_prune, wgrad_mod.gpu_configs(), 90, **dict(wg64, X_AS_A=False))
+    eligible = run(cc.wgrad_prune, wgrad_mod.gpu_configs() + cc.wgrad_tma_configs(), 90, **wg64)
+    desc = cc.Tile(64, 64, 64, 4, 3)
+    assert (desc, False) in before and len(eligible) == len(before)
+    assert (desc, True) in eligible and (desc, False) not in eligible
+    for tile, tma in eligible:
+        assert not tma or wg64["CG"] % tile.block_m == 0, "a descriptor column tile within one tap"
 
 
 @pytest.mark.skipif(not SM90, reason="descriptor configs compile for sm_90 GPUs only")
@@ -195,3 +283,9 @@ def test_every_backward_descriptor_config(which, device):
                 xin = torch.relu(x.double() * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1))
                 assert_close(dw, torch.nn.grad.conv2d_weight(xin.to(dtype).double(), w.shape, dy.double()), dtype,
                              f"{tile} prologue")
+                w3 = _w(dtype, device, 136, 64, 3).to(memory_format=torch.channels_last)  # taps: 64-wide columns
+                kc3 = dict(tile.fit(m=64, n=136).kwargs(), TMA=True)
+                dw = wgrad_mod.conv_wgrad(dy, x[:, :64], w3, ONE, ONE, ONE, 1, prologue=(pro[0][:64], pro[1][:64]),
+                                          config=kc3)
+                assert_close(dw, _wgrad_taps_ref(x[:, :64], w3, dy, (pro[0][:64], pro[1][:64]), dtype, ONE), dtype,
+                             f"{tile} 3x3 prologue")

@@ -7,8 +7,9 @@ or 0 where that tap reads the padding. So dw holds every activated element of th
 with the forward prologue's host specification (tests/test_conv_prologue.py: bf16 by one rounding from bf16-rounded
 scale and shift; fp16, fp32, fp64 in fp32 / fp64 math, one rounding), on a GPU to the tolerance table for the dtypes
 whose arithmetic the compiler may contract. Geometries: 1x1 without padding (no pad select: IN_BOUNDS), its descriptor
-path, 1x1 stride 2, 3x3 with padding with one tap per column tile (a padded tap zeroes the dy row) and with taps
-across a tile (the activated tile is selected to 0 there).
+path, 1x1 stride 2, 3x3 with padding with one tap per column tile (a padded tap zeroes the dy row), with taps
+across a tile (the activated tile is selected to 0 there) and on the descriptor path (each tap's pixel-pair views:
+a padded tap is never paired).
 """
 import pytest
 import torch
@@ -20,7 +21,8 @@ from helpers import ON_GPU, TOL, launch_spy, rel_err
 
 # (name, stride, padding, filter size, config extras); BLOCK_M 16 = C: one tap per column tile (TAP_PER_TILE)
 GEOMETRIES = [("1x1", 1, 0, 1, {}), ("1x1_tma", 1, 0, 1, {"TMA": True}), ("1x1_s2", 2, 0, 1, {}),
-              ("3x3_pad", 1, 1, 3, {}), ("3x3_pad_taps_across", 1, 1, 3, {"BLOCK_M": 32})]
+              ("3x3_pad", 1, 1, 3, {}), ("3x3_pad_taps_across", 1, 1, 3, {"BLOCK_M": 32}),
+              ("3x3_pad_tma", 1, 1, 3, {"TMA": True})]
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
 
 
