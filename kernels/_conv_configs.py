@@ -434,7 +434,7 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         # STATS (the training step's compile budget); beside the pointer ones in eval (the stride-2 3x3 eval convs
         # keep TMA_REPLACES: their variant is the stride-1 one's, and that tile is their best)
         one = lambda: descriptors()[:1]  # noqa: E731
-        out = replace_by_tma(pointer, configs, one) if stats else pointer(configs) + one()
+        out = replace_by_tma(pointer, configs, one, twin=lambda t: t[:3]) if stats else pointer(configs) + one()
     else:
         out = pointer(configs) + descriptors()
     assert not stats or all(stats_partials_fit(Tile.of(c)) for c in out), \
@@ -523,20 +523,23 @@ def dgrad_tma_eligible(dy, weight, stride, padding, groups, idx64: bool, dilatio
 
 
 def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: Callable[[], list],
-                   twins: bool = False) -> list:
+                   twin: Optional[Callable[[Tile], tuple]] = None) -> list:
     """The configs of a launch whose variant may take the descriptor path (16-bit): the pointer set
     (``pointer(configs)`` prunes pointer configs) without the pointer tile TMA_REPLACES, plus, for an eligible launch,
-    the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one). twins: the descriptor
-    tile also replaces a pointer tile fitted to its own blocks (wgrad with taps: a 64-channel 3x3's 64-wide tile, the
-    same work on pointers; no launch of ResNet-50 shares that variant on pointers, which would compile both).
+    the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one). twin: a key; the
+    descriptor tile also replaces the pointer tiles whose (fitted) key is its own, where the problem fits
+    TMA_REPLACES and a native tile to the same blocks (64 channels): a 3x3 wgrad's 64x64x64 w4 s3 (key: the tile), a
+    3x3 STATS forward's 128x64x64 w8 s3 (key: the blocks). No launch of ResNet-50 shares those variants on pointers
+    (which would compile both).
     Variants are shared: a 1x1 stride-2 launch compiles the same variant as a stride-1 one, so a pointer tile kept
     for the one would still compile beside the other's descriptor tile (benchmarks/cold_start.py: +1 per kernel).
     Never more configs than the pointer set alone (where the replaced tile was pruned anyway: fitted to 64
     channels beside a tile of the same blocks, a launch keeps that set)."""
     alone = pointer(configs)
     desc = descriptor()
-    twins = {Tile.of(c) for c in desc} if twins else set()
-    out = desc + [c for c in pointer([c for c in configs if Tile.of(c) != TMA_REPLACES]) if Tile.of(c) not in twins]
+    twins = {twin(Tile.of(c)) for c in desc} if twin else set()
+    out = desc + [c for c in pointer([c for c in configs if Tile.of(c) != TMA_REPLACES])
+                  if not (twin and twin(Tile.of(c)) in twins)]
     return out if len(out) <= len(alone) else alone
 
 
@@ -641,7 +644,7 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         return pointer(configs)
     return replace_by_tma(pointer, configs, lambda: prune(
         descriptor, WGRAD_TMA_TILES[arch], tma_fit, lambda _, fitted: not taps or cg % fitted.block_m == 0,
-        extra=lambda fitted: dict(tap(fitted), TMA=True)), twins=taps)
+        extra=lambda fitted: dict(tap(fitted), TMA=True)), twin=(lambda t: t) if taps else None)
 
 
 # wgrad's descriptor tile (see DGRAD_TMA_TILES): the anchor's, 128 columns x 128 output channels x 64 pixels at

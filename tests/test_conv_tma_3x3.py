@@ -221,6 +221,15 @@ def test_tma_configs_with_taps(monkeypatch):
     assert (cc.TMA_REPLACES, False) in tiles(90, stride_h=2, stride_w=2)
     assert not cc.tma_eligible(dict(args, pad_h=0, pad_w=0))
     assert not cc.tma_eligible(dict(args, x_ptr=x.float(), w_ptr=w.float()))
+    # 64 output channels (ResNet's layer1): TMA_REPLACES and a native tile both fit to 128x64x64 at 8 warps; the
+    # descriptor tile (128x64x64 w4) replaces that pointer tile, so the launch keeps as many configs as before
+    narrow = dict(args, KG=64, w_ptr=w[:64], STATS=True, **_launch.stride_args("w", w[:64], "kcrs"))
+    with_tma = tiles(90, **narrow)
+    nchw = x.contiguous()
+    without = tiles(90, **dict(narrow, x_ptr=nchw, **_launch.stride_args("x", nchw)))  # NCHW: ineligible
+    assert [t for t, tma in with_tma if tma] == [cc.Tile(128, 64, 64, 4, 3)]
+    assert len(with_tma) == len(without) and (cc.Tile(128, 64, 64, 8, 3), False) in without
+    assert not any(t[:3] == (128, 64, 64) for t, tma in with_tma if not tma)
 
 
 @pytest.mark.skipif(not SM90, reason="descriptor configs compile for sm_90 GPUs only")
