@@ -528,9 +528,10 @@ def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: C
     (``pointer(configs)`` prunes pointer configs) without the pointer tile TMA_REPLACES, plus, for an eligible launch,
     the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one). twin: a key; the
     descriptor tile also replaces the pointer tiles whose (fitted) key is its own, where the problem fits
-    TMA_REPLACES and a native tile to the same blocks (64 channels): a 3x3 wgrad's 64x64x64 w4 s3 (key: the tile), a
-    3x3 STATS forward's 128x64x64 w8 s3 (key: the blocks). No launch of ResNet-50 shares those variants on pointers
-    (which would compile both).
+    TMA_REPLACES and a native tile to the same blocks (64 channels): a 3x3 wgrad's 64x64x64 w4 s3 and a dgrad's
+    128x64x64 w4 s3 (key: the tile), a 3x3 STATS forward's 128x64x64 w8 s3 (key: the blocks). Where wider launches
+    of the variant tune that pointer tile too, it still compiles (+1 variant: the forward's and dgrad's, within the
+    cold-start budget since sum_rows' last pass compiles once).
     Variants are shared: a 1x1 stride-2 launch compiles the same variant as a stride-1 one, so a pointer tile kept
     for the one would still compile beside the other's descriptor tile (benchmarks/cold_start.py: +1 per kernel).
     Never more configs than the pointer set alone (where the replaced tile was pruned anyway: fitted to 64
@@ -574,7 +575,7 @@ def dgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
     split = dict(EPI_SPLIT=4) if reads and taps else {}
     return replace_by_tma(pointer, configs, lambda: prune(
         [c for c in descriptor if c.num_warps == warps], DGRAD_TMA_TILES[arch], fit,
-        extra=lambda _: dict(TMA=True, **split)))
+        extra=lambda _: dict(TMA=True, **split)), twin=lambda t: t)
 
 
 def dgrad_tma_configs() -> List[triton.Config]:

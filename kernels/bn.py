@@ -144,6 +144,7 @@ _GPU_PROGRAMS = 264
 # A one-pass program reading at most this many bytes costs about what a second launch does (a guess from
 # ~30 GB/s per latency-bound CTA and ~2 us per launch; not measured): small reductions keep one pass.
 _ONE_PASS_BYTES = 64 * 1024
+_LAST_PASS_BLOCK_T = 32  # sum_rows' last pass
 
 
 def _split(rows: int, col_blocks: int, row_bytes: int = 0, chunk=None, gpu=not INTERPRETED):
@@ -237,5 +238,8 @@ def sum_rows(src, out=None, chunk=None):
             part = src.new_empty((chunks, length))
             _sum_rows_kernel[(cols, chunks)](src, part, t, length, rows, BLOCK_T=block_t, BLOCK_L=block_l)
             src, t = part, chunks
-        _sum_rows_kernel[(cols, 1)](src, out, t, length, t, BLOCK_T=clamp_block(32, t, 1), BLOCK_L=block_l)
+        # the last pass at one BLOCK_T whatever its rows (at most a few dozen partial rows: masked rows cost
+        # nothing to read), so it compiles once per dtype pair and BLOCK_L, not once per power of two of the
+        # split count (the cold start of a training step: 5 variants fewer)
+        _sum_rows_kernel[(cols, 1)](src, out, t, length, t, BLOCK_T=_LAST_PASS_BLOCK_T, BLOCK_L=block_l)
     return out

@@ -73,6 +73,26 @@ def test_chunked_sum_rows(chunk, device):
     assert rel_err(half, src.double().sum(0)) < 2e-3
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 16, 37])
+def test_sum_rows_last_pass_compiles_once(chunk, device, monkeypatch):
+    """The last pass runs at one BLOCK_T whatever its row count (37 / chunk partial rows: 37, 13, 3, 1), so a training
+    step compiles it once per dtype pair and BLOCK_L (cold start), and its masked rows change no sum."""
+    seen, real = [], bn_k._sum_rows_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((grid[1], kw["BLOCK_T"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(bn_k, "_sum_rows_kernel", Spy())
+    src = torch.randn(37, 300, device=device)
+    out = bn_k.sum_rows(src, chunk=chunk)
+    assert seen[-1] == (1, bn_k._LAST_PASS_BLOCK_T)
+    assert rel_err(out, src.double().sum(0)) < 1e-6
+
+
 def test_gpu_split_fills_the_machine():
     """The GPU's shape-only split: >= 132 programs (one per H100 SM) for a 64-channel BN over 12.5k
     tiles, in whole BLOCK_T blocks; one pass once the column blocks alone fill the GPU, or when each

@@ -232,6 +232,14 @@ def test_backward_tma_configs_replace_a_pointer_tile(monkeypatch):
     check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dg, idx64, cc.Tile(128, 128, 64, 4, 3))
     check(cc.dgrad_prune, dgrad_mod.gpu_configs(), cc.dgrad_tma_configs(), dict(dg, BN_GRAD=True), idx64,
           cc.Tile(128, 128, 64, 8, 3))
+    # 64 channels (layer1): the descriptor tile fits to 128x64x64 w4 s3 and replaces that pointer tile, as many configs
+    for over in (dict(ONE_TAP=False, BN_GRAD=True), dict(ONE_TAP=True)):
+        d64 = dict(dg, CG=64, KG=64, **over)
+        before = run(cc.dgrad_prune, dgrad_mod.gpu_configs(), 90, **dict(d64, IDX64=True))
+        eligible = run(cc.dgrad_prune, dgrad_mod.gpu_configs() + cc.dgrad_tma_configs(), 90, **d64)
+        assert [t for t, tma in eligible if tma] == [cc.Tile(128, 64, 64, 4, 3)], over
+        assert (cc.Tile(128, 64, 64, 4, 3), False) in before and (cc.Tile(128, 64, 64, 4, 3), False) not in eligible
+        assert len(eligible) == len(before)
     wg = dict(CG=1024, KG=256, NCOL=1024, R=1, S=1, X_AS_A=True, STEM_CPAD=0, IDX64=False)
     check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), wg, dict(X_AS_A=False),
           cc.Tile(128, 128, 64, 4, 3))
