@@ -18,7 +18,8 @@
 # 4. profile: benchmarks/gpu_profile.py: kernel time per step against the timed step and a CUDA-graph replay of it
 #    (host-bound or not), every autotuned launch's best descriptor config against its best pointer one, and
 #    benchmarks/host_overhead.py --device cuda (host enqueue time per step, real launches), then a 1x1 layer
-#    (layer3.1.conv1) persistent and one program per tile (FUSEDRES_PERSISTENT=1 / 0) -> profile.md
+#    (layer3.1.conv1) persistent and one program per tile (FUSEDRES_PERSISTENT=1 / 0), last the training step of a
+#    3x3 layer at 14 px (layer3.1.conv2: its wgrad's tap views against pointers, 2026-12-05) -> profile.md
 # 5. tests: the suite on CUDA, bf16 included (-m "": the slow tests too), on GPU_CHECK_WORKERS xdist workers, -v so
 #    a cut run still lists what passed and failed; stopped by SIGINT at its limit (pytest then prints its summary).
 #    The whole suite does not fit a lease (~1/3 ran in 150 s on 10 workers): kernel parity files go first.
@@ -89,6 +90,8 @@ step profile "${GPU_CHECK_PROFILE_S:-130}" bash -c "'$PY' benchmarks/gpu_profile
     '$PY' benchmarks/host_overhead.py --device cuda --mode train --batch 128 --sgd >> '$OUT/profile.md' 2>&1 || rc=1; \
     for p in 1 0; do echo \"### FUSEDRES_PERSISTENT=\$p\" >> '$OUT/profile.md'; FUSEDRES_PERSISTENT=\$p '$PY' \
         benchmarks/gpu_profile.py layer:layer3.1.conv1:inference:256 >> '$OUT/profile.md' 2>&1 || rc=1; done; \
+    echo '### layer3.1.conv2 training' >> '$OUT/profile.md'; \
+    '$PY' benchmarks/gpu_profile.py layer:layer3.1.conv2:training:256 >> '$OUT/profile.md' 2>&1 || rc=1; \
     grep -E '^(###|timed step|fused resnet50|\\| _conv|\\| resnet50|\\| mode)' '$OUT/profile.md' | tail -70; exit \$rc"
 
 # what no card has run yet first (the packed bf16 prologue's and.b32 padding mask and bf16 BN factors, a088f60), then
