@@ -530,7 +530,7 @@ def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: C
     descriptor tile also replaces the pointer tiles whose (fitted) key is its own, where the problem fits
     TMA_REPLACES and a native tile to the same blocks (64 channels): a 3x3 wgrad's 64x64x64 w4 s3 and a dgrad's
     128x64x64 w4 s3 (key: the tile), a 3x3 STATS forward's 128x64x64 w8 s3 (key: the blocks). Where wider launches
-    of the variant tune that pointer tile too, it still compiles (+1 variant: the forward's and dgrad's, within the
+    of the variant tune that pointer tile too, it still compiles (the forward +1 variant, dgrad +2: within the
     cold-start budget since sum_rows' last pass compiles once).
     Variants are shared: a 1x1 stride-2 launch compiles the same variant as a stride-1 one, so a pointer tile kept
     for the one would still compile beside the other's descriptor tile (benchmarks/cold_start.py: +1 per kernel).
