@@ -91,12 +91,17 @@ def test_descriptor_wgrad(prologue, dtype, device, wgrad_launches):
     assert_close(dw, torch.nn.grad.conv2d_weight(xin, w.shape, dy.double()), dtype)
 
 
+def _activated(x, pro, dtype):
+    """x in float64, through the BN-ReLU prologue when pro = (scale, shift) is given, rounded to x's dtype as the
+    kernel rounds the activated tile before the MMA."""
+    if pro is None:
+        return x.double()
+    xa = torch.relu(x.double() * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1))
+    return xa.to(dtype).double()
+
+
 def _wgrad_taps_ref(x, w, dy, pro, dtype, padding):
-    xin = x.double()
-    if pro is not None:
-        xin = torch.relu(xin * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1))
-        xin = xin.to(dtype).double()  # the kernel rounds the activated tile to x's dtype before the MMA
-    return torch.nn.grad.conv2d_weight(xin, w.shape, dy.double(), padding=padding)
+    return torch.nn.grad.conv2d_weight(_activated(x, pro, dtype), w.shape, dy.double(), padding=padding)
 
 
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)
@@ -121,10 +126,7 @@ def test_descriptor_wgrad_taps(shape, prologue, dtype, device, wgrad_launches):
 def _wgrad_pairs_ref(x, w, dy, pro, dtype):
     """dw of a same-padded stride-1 conv as the sum, per tap, over the pixel pairs inside the image (slices, float64):
     a padded tap is skipped, as oneDNN does, not multiplied as a zero (im2col: 0 * NaN = NaN)."""
-    xa = x.double()
-    if pro is not None:
-        xa = torch.relu(xa * pro[0].double().view(1, -1, 1, 1) + pro[1].double().view(1, -1, 1, 1)).to(dtype).double()
-    g = dy.double()
+    xa, g = _activated(x, pro, dtype), dy.double()
     _, _, h, w_ = x.shape
     r, s = w.shape[2:]
     dw = torch.empty(w.shape, dtype=torch.float64, device=x.device)
