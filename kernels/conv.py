@@ -115,6 +115,7 @@ def _conv_bn_act_kernel(
     PERSISTENT: tl.constexpr = False,  # 1x1 TMA: a program per SM walks the tiles (_persistent)
     PTX: tl.constexpr = False,     # a GPU target (not the interpreter): the descriptor epilogue's ReLU as inline PTX
     STRIDE2: tl.constexpr = False,  # TILE_W at stride 2: x through its parity view (_descriptors, _stride2)
+    W_AS_A: tl.constexpr = False,  # TMA with taps: the MMA computes acc.T = w @ x.T, both operands from shared memory
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     g = tl.program_id(1)  # axis 1 is the group
@@ -127,7 +128,7 @@ def _conv_bn_act_kernel(
         tl.static_assert(TMA and not TILE_W)
         descs = _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n, stride_x_h,
                              stride_x_w, stride_w_k, stride_w_s, stride_out_w, stride_res_w, R, S, HAS_RESIDUAL,
-                             OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K, STRIDE2)
+                             OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K, STRIDE2, W_AS_A)
         x_desc, w_desc, out_desc, res_desc = descs
         first = tl.program_id(0)
         last = tl.cdiv(M, BLOCK_M) * num_n
@@ -169,7 +170,7 @@ def _conv_bn_act_kernel(
             if not PERSISTENT:
                 descs = _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n,
                                      stride_x_h, stride_x_w, stride_w_k, stride_w_s, stride_out_w, stride_res_w, R, S,
-                                     HAS_RESIDUAL, OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K, STRIDE2)
+                                     HAS_RESIDUAL, OUT_DESC, TILE_W, BLOCK_M, BLOCK_N, BLOCK_K, STRIDE2, W_AS_A)
                 x_desc, w_desc, out_desc, res_desc = descs
             m0 = pid_m * BLOCK_M
             n0 = pid_n * BLOCK_N
@@ -195,7 +196,10 @@ def _conv_bn_act_kernel(
             valid_1x1 = mask_m
         else:
             valid_1x1 = mask_m & (h0 >= 0) & (h0 < H) & (w0 >= 0) & (w0 < W)  # a 1x1 filter's one tap: loop-invariant
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        if W_AS_A:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
         # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
         # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
         # no division runs in the loop.
@@ -226,7 +230,10 @@ def _conv_bn_act_kernel(
                         a = x_desc.load([m0 + (r - pad_h) * W + (s - pad_w), c0])
                         if not PROLOGUE_BN:
                             a = tl.where(a_mask, a, 0.0)
-                    b = w_desc.load([n0, r * S + s, c0]).reshape(BLOCK_N, BLOCK_K).T
+                    if W_AS_A:
+                        b = w_desc.load([n0, (r * S + s) * CG + c0])  # [BLOCK_N, BLOCK_K]: the A operand
+                    else:
+                        b = w_desc.load([n0, r * S + s, c0]).reshape(BLOCK_N, BLOCK_K).T
             elif STEM_CPAD:
                 cc = offs_c
                 mask_c = cc < S * STEM_CPAD
@@ -263,7 +270,10 @@ def _conv_bn_act_kernel(
                     a = zero_where_not(a_act, a_mask, PROLOGUE_MATH)  # pad the activated tensor
             if not TMA:
                 b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+            if W_AS_A:
+                acc = mma(b, a.T, acc, DOT_PRECISION, UPCAST_DOT)
+            else:
+                acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
             if STEM_CPAD:
                 r += 1
             elif R * S == 1:
@@ -277,6 +287,8 @@ def _conv_bn_act_kernel(
                 s = tl.where(next_r, 0, s)
                 r = tl.where(next_r, r + 1, r)
 
+        if W_AS_A:
+            acc = tl.trans(acc)
         if HAS_SHORTCUT:
             # Projection shortcut (1x1 conv, stride stride_d, no padding, its own BN) so the block tail is one
             # launch, on one accumulator whose operands go from memory to the MMA untouched (cp.async, pipelined):
@@ -343,7 +355,8 @@ def _conv_bn_act_kernel(
 def _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, stride_x_n, stride_x_h, stride_x_w,
                  stride_w_k, stride_w_s, stride_out_w, stride_res_w, R: tl.constexpr, S: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, OUT_DESC: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STRIDE2: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STRIDE2: tl.constexpr = False,
+                 W_AS_A: tl.constexpr = False):
     """The descriptor path's device-side tensor descriptors (x, w, out, residual); the last two stand in as x's where
     the epilogue has none (OUT_DESC, HAS_RESIDUAL): never read. STRIDE2: x [N, H, W, C] (even H and W, dense
     pixels) as [N, H/2, 2, W/2, 2C], rows and columns split into (pair, parity) with a pair's two pixels' channels
@@ -361,8 +374,8 @@ def _descriptors(x_ptr, w_ptr, out_ptr, res_ptr, M, H, W, P, Q, CG, KG, RES_C, s
     else:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[stride_x_w, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
-    if R * S == 1:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, CG], strides=[stride_w_k, 1],
+    if R * S == 1 or W_AS_A:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, R * S * CG], strides=[stride_w_k, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
     else:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, R * S, CG], strides=[stride_w_k, stride_w_s, 1],
@@ -466,6 +479,17 @@ def _persistent(args) -> bool:
                 and persistent_wanted())
 
 
+def _w_as_a(args) -> bool:
+    """W_AS_A: a descriptor launch with taps, full channel blocks and dense channels_last weights ([KG, R*S*CG] rows:
+    stride_w_s == CG), no shortcut (its pointer GEMM adds to the accumulator) and no prologue. Both MMA operands then
+    come from shared memory: x's box as the A operand is reshaped in registers, and ptxas serializes every wgmma of
+    such a loop (C7515; sm_90, triton 3.6 and 3.8). With the prologue the activated x is a fresh shared-memory copy
+    each step, so the loop waits for every wgmma once per step (wgmma wait pendings=0): not taken there."""
+    if not args.get("TMA") or args["R"] * args["S"] == 1 or args["HAS_SHORTCUT"] or args["PROLOGUE_BN"]:
+        return False
+    return args["CG"] % args["BLOCK_K"] == 0 and args["stride_w_s"] == args["CG"]
+
+
 def m_tiles(meta) -> int:
     """The launch's pixel tiles: flat BLOCK_M runs of the N*P*Q pixels, or (TILE_W) spatial tiles per image."""
     bm, tw = meta["BLOCK_M"], _tile_w(meta)
@@ -476,7 +500,8 @@ def m_tiles(meta) -> int:
 
 # per launch, per tile
 _conv_bn_act = triton.heuristics({"EVEN_C": _even_c, "IDX64": _idx64, "TILE_W": _tile_w, "OUT_DESC": _out_desc,
-                                  "PERSISTENT": _persistent, "STRIDE2": _stride2})(_conv_bn_act_kernel)
+                                  "PERSISTENT": _persistent, "STRIDE2": _stride2,
+                                  "W_AS_A": _w_as_a})(_conv_bn_act_kernel)
 _conv_bn_act_autotuned = triton.autotune(configs=gpu_configs(), key=_KEY,
                                          prune_configs_by={"early_config_prune": conv_prune},
                                          **autotune_options())(_conv_bn_act)

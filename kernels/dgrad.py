@@ -90,6 +90,7 @@ def _conv_dgrad_kernel(
     TMA: tl.constexpr = False,  # a config switch: dy and w through tensor descriptors (dgrad_tma_eligible)
     TILE_W: tl.constexpr = 0,  # TMA with taps: spatial tiles of BLOCK_M // TILE_W rows x TILE_W columns (_tile_w)
     EPI_SPLIT: tl.constexpr = 1,  # a config switch: the epilogue over 1 or 4 column slices (dgrad_prune)
+    W_AS_A: tl.constexpr = False,  # TILE_W: the MMA computes acc.T = w.T @ dy.T, both operands from shared memory
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0)
@@ -121,18 +122,32 @@ def _conv_dgrad_kernel(
         dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M // (HP * WP), P, Q, KG],
                                             strides=[stride_dy_n, stride_dy_h, stride_dy_w, 1],
                                             block_shape=[1, BLOCK_M // TILE_W, TILE_W, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, NR * NS, CG], strides=[stride_w_k, stride_w_s, 1],
-                                           block_shape=[BLOCK_K, 1, BLOCK_N])
+        # W_AS_A (whole channel blocks, dense taps): w as a [KG, NR*NS*CG] matrix and the product transposed, so
+        # neither operand is reshaped in registers (as the A operand, dy's box would be: ptxas then serializes the
+        # wgmmas, C7515); acc is transposed back for the epilogue.
+        if W_AS_A:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, NR * NS * CG], strides=[stride_w_k, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, NR * NS, CG], strides=[stride_w_k, stride_w_s, 1],
+                                               block_shape=[BLOCK_K, 1, BLOCK_N])
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
         c0 = (pid % num_n) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
         k0 = 0
         js = 0
         jr = 0
         for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
             a = dy_desc.load([n_img, i0 + PB - jr * PD, j0 + QB - js * QD, k0]).reshape(BLOCK_M, BLOCK_K)
-            b = w_desc.load([k0, (R0 + jr * RSTEP) * NS + S0 + js * SSTEP, c0]).reshape(BLOCK_K, BLOCK_N)
-            acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+            tap = (R0 + jr * RSTEP) * NS + S0 + js * SSTEP
+            if W_AS_A:
+                acc = mma(w_desc.load([k0, tap * CG + c0]).T, a.T, acc, DOT_PRECISION, UPCAST_DOT)
+            else:
+                b = w_desc.load([k0, tap, c0]).reshape(BLOCK_K, BLOCK_N)
+                acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
             k0, js, jr = _next_step(k0, js, jr, KG, NS, BLOCK_K)
+        if W_AS_A:
+            acc = tl.trans(acc)
     elif TMA:
         # A 1x1 stride-1 dgrad over dense rows (the host checked: dgrad_tma_eligible; one phase, one group) is the
         # GEMM dx[M, C] = dy[M, K] @ w[K, C]: dy as [M, KG] with row stride stride_dy_w, w as [KG, CG] with row
@@ -339,6 +354,12 @@ def _tile_w(args) -> int:
     return min(SPATIAL_TILE_W, args["BLOCK_M"]) if args.get("TMA") and not args["ONE_TAP"] else 0
 
 
+def _w_as_a(args) -> bool:
+    """W_AS_A: a descriptor launch with taps (TILE_W) whose channel blocks are whole and whose weights are dense
+    channels_last rows ([KG, NR*NS*CG]: stride_w_s == CG)."""
+    return bool(_tile_w(args)) and args["CG"] % args["BLOCK_N"] == 0 and args["stride_w_s"] == args["CG"]
+
+
 def phase_tiles(meta) -> int:
     """A phase launch's pixel tiles: BLOCK_M runs of its M pixels, or (TILE_W) spatial tiles per image."""
     bm, tw = meta["BLOCK_M"], _tile_w(meta)
@@ -347,7 +368,8 @@ def phase_tiles(meta) -> int:
     return meta["M"] // (meta["HP"] * meta["WP"]) * cdiv(meta["HP"], bm // tw) * cdiv(meta["WP"], tw)
 
 
-_conv_dgrad = triton.heuristics({"EVEN_K": _even_k, "TILE_W": _tile_w})(_conv_dgrad_kernel)  # per launch and tile
+# per launch and tile
+_conv_dgrad = triton.heuristics({"EVEN_K": _even_k, "TILE_W": _tile_w, "W_AS_A": _w_as_a})(_conv_dgrad_kernel)
 # Per-shape config cache (the autotuner's, keyed below). The result may alias the residual (in-place
 # accumulation): the autotuner restores dx after every timed run, so each config sees the same input.
 _KEY = ["M", "HP", "WP", "P", "Q", "CG", "KG", "NR", "NS", "BN_GRAD", "HAS_RESIDUAL", "HAS_RES_MASK", "ACTIVATION",

@@ -26,6 +26,10 @@ SM90 = ON_GPU and torch.cuda.get_device_capability() >= (9, 0)
 RUNS = not ON_GPU or SM90  # where an eligible launch that asks for descriptors gets them (sm_80: pointers)
 SMALL = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, TMA=True)
 N, C, H, W, K = 2, 40, 5, 7, 24
+# Channels in whole BLOCK_K blocks (C = 40 is not): the launch swaps the MMA's operands (kernels/conv.py W_AS_A:
+# acc.T = w @ x.T, w as a [K, R*S*C] matrix), a path of its own
+CF = 32
+CHANNELS = pytest.mark.parametrize("c", [C, CF], ids=["ragged_c", "full_c"])
 # 16-bit only on this path; bf16 runs in the interpreter too (its dot upcast: UPCAST_DOT)
 DTYPES16 = [torch.float16, torch.bfloat16]
 
@@ -34,6 +38,18 @@ DTYPES16 = [torch.float16, torch.bfloat16]
 def launches(monkeypatch):
     """Every fixed-config launch of the forward kernel, as the TMA value it ran with."""
     return launch_spy(monkeypatch, conv_mod, "_conv_bn_act")
+
+
+@pytest.fixture
+def swaps(monkeypatch, launches):
+    """Every fixed-config launch of the forward kernel, as whether it swapped the MMA's operands (W_AS_A)."""
+    return launch_spy(monkeypatch, conv_mod, "_conv_bn_act", record=lambda kw: bool(kw.get("TMA"))
+                      and conv_mod._w_as_a(kw))
+
+
+def _swapped(c, block_k=16):
+    """Whether a descriptor launch of c channels swaps the MMA's operands (where it takes the descriptor path)."""
+    return RUNS and c % block_k == 0
 
 
 def _x(dtype, device, shape=(N, C, H, W), fmt=torch.channels_last):
@@ -67,13 +83,15 @@ def _eval_parity(x, w, conv: dict, config, what: str = "output", residual=None):
     assert_close(out, ref, x.dtype, what)
 
 
+@CHANNELS
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["eval", "eval_res"])
-def test_taps_eval_epilogue(residual, dtype, device, launches):
+def test_taps_eval_epilogue(residual, dtype, c, device, launches, swaps):
     """Spatial tiles (no STATS): 2 x 16 pixels per tile at BLOCK_M 32, ragged on both axes of the 5 x 7 images."""
     res = _x(dtype, device, (N, K, H, W)) if residual else None
-    _eval_parity(_x(dtype, device), _w(dtype, device), dict(padding=(1, 1)), SMALL, residual=res)
+    _eval_parity(_x(dtype, device, (N, c, H, W)), _w(dtype, device, c=c), dict(padding=(1, 1)), SMALL, residual=res)
     assert launches == [RUNS], "an eligible launch that asks for the descriptor path takes it"
+    assert swaps == [_swapped(c)]
 
 
 def test_taps_projection_shortcut(device, launches):
@@ -92,15 +110,17 @@ def test_taps_projection_shortcut(device, launches):
     assert_close(out, ref, dtype)
 
 
+@CHANNELS
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)
 @pytest.mark.parametrize("prologue", [False, True], ids=["stats", "prologue_stats"])
-def test_taps_stats_and_prologue(prologue, dtype, device, launches):
+def test_taps_stats_and_prologue(prologue, dtype, c, device, launches, swaps):
     """STATS partials (the flat pixel tiles of the pointer path: the finalize's one-row-per-BLOCK_M count holds) and
     the BN+ReLU prologue with a positive shift: padded taps and rows past M must be 0, not relu(shift)."""
-    x, w = _x(dtype, device), _w(dtype, device)
-    pro = _prologue(C, device) if prologue else None
+    x, w = _x(dtype, device, (N, c, H, W)), _w(dtype, device, c=c)
+    pro = _prologue(c, device) if prologue else None
     y, pm, pm2, tile_m = kernels.conv.conv_bn_stats(x, w, padding=(1, 1), prologue=pro, config=SMALL)
     assert launches == [RUNS] and tile_m == SMALL["BLOCK_M"]
+    assert swaps == [_swapped(c) and not prologue], "the prologue keeps the usual operands (kernels/conv.py _w_as_a)"
     xin = _activated(x, pro, dtype) if prologue else x.double()
     y64 = F.conv2d(xin, w.double(), padding=1)
     assert_close(y, y64, dtype, "raw output")
@@ -110,26 +130,28 @@ def test_taps_stats_and_prologue(prologue, dtype, device, launches):
     assert rel_err(pm2, m2_64) <= TOL[dtype], f"per-tile M2: {rel_err(pm2, m2_64):.2e}"
 
 
+@pytest.mark.parametrize("c", [C, CF], ids=["ragged_c", "full_c"])
 @pytest.mark.parametrize("entry", ["stats", "eval"])
 @pytest.mark.parametrize("geometry", ["one_tile", "5x5", "narrow", "batch3_1x3"])
-def test_taps_geometries(geometry, entry, device, launches):
+def test_taps_geometries(geometry, entry, c, device, launches, swaps):
     """Both tilings: "stats" (conv_bn_stats: flat pixel tiles, row shifts) and "eval" (conv_bn_act without STATS:
     spatial tiles, coordinate shifts, with the prologue where the case has one: masked by coordinates).
     one_tile: the whole 2x5x7 input in one 128-pixel tile (flat: every upper tap at a negative row coordinate, every
     lower one past the end; spatial: 8 x 16 pixels per image, ragged on both axes); 5x5 with padding 2 (two-row
     shifts, coordinates -2); narrow: 8 channels, fewer than BLOCK_K (one partial channel block per tap), W = 3 (most
-    flat rows wrap); batch3_1x3: a 1x3 filter (padding (0, 1)) over 3 images, with the prologue (positive shift)."""
+    flat rows wrap); batch3_1x3: a 1x3 filter (padding (0, 1)) over 3 images, with the prologue (positive shift).
+    c: the channels (narrow: 8, or 16 in one full block), in ragged or whole BLOCK_K blocks (W_AS_A)."""
     dtype = torch.float16
-    cfg, pad, shape, k, rs, pro = SMALL, (1, 1), (N, C, H, W), K, (3, 3), None
+    cfg, pad, shape, k, rs, pro = SMALL, (1, 1), (N, c, H, W), K, (3, 3), None
     if geometry == "one_tile":
         cfg = dict(SMALL, BLOCK_M=128)
     elif geometry == "5x5":
         pad, rs = (2, 2), (5, 5)
     elif geometry == "narrow":
-        shape, k = (2, 8, 6, 3), 16
+        shape, k = (2, 8 if c == C else 16, 6, 3), 16
     else:
-        shape, pad, rs = (3, C, 4, 6), (0, 1), (1, 3)
-        pro = _prologue(C, device)
+        shape, pad, rs = (3, c, 4, 6), (0, 1), (1, 3)
+        pro = _prologue(c, device)
     x = _x(dtype, device, shape)
     w = (torch.randn(k, shape[1], *rs, device=device) / (shape[1] * rs[0] * rs[1]) ** 0.5).to(dtype).to(
         memory_format=torch.channels_last)
@@ -137,7 +159,7 @@ def test_taps_geometries(geometry, entry, device, launches):
         y = kernels.conv.conv_bn_stats(x, w, padding=pad, prologue=pro, config=cfg).out
     else:
         y = kernels.conv_bn_act(x, w, padding=pad, prologue=pro, relu=False, config=cfg)
-    assert launches == [RUNS]
+    assert launches == [RUNS] and swaps == [_swapped(shape[1]) and pro is None]
     xin = _activated(x, pro, dtype) if pro is not None else x.double()
     assert_close(y, F.conv2d(xin, w.double(), padding=pad), dtype, geometry)
 
@@ -154,6 +176,18 @@ def test_tiling_per_launch():
     assert conv_mod.m_tiles(base) == N * 1 * 1  # 8 x 16 pixels cover an image of 5 x 7
     assert conv_mod.m_tiles(dict(base, BLOCK_M=32)) == N * 3  # 2 x 16: 3 row tiles of 5 rows
     assert conv_mod.m_tiles(dict(base, STATS=True, BLOCK_M=32)) == 3  # 70 pixels in 32-pixel runs
+
+
+def test_operand_swap_per_launch():
+    """W_AS_A (kernels/conv.py _w_as_a): a descriptor launch with taps whose channel blocks are whole and whose weights
+    are dense channels_last rows ([K, R*S*C]: stride_w_s == CG), without a projection shortcut (its pointer GEMM
+    shares the accumulator) and without the prologue (its activated x would be a fresh shared-memory operand each
+    step: a wait for every wgmma per step): both MMA operands from shared memory. The rest: the usual operands."""
+    base = dict(R=3, S=3, TMA=True, HAS_SHORTCUT=False, PROLOGUE_BN=False, CG=64, BLOCK_K=64, stride_w_s=64)
+    assert conv_mod._w_as_a(base)
+    for usual in (dict(TMA=False), dict(R=1, S=1), dict(HAS_SHORTCUT=True), dict(PROLOGUE_BN=True), dict(CG=40),
+                  dict(stride_w_s=128)):
+        assert not conv_mod._w_as_a(dict(base, **usual)), usual
 
 
 def _ineligible(device):
@@ -261,6 +295,14 @@ def dgrad_launches(monkeypatch):
     return launch_spy(monkeypatch, dgrad_mod, "_conv_dgrad")
 
 
+@pytest.fixture
+def dgrad_swaps(monkeypatch, dgrad_launches):
+    """Every fixed-config dgrad launch, as whether it swapped the MMA's operands (W_AS_A: dx channels in whole
+    BLOCK_N blocks, dense weight taps)."""
+    return launch_spy(monkeypatch, dgrad_mod, "_conv_dgrad", record=lambda kw: bool(kw.get("TMA"))
+                      and dgrad_mod._w_as_a(kw))
+
+
 def _assert_bn_sums(out, xhat, dtype):
     """The BN gradient's sums over the stored (gated, rounded) dx: of g and of g * xhat."""
     g = out.dx.double()
@@ -269,28 +311,29 @@ def _assert_bn_sums(out, xhat, dtype):
         assert rel_err(got, want) <= TOL[dtype], f"{what}: {rel_err(got, want):.2e}"
 
 
+@CHANNELS
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)
 @pytest.mark.parametrize("split", [1, 4], ids=["whole", "quarters"])
 @pytest.mark.parametrize("epilogue,rs,pad", [("plain", (3, 3), (1, 1)), ("residual", (3, 3), (1, 1)),
                                              ("bn_grad", (3, 3), (1, 1)), ("bn_grad", (5, 5), (2, 2)),
                                              ("plain", (1, 3), (0, 1))])
-def test_taps_dgrad(epilogue, rs, pad, split, dtype, device, dgrad_launches):
+def test_taps_dgrad(epilogue, rs, pad, split, dtype, c, device, dgrad_launches, dgrad_swaps):
     """dx of a stride-1 "same" conv on the descriptor path (2 x 16-pixel spatial tiles of the 5 x 7 images: ragged on
     both axes, every border tap at a negative or past-the-edge coordinate), with each epilogue: the shortcut's
     gradient gated by the block output's ReLU, and the BN gradient (the previous BN's ReLU gate, and its sums over
     the stored values: the spatial tiles' partial rows, pixels outside the image not counted). quarters: the
     epilogue over 4 column slices (EPI_SPLIT; 24 channels in 16-wide tiles: the second tile's last two slices are
-    past C)."""
+    past C). c: dx channels in ragged or whole BLOCK_N blocks (the operand swap, W_AS_A)."""
     cfg = dict(DGRAD_CFG, EPI_SPLIT=split) if split > 1 else DGRAD_CFG
     dy = _x(dtype, device, (N, K, H, W))
-    w = (torch.randn(K, C, *rs, device=device) / (C * rs[0] * rs[1]) ** 0.5).to(dtype).to(
+    w = (torch.randn(K, c, *rs, device=device) / (c * rs[0] * rs[1]) ** 0.5).to(dtype).to(
         memory_format=torch.channels_last)
-    ref = torch.nn.grad.conv2d_input((N, C, H, W), w.double(), dy.double(), padding=pad)
+    ref = torch.nn.grad.conv2d_input((N, c, H, W), w.double(), dy.double(), padding=pad)
     if epilogue == "bn_grad":
-        y = _x(dtype, device)
-        scale, shift = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
-        mean, invstd = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
-        out = dgrad_mod.conv_dgrad_bn(dy, w, (N, C, H, W), (1, 1), pad, (1, 1), 1, (y, scale, shift, mean, invstd),
+        y = _x(dtype, device, (N, c, H, W))
+        scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+        mean, invstd = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+        out = dgrad_mod.conv_dgrad_bn(dy, w, (N, c, H, W), (1, 1), pad, (1, 1), 1, (y, scale, shift, mean, invstd),
                                       config=cfg)
         pre = y.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
         assert_close(out.dx, ref * (pre > 0), dtype, "gated dx")
@@ -298,13 +341,14 @@ def test_taps_dgrad(epilogue, rs, pad, split, dtype, device, dgrad_launches):
     else:
         residual = None
         if epilogue == "residual":
-            res, act_out = _x(dtype, device), _x(dtype, device)
+            res, act_out = _x(dtype, device, (N, c, H, W)), _x(dtype, device, (N, c, H, W))
             residual = (res, act_out, 1)
             ref = ref + res.double() * (act_out.double() > 0)
-        dx = dgrad_mod.conv_dgrad(dy, w, (N, C, H, W), (1, 1), pad, (1, 1), 1, residual=residual, config=cfg)
+        dx = dgrad_mod.conv_dgrad(dy, w, (N, c, H, W), (1, 1), pad, (1, 1), 1, residual=residual, config=cfg)
         assert dx.is_contiguous(memory_format=torch.channels_last)
         assert_close(dx, ref, dtype)
     assert dgrad_launches == [RUNS], "an eligible launch that asks for the descriptor path takes it"
+    assert dgrad_swaps == [_swapped(c)]
 
 
 @pytest.mark.parametrize("what", ["stride 2", "no padding", "NCHW weight"])

@@ -91,6 +91,9 @@ def _mma_flops_per_warp(op: str) -> float:
     return 0.0
 
 
+_WGMMA_WAIT0 = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b")
+
+
 def sass_loops(text: str):
     """Instructions [(addr, op)] and loops [(start_idx, end_idx)] (a backward branch closes a loop)."""
     instrs, labels, pending = [], {}, []
@@ -136,7 +139,7 @@ def sass_summary(text: str) -> Dict:
                sass_wgmma_n=min(hgmma_n) if hgmma_n else None,
                sass_stl=sum(1 for op in ops if re.search(r"\bSTL\b", op)),
                main_loop="none", main_loop_instrs=0, main_loop_mma=0, instr_per_mflop=None, main_loop_calls=0,
-               main_loop_stl=0, per_tile_instrs=None)
+               main_loop_stl=0, main_loop_wgmma_wait0=0, per_tile_instrs=None)
     if best is None and n_hgmma + n_hmma:  # the dot loop was fully unrolled: the whole kernel is its body
         best = (0, len(ops) - 1, n_hgmma + n_hmma)
         out["main_loop"] = "unrolled (whole kernel)"
@@ -149,7 +152,10 @@ def sass_summary(text: str) -> Dict:
         out.update(main_loop_instrs=len(body), main_loop_mma=n_mma,
                    instr_per_mflop=round(len(body) / (flops / 1e6), 1),
                    main_loop_calls=sum(1 for op in body if _ROUTINE_CALL.search(op)),
-                   main_loop_stl=sum(1 for op in body if re.search(r"\bSTL\b", op)))
+                   main_loop_stl=sum(1 for op in body if re.search(r"\bSTL\b", op)),
+                   # waits for every wgmma in flight: one per step is the TTGIR's pendings=0 (its own budget); one
+                   # per HGMMA is ptxas serializing them (C7515: a register it must define while they run)
+                   main_loop_wgmma_wait0=sum(1 for op in body if _WGMMA_WAIT0.search(op)))
         # Per output tile, outside the main loop: the rest of the smallest loop around it (a persistent
         # kernel's tile loop), or of the whole kernel (one tile per program).
         outer = [b - a + 1 for a, b in loops if a <= lo and hi <= b and (a, b) != (lo, hi)]

@@ -143,6 +143,10 @@ BUDGETS = [
     Budget("eval_no_routine_calls", "7", 0, "CALL.REL (routine calls) in the kernel",
            lambda r: r["mode"] == "eval" and r["layer"] != ANCHOR_LAYER and r["kernel"].startswith("_conv"),
            lambda r: r.get("sass_calls"), best_config=False, tile=""),
+    # ptxas serializing a main loop's wgmmas (C7515): more than one wait for every wgmma in flight per k-step, every
+    # config (found 2026-12-05; static_check's pendings=0 budget reads the TTGIR, where these loops look pipelined)
+    Budget("wgmma_not_serialized", "3", 1, "main-loop SASS waits for every wgmma in flight (WARPGROUP.DEPBAR.LE "
+           "gsb0, 0x0)", _is_dot, lambda r: r.get("main_loop_wgmma_wait0"), best_config=False, tile=""),
     # Item 5: fp32 (TF32) rows, every row. report.budget_failures leaves these two checks of fp32 rows to here.
     Budget("fp32_no_spills", "5", 0, "spill bytes", lambda r: r["layer"] != ANCHOR_LAYER,
            lambda r: r.get("spill_bytes"), best_config=False, tile="", dtype="fp32"),
@@ -162,6 +166,7 @@ PENDING = {
     "train_fwd_3x3_vs_anchor": "11.67",
     "issue_share_every_kernel": "367.9 (the stem's STATS forward)",
     "fp32_no_wgmma_wait0_in_loop": "1 (wgrad with the prologue)",
+    "wgmma_not_serialized": "8 (the 3x3 descriptor tiles whose A operand is in registers, 2026-12-05)",
 }
 # fwd_3x3_eval_vs_anchor (item 3; 4.33 when written, then 3.85 / 3.61 with its worst row layer3.0's stride-2 pointer
 # conv) is met by the stride-2 descriptor tile over x's parity view (kernels/conv.py STRIDE2; 1.63 / 1.48 on triton

@@ -38,9 +38,9 @@ _BN_PASS2 = {"_bn_chunk_stats_kernel": "_bn_finalize_kernel", "_sum_rows_kernel"
 MIN_CHUNK_ROWS = 8  # bn._split's chunks are a multiple of 8 rows (its BLOCK_T 8..32 divides them)
 
 
-# Not variants: TMA and the switches heuristics derive from it (OUT_DESC, PERSISTENT, STRIDE2) are config switches;
-# PTX is the target (every compiled row has it, the interpreter none)
-_CONFIG_FLAGS = ("TMA", "OUT_DESC", "PERSISTENT", "STRIDE2", "PTX")
+# Not variants: TMA and the switches heuristics derive from it (OUT_DESC, PERSISTENT, STRIDE2, W_AS_A) are config
+# switches; PTX is the target (every compiled row has it, the interpreter none)
+_CONFIG_FLAGS = ("TMA", "OUT_DESC", "PERSISTENT", "STRIDE2", "W_AS_A", "PTX")
 
 
 def _variant(const: Dict, dtype: str) -> str:
