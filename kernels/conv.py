@@ -480,12 +480,13 @@ def _persistent(args) -> bool:
 
 
 def _w_as_a(args) -> bool:
-    """W_AS_A: a descriptor launch with taps, full channel blocks and dense channels_last weights ([KG, R*S*CG] rows:
-    stride_w_s == CG), no shortcut (its pointer GEMM adds to the accumulator) and no prologue. Both MMA operands then
-    come from shared memory: x's box as the A operand is reshaped in registers, and ptxas serializes every wgmma of
-    such a loop (C7515; sm_90, triton 3.6 and 3.8). With the prologue the activated x is a fresh shared-memory copy
-    each step, so the loop waits for every wgmma once per step (wgmma wait pendings=0): not taken there."""
-    if not args.get("TMA") or args["R"] * args["S"] == 1 or args["HAS_SHORTCUT"] or args["PROLOGUE_BN"]:
+    """W_AS_A: a descriptor launch over spatial tiles (TILE_W: taps, no STATS) with full channel blocks and dense
+    channels_last weights ([KG, R*S*CG] rows: stride_w_s == CG), no shortcut (its pointer GEMM adds to the
+    accumulator) and no prologue. Both MMA operands then come from shared memory: x's box as the A operand is
+    reshaped in registers, and ptxas serializes every wgmma of such a loop (C7515; sm_90, triton 3.6 and 3.8). Where
+    x's tile is changed in registers (the prologue, or the flat STATS tile's padding select) it would be a fresh
+    shared-memory copy each step, and the loop would wait for every wgmma once per step (pendings=0): not taken."""
+    if not _tile_w(args) or args["HAS_SHORTCUT"] or args["PROLOGUE_BN"]:
         return False
     return args["CG"] % args["BLOCK_K"] == 0 and args["stride_w_s"] == args["CG"]
 

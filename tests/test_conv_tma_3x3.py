@@ -120,7 +120,7 @@ def test_taps_stats_and_prologue(prologue, dtype, c, device, launches, swaps):
     pro = _prologue(c, device) if prologue else None
     y, pm, pm2, tile_m = kernels.conv.conv_bn_stats(x, w, padding=(1, 1), prologue=pro, config=SMALL)
     assert launches == [RUNS] and tile_m == SMALL["BLOCK_M"]
-    assert swaps == [_swapped(c) and not prologue], "the prologue keeps the usual operands (kernels/conv.py _w_as_a)"
+    assert swaps == [False], "flat STATS tiles keep the usual operands (kernels/conv.py _w_as_a)"
     xin = _activated(x, pro, dtype) if prologue else x.double()
     y64 = F.conv2d(xin, w.double(), padding=1)
     assert_close(y, y64, dtype, "raw output")
@@ -159,7 +159,7 @@ def test_taps_geometries(geometry, entry, c, device, launches, swaps):
         y = kernels.conv.conv_bn_stats(x, w, padding=pad, prologue=pro, config=cfg).out
     else:
         y = kernels.conv_bn_act(x, w, padding=pad, prologue=pro, relu=False, config=cfg)
-    assert launches == [RUNS] and swaps == [_swapped(shape[1]) and pro is None]
+    assert launches == [RUNS] and swaps == [_swapped(shape[1]) and pro is None and entry == "eval"]
     xin = _activated(x, pro, dtype) if pro is not None else x.double()
     assert_close(y, F.conv2d(xin, w.double(), padding=pad), dtype, geometry)
 
@@ -179,14 +179,16 @@ def test_tiling_per_launch():
 
 
 def test_operand_swap_per_launch():
-    """W_AS_A (kernels/conv.py _w_as_a): a descriptor launch with taps whose channel blocks are whole and whose weights
-    are dense channels_last rows ([K, R*S*C]: stride_w_s == CG), without a projection shortcut (its pointer GEMM
-    shares the accumulator) and without the prologue (its activated x would be a fresh shared-memory operand each
-    step: a wait for every wgmma per step): both MMA operands from shared memory. The rest: the usual operands."""
-    base = dict(R=3, S=3, TMA=True, HAS_SHORTCUT=False, PROLOGUE_BN=False, CG=64, BLOCK_K=64, stride_w_s=64)
+    """W_AS_A (kernels/conv.py _w_as_a): a descriptor launch over spatial tiles (taps, no STATS) whose channel blocks
+    are whole and whose weights are dense channels_last rows ([K, R*S*C]: stride_w_s == CG), without a projection
+    shortcut (its pointer GEMM shares the accumulator) and without the prologue (an x tile changed in registers, as
+    the prologue's or the flat STATS tile's padding select, would be a fresh shared-memory operand each step: a wait
+    for every wgmma per step): both MMA operands from shared memory. The rest: the usual operands."""
+    base = dict(R=3, S=3, TMA=True, STATS=False, BLOCK_M=128, HAS_SHORTCUT=False, PROLOGUE_BN=False, CG=64,
+                BLOCK_K=64, stride_w_s=64)
     assert conv_mod._w_as_a(base)
-    for usual in (dict(TMA=False), dict(R=1, S=1), dict(HAS_SHORTCUT=True), dict(PROLOGUE_BN=True), dict(CG=40),
-                  dict(stride_w_s=128)):
+    for usual in (dict(TMA=False), dict(R=1, S=1), dict(STATS=True), dict(HAS_SHORTCUT=True), dict(PROLOGUE_BN=True),
+                  dict(CG=40), dict(stride_w_s=128)):
         assert not conv_mod._w_as_a(dict(base, **usual)), usual
 
 
