@@ -137,6 +137,17 @@ def bn_act(a, scale, shift, ACTIVATION: tl.constexpr, MATH: tl.constexpr):
 
 
 @triton.jit
+def k_steps(n):
+    """A main loop's trip count n (>= 1 wherever it is used) as one the compiler knows is at least 1. When it
+    may be 0, LLVM gives the loop a skip edge whose block sets the accumulator's registers to the zeros of its
+    init; that block meets the loop's exit while the last wgmmas are still in flight, and ptxas then serializes
+    every wgmma of the loop (C7515, "non wgmma instructions defining accumulator registers ... between start and
+    end of the pipeline stage": each HGMMA waits for itself, sm_90). Found 2026-12-05 on the 3x3 training
+    forward's descriptor tiles, serialized or not by config and triton version as that edge came and went."""
+    return tl.maximum(n, 1)
+
+
+@triton.jit
 def in_range(i, n):
     """0 <= i < n for int32 (int64) coordinates i and a size n >= 0, in one unsigned compare (a negative i wraps above
     any size): half the compares of a padding mask, recomputed per row in every k-step of a tap loop."""

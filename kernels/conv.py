@@ -61,7 +61,17 @@ from ._launch import (
     target_arch,
     upcast_dot,
 )
-from ._tiles import activation, add_residual_act_store, bn_act, in_range, mma, pixel_rows, tile_mean_m2, zero_where_not
+from ._tiles import (
+    activation,
+    add_residual_act_store,
+    bn_act,
+    in_range,
+    k_steps,
+    mma,
+    pixel_rows,
+    tile_mean_m2,
+    zero_where_not,
+)
 
 
 # Stride and padding only shift per-tile row bases (R and S are constexpr): a specialized value (== 1, a multiple of
@@ -206,7 +216,7 @@ def _conv_bn_act_kernel(
         r = 0
         s = 0
         c0 = 0
-        for _ in range(num_k):
+        for _ in range(k_steps(num_k)):  # (num_k >= 1: _even_c keeps CG = 0 masked)
             dh = r * dil_h
             h = h0 + dh
             if TMA:
@@ -439,7 +449,7 @@ _KEY = ["M", "H", "W", "P", "Q", "CG", "KG", "CD", "stride_h", "R", "S", "HAS_SC
 
 def _even_c(args) -> bool:
     """EVEN_C: every channel block of the main loop is full (not the stem path, whose blocks are filter rows)."""
-    return not args["STEM_CPAD"] and args["CG"] % args["BLOCK_K"] == 0
+    return not args["STEM_CPAD"] and args["CG"] > 0 and args["CG"] % args["BLOCK_K"] == 0
 
 
 def _idx64(args) -> bool:
@@ -482,10 +492,11 @@ def _persistent(args) -> bool:
 def _w_as_a(args) -> bool:
     """W_AS_A: a descriptor launch over spatial tiles (TILE_W: taps, no STATS) with full channel blocks and dense
     channels_last weights ([KG, R*S*CG] rows: stride_w_s == CG), no shortcut (its pointer GEMM adds to the
-    accumulator) and no prologue. Both MMA operands then come from shared memory: x's box as the A operand is
-    reshaped in registers, and ptxas serializes every wgmma of such a loop (C7515; sm_90, triton 3.6 and 3.8). Where
-    x's tile is changed in registers (the prologue, or the flat STATS tile's padding select) it would be a fresh
-    shared-memory copy each step, and the loop would wait for every wgmma once per step (pendings=0): not taken."""
+    accumulator) and no prologue. Both MMA operands then come from shared memory: as the A operand x's box is loaded
+    and reshaped in registers (layer1.0's eval 3x3, 128x64x64, sm_90, triton 3.6: 116 SASS instructions per k-step,
+    82 swapped). Where x's tile is changed in registers (the prologue, or the flat STATS tile's padding select) it
+    would be a fresh shared-memory copy each step, and the loop would wait for every wgmma once per step (pendings=0):
+    not taken."""
     if not _tile_w(args) or args["HAS_SHORTCUT"] or args["PROLOGUE_BN"]:
         return False
     return args["CG"] % args["BLOCK_K"] == 0 and args["stride_w_s"] == args["CG"]

@@ -49,7 +49,7 @@ from ._launch import (
     stats_dtype,
     stride_args,
 )
-from ._tiles import activation_grad, in_range, mma, tile_ptrs
+from ._tiles import activation_grad, in_range, k_steps, mma, tile_ptrs
 from .bn import sum_rows
 from .conv import spatial_rows
 from .wgrad import max_offset
@@ -123,8 +123,8 @@ def _conv_dgrad_kernel(
                                             strides=[stride_dy_n, stride_dy_h, stride_dy_w, 1],
                                             block_shape=[1, BLOCK_M // TILE_W, TILE_W, BLOCK_K])
         # W_AS_A (whole channel blocks, dense taps): w as a [KG, NR*NS*CG] matrix and the product transposed, so
-        # neither operand is reshaped in registers (as the A operand, dy's box would be: ptxas then serializes the
-        # wgmmas, C7515); acc is transposed back for the epilogue.
+        # neither operand is reshaped in registers (as the A operand, dy's box would be: ldmatrix and a register
+        # reshape each step); acc is transposed back for the epilogue.
         if W_AS_A:
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KG, NR * NS * CG], strides=[stride_w_k, 1],
                                                block_shape=[BLOCK_K, BLOCK_N])
@@ -137,7 +137,7 @@ def _conv_dgrad_kernel(
         k0 = 0
         js = 0
         jr = 0
-        for _ in range(NR * NS * tl.cdiv(KG, BLOCK_K)):
+        for _ in range(k_steps(NR * NS * tl.cdiv(KG, BLOCK_K))):  # (stride 1: every phase has its taps)
             a = dy_desc.load([n_img, i0 + PB - jr * PD, j0 + QB - js * QD, k0]).reshape(BLOCK_M, BLOCK_K)
             tap = (R0 + jr * RSTEP) * NS + S0 + js * SSTEP
             if W_AS_A:
@@ -161,7 +161,8 @@ def _conv_dgrad_kernel(
         m0 = pid_m * BLOCK_M
         c0 = (pid % num_n) * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-        for k0 in range(0, KG, BLOCK_K):
+        for kb in range(k_steps(tl.cdiv(KG, BLOCK_K))):
+            k0 = kb * BLOCK_K
             acc = mma(dy_desc.load([m0, k0]), w_desc.load([k0, c0]), acc, DOT_PRECISION, UPCAST_DOT)
     else:
         if IDX64:

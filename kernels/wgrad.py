@@ -65,7 +65,7 @@ from ._launch import (
     stats_dtype,
     stride_args,
 )
-from ._tiles import bn_act, in_range, mma
+from ._tiles import bn_act, in_range, k_steps, mma
 from .bn import sum_rows
 
 
@@ -177,7 +177,8 @@ def _conv_wgrad_kernel(
             dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, KG], strides=[stride_dy_w, 1],
                                                 block_shape=[BLOCK_K, BLOCK_N])
             c0 = pid_col * BLOCK_M
-            for m0 in range(start, end, BLOCK_K):
+            for mb in range(k_steps(tl.cdiv(end - start, BLOCK_K))):  # (an empty split: one step of zero dy)
+                m0 = start + mb * BLOCK_K
                 xt = x_desc.load([m0, c0])
                 if PROLOGUE_BN:
                     xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
@@ -197,7 +198,7 @@ def _conv_wgrad_kernel(
         dp = (BLOCK_K // Q) % P
         dn = BLOCK_K // (P * Q)
 
-        for _ in range(start, end, BLOCK_K):
+        for _ in range(k_steps(tl.cdiv(end - start, BLOCK_K))):  # (an empty split: one masked step)
             mask_m = offs_m < end
             hb = p * stride_h
             wb = q * stride_w
@@ -282,7 +283,7 @@ def _tap_views(x_ptr, dy_ptr, acc, s_in, t_in, IMG, H, W, CG, KG, split, SPLIT, 
     hw = t0 - n * per_img
     h0 = (hw // tiles_w) * TILE_H
     w0 = (hw % tiles_w) * TILE_W
-    for _ in range(t0, t1):
+    for _ in range(k_steps(t1 - t0)):  # (no tile: one step past the views, zero-filled dy)
         xt = x_view.load([n, h0, w0, c0]).reshape(BLOCK_K, BLOCK_M)
         if PROLOGUE_BN:
             xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)

@@ -123,6 +123,23 @@ def test_descriptor_wgrad_taps(shape, prologue, dtype, device, wgrad_launches):
     assert_close(dw, _wgrad_taps_ref(x, w, dy, pro, dtype, pad), dtype)
 
 
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_descriptor_wgrad_taps_empty_split(prologue, device, monkeypatch, wgrad_launches):
+    """Split-K with a split that has no spatial tile of a tap's views (3 splits over 4 or 2 tiles): the loop's trip
+    count is at least one (_tiles.k_steps), so that split takes one step past the views, zero-filled, and must add
+    nothing (with the prologue, relu(shift) > 0 meets a zero dy row there). The interpreter runs one split unless
+    told otherwise."""
+    monkeypatch.setattr(wgrad_mod, "_num_splits", lambda *a: 3)
+    dtype = torch.float16
+    n, c, h, w_, k, r = 2, 32, 5, 7, 24, 3
+    dy, x, w = _act(dtype, device, (n, k, h, w_)), _act(dtype, device, (n, c, h, w_)), _w(dtype, device, k, c, r)
+    w = w.to(memory_format=torch.channels_last)
+    pro = (torch.rand(c, device=device) + 0.5, torch.rand(c, device=device) + 0.1) if prologue else None
+    dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, ONE, ONE, 1, prologue=pro, config=WGRAD_CFG)
+    assert wgrad_launches == [RUNS]
+    assert_close(dw, _wgrad_taps_ref(x, w, dy, pro, dtype, ONE), dtype)
+
+
 def _wgrad_pairs_ref(x, w, dy, pro, dtype):
     """dw of a same-padded stride-1 conv as the sum, per tap, over the pixel pairs inside the image (slices, float64):
     a padded tap is skipped, as oneDNN does, not multiplied as a zero (im2col: 0 * NaN = NaN)."""

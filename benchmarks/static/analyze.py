@@ -154,7 +154,8 @@ def sass_summary(text: str) -> Dict:
                    main_loop_calls=sum(1 for op in body if _ROUTINE_CALL.search(op)),
                    main_loop_stl=sum(1 for op in body if re.search(r"\bSTL\b", op)),
                    # waits for every wgmma in flight: one per step is the TTGIR's pendings=0 (its own budget); one
-                   # per HGMMA is ptxas serializing them (C7515: a register it must define while they run)
+                   # per HGMMA is ptxas serializing them (C7515: the accumulator defined by a non-wgmma instruction
+                   # while they run, e.g. a loop-skip edge's zeros: _tiles.k_steps)
                    main_loop_wgmma_wait0=sum(1 for op in body if _WGMMA_WAIT0.search(op)))
         # Per output tile, outside the main loop: the rest of the smallest loop around it (a persistent
         # kernel's tile loop), or of the whole kernel (one tile per program).

@@ -166,7 +166,6 @@ PENDING = {
     "train_fwd_3x3_vs_anchor": "11.67",
     "issue_share_every_kernel": "367.9 (the stem's STATS forward)",
     "fp32_no_wgmma_wait0_in_loop": "1 (wgrad with the prologue)",
-    "wgmma_not_serialized": "8 (the 3x3 descriptor tiles whose A operand is in registers, 2026-12-05)",
 }
 # fwd_3x3_eval_vs_anchor (item 3; 4.33 when written, then 3.85 / 3.61 with its worst row layer3.0's stride-2 pointer
 # conv) is met by the stride-2 descriptor tile over x's parity view (kernels/conv.py STRIDE2; 1.63 / 1.48 on triton
@@ -178,6 +177,9 @@ PENDING = {
 # wgrad's activated x is the B operand, a fresh shared-memory copy each step (TTGIR local_alloc, then
 # warp_group_dot_wait pendings=0); as the register A operand (X_AS_A) it spilled 16-616 B at 2.1-3x the main-loop
 # SASS per MFLOP (benchmarks/RESULTS.md, issue 17 item 5).
+# wgmma_not_serialized (item 3; 8 when written, 14 / 15 serialized kernels of the CI subset on triton 3.6 / 3.8) is met
+# by a trip count the compiler knows is >= 1 (_tiles.k_steps): the loop-skip edge's zero moves into the accumulator
+# were what ptxas objected to (C7515), not the register A operand (1 wait per k-step on both): enforced.
 # A pending budget met on some tritons only: pending on the versions listed here, enforced on every other one (a met
 # budget may not regress where it is met). train_fwd_1x1_vs_anchor (item 2; 10.2 when written) was met on triton 3.8
 # only by the packed bf16 prologue with no pad select (2.68 / 2.38 on triton 3.6 / 3.8; 6.13 / 5.55 before), then on
