@@ -163,12 +163,41 @@ def zero_where_not(a, keep, MATH: tl.constexpr):
     """tl.where(keep, a, 0.0) for a prologue's activated tile (keep broadcasts to a's shape: the padding mask).
     "packed" (16-bit a on a GPU): one and.b32 per element pair with the mask as 16-bit all-ones / zeros, where the
     compiler's select unpacks each pair, selects and repacks (on sm_90, triton 3.6: 96 SEL and 73 PRMT in the 3x3
-    training forward's k-step). The result's zeros are +0 either way, and a NaN in the padding is cleared too."""
+    training forward's k-step). The result's zeros are +0 either way, and a NaN in the padding is cleared too.
+    keep may also be int16 all-ones / zeros already (tap_keep): no select on the way to the MMA operand."""
+    if keep.dtype == tl.int16:
+        bits = keep
+        keep = keep != 0
+    else:
+        bits = tl.where(keep, -1, 0).to(tl.int16)
     if MATH == "packed":
-        bits = tl.broadcast_to(tl.where(keep, -1, 0).to(tl.int16), a.shape)
-        return tl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [a, bits], dtype=a.dtype, is_pure=True,
-                                         pack=2)
+        return tl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [a, tl.broadcast_to(bits, a.shape)],
+                                         dtype=a.dtype, is_pure=True, pack=2)
     return tl.where(keep, a, 0.0)
+
+
+@triton.jit
+def tap_bits(h0, w0, H, W, dil_h, dil_w, never, any_ptr, R: tl.constexpr, S: tl.constexpr):
+    """Per output pixel (its input row h0 and column w0 at tap (0, 0)), which taps lie inside the image, once per
+    tile: bit r for the row of tap row r, bit R + s for the column of tap column s (int16; tap_keep reads them).
+    Returned through a load that never reads (mask ``never``, all false; any_ptr any pointer of the launch):
+    Triton builds a register MMA operand in its own layout back to loads and constants only (the MMAv3 operand
+    pass), so a padding mask from arithmetic on the tile's coordinates kept the activated tile in a blocked layout,
+    converted through shared memory every k-step and reshuffled into the wgmma's registers (the 3x3 training
+    forward at 128x128x64, sm_90: 304 / 303 SASS instructions per k-step on triton 3.6 / 3.8, 228 / 225 so)."""
+    tl.static_assert(R + S <= 16)
+    tb = tl.zeros_like(h0).to(tl.int16)
+    for i in tl.static_range(R):
+        tb |= in_range(h0 + i * dil_h, H).to(tl.int16) << i
+    for j in tl.static_range(S):
+        tb |= in_range(w0 + j * dil_w, W).to(tl.int16) << (R + j)
+    return tl.load(any_ptr.to(tl.pointer_type(tl.int16)) + tl.zeros_like(h0), mask=never, other=tb)
+
+
+@triton.jit
+def tap_keep(tb, r, s, R: tl.constexpr):
+    """[rows, 1] int16 all-ones where tap (r, s) of the row's pixel is inside the image (tap_bits), zeros elsewhere."""
+    return (-((tb >> r.to(tl.int16)) & (tb >> (R + s).to(tl.int16)) & 1))[:, None]
 
 
 @triton.jit

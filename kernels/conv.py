@@ -69,6 +69,8 @@ from ._tiles import (
     k_steps,
     mma,
     pixel_rows,
+    tap_bits,
+    tap_keep,
     tile_mean_m2,
     zero_where_not,
 )
@@ -213,6 +215,9 @@ def _conv_bn_act_kernel(
         # One flattened loop over (r, s, channel block), channel blocks fastest: a single software pipeline
         # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
         # no division runs in the loop.
+        FLAT_TAPS: tl.constexpr = TMA and R * S > 1 and not TILE_W  # the STATS tile: flat rows, shifted per tap
+        if FLAT_TAPS and PROLOGUE_BN:
+            tb = tap_bits(h0, w0, H, W, dil_h, dil_w, offs_m < 0, in_shift_ptr, R, S)
         r = 0
         s = 0
         c0 = 0
@@ -277,6 +282,8 @@ def _conv_bn_act_kernel(
                     # rows past M (act(shift)) are never stored nor counted in STATS
                     a = a_act
                 else:
+                    if FLAT_TAPS:  # the padding mask from per-row tap bits (tap_bits: the operand's layout)
+                        a_mask = tap_keep(tb, r, s, R)
                     a = zero_where_not(a_act, a_mask, PROLOGUE_MATH)  # pad the activated tensor
             if not TMA:
                 b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
