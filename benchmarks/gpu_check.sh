@@ -11,7 +11,8 @@
 # 2. tma: the descriptor (TMA) paths, FUSEDRES_TMA=1, xdist: tests/test_conv_persistent.py (the persistent 1x1 walk and
 #    its descriptor epilogue) and test_conv_tma_stride2.py (a 5-D parity view): not run on a card yet;
 #    test_conv_tma_3x3.py (negative and past-the-end coordinates: passed on the H200 on 2026-12-04; its full_c cases,
-#    the swapped MMA operands W_AS_A of d56f13d: not run on a card yet), test_conv_tma.py,
+#    the swapped MMA operands W_AS_A of d56f13d, and the prologue's padding mask from tap bits through a load that
+#    reads nothing (b9cd794): not run on a card yet), test_conv_tma.py,
 #    test_conv_backward_tma.py (its 3x3 wgrad over each tap's 4-D views, 2026-12-05: not run on a card yet)
 #    (~2 min on 6 workers)
 # 3. main: the main job, ResNet-50 bf16 models only (--no-layers), inference and training, fused / eager / eager-amp
