@@ -216,8 +216,8 @@ def _conv_bn_act_kernel(
         # across all taps (a nested loop drains it at every tap). The tap counters advance by selects, so
         # no division runs in the loop.
         FLAT_TAPS: tl.constexpr = TMA and R * S > 1 and not TILE_W  # the STATS tile: flat rows, shifted per tap
-        if FLAT_TAPS and PROLOGUE_BN:
-            tb = tap_bits(h0, w0, H, W, dil_h, dil_w, offs_m < 0, in_shift_ptr, R, S)
+        if FLAT_TAPS:
+            tb = tap_bits(h0, w0, H, W, dil_h, dil_w, offs_m < 0, x_ptr, R, S)
         r = 0
         s = 0
         c0 = 0
@@ -243,8 +243,9 @@ def _conv_bn_act_kernel(
                         a = x_desc.load([n_img, p0 + r - pad_h, q0 + s - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
                     else:
                         a = x_desc.load([m0 + (r - pad_h) * W + (s - pad_w), c0])
-                        if not PROLOGUE_BN:
-                            a = tl.where(a_mask, a, 0.0)
+                        a_mask = tap_keep(tb, r, s, R)  # (tap_bits: the MMA operand's layout)
+                        if not PROLOGUE_BN:  # 16-bit x: one and.b32 per pair on a GPU
+                            a = zero_where_not(a, a_mask, "packed" if PTX else "acc")
                     if W_AS_A:
                         b = w_desc.load([n0, (r * S + s) * CG + c0])  # [BLOCK_N, BLOCK_K]: the A operand
                     else:
@@ -282,8 +283,6 @@ def _conv_bn_act_kernel(
                     # rows past M (act(shift)) are never stored nor counted in STATS
                     a = a_act
                 else:
-                    if FLAT_TAPS:  # the padding mask from per-row tap bits (tap_bits: the operand's layout)
-                        a_mask = tap_keep(tb, r, s, R)
                     a = zero_where_not(a_act, a_mask, PROLOGUE_MATH)  # pad the activated tensor
             if not TMA:
                 b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
