@@ -215,9 +215,15 @@ def stats_partials_fit(tile: Tile) -> bool:
 
 
 def _stats_tunable(tile: Tile) -> bool:
-    """The tiles a STATS conv tunes over: stats_partials_fit, at 8 warps (128x64x64 at 4 warps spilled 32 B
-    with the BN prologue on triton 3.9)."""
-    return stats_partials_fit(tile) and tile.num_warps == 8
+    """The tiles a STATS conv tunes over: stats_partials_fit (conv_prune keeps 8 warps only off the stem path)."""
+    return stats_partials_fit(tile)
+
+
+def stats_warps_fit(tile: Tile, stem: bool) -> bool:
+    """A STATS conv's warps: 8 (128x64x64 at 4 warps spilled 32 B with the BN prologue on triton 3.9), or either on
+    the stem path (no prologue; C <= 4, so K = 7 filter rows: at 8 warps the loop unrolls with the STATS epilogue,
+    332% issue share on sm_90 against 117% for the 4-warp loop, 168 registers, 0 spills; RESULTS.md)."""
+    return stem or tile.num_warps == 8
 
 
 def gpu_configs(arch: Optional[int] = None, stats: bool = False) -> List[triton.Config]:
@@ -413,7 +419,7 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         return conv_fit(tile, kg, red, stem)
 
     descriptor = [c for c in configs if c.kwargs.get("TMA")]
-    configs = [c for c in configs if not c.kwargs.get("TMA")]
+    configs = [c for c in configs if not c.kwargs.get("TMA") and (not stats or stats_warps_fit(Tile.of(c), stem))]
 
     def pointer(cs):
         out = prune(cs, CONV_TILES[arch], fit, lean)
@@ -529,7 +535,8 @@ def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: C
     (``pointer(configs)`` prunes pointer configs) without the pointer tile TMA_REPLACES, plus, for an eligible launch,
     the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one). twin: a key; the
     descriptor tile also replaces the pointer tiles whose (fitted) key is its own, where the problem fits
-    TMA_REPLACES and a native tile to the same blocks (64 channels): a 3x3 wgrad's 64x64x64 w4 s3 and a dgrad's
+    TMA_REPLACES and a native tile to the same blocks (64 channels): a wgrad's 64x64x64 w4 s3 (1x1 or 3x3; at 64 by
+    64 channels the 1x1 one had no descriptor tile before, 187% issue share on its pointer loop) and a dgrad's
     128x64x64 w4 s3 (key: the tile), a 3x3 STATS forward's 128x64x64 w8 s3 (key: the blocks). Where wider launches
     of the variant tune that pointer tile too, it still compiles (the forward +1 variant, dgrad +2: within the
     cold-start budget since sum_rows' last pass compiles once).
@@ -646,7 +653,7 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         return pointer(configs)
     return replace_by_tma(pointer, configs, lambda: prune(
         descriptor, WGRAD_TMA_TILES[arch], tma_fit, lambda _, fitted: not taps or cg % fitted.block_m == 0,
-        extra=lambda fitted: dict(tap(fitted), TMA=True)), twin=(lambda t: t) if taps else None)
+        extra=lambda fitted: dict(tap(fitted), TMA=True)), twin=lambda t: t)
 
 
 # wgrad's descriptor tile (see DGRAD_TMA_TILES): the anchor's, 128 columns x 128 output channels x 64 pixels at

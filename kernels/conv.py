@@ -190,7 +190,9 @@ def _conv_bn_act_kernel(
         elif STEM_CPAD:
             # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, S, STEM_CPAD], both dense,
             # so one filter row (r) reads a contiguous run of S * STEM_CPAD values per pixel: R K-steps of one
-            # block each, instead of R*S, and constexpr strides and masks let the loads vectorize.
+            # block each, instead of R*S, and constexpr strides and masks let the loads vectorize. The host
+            # copied x with the conv's padding in place (pad_h = pad_w = 0 here): every tap is inside the copy,
+            # so the mask (rows past M, columns past S * STEM_CPAD) is loop-invariant and a step adds one offset.
             tl.static_assert(BLOCK_K >= S * STEM_CPAD)
             x_rows = x_ptr + ((n * H + h0) * W + w0) * STEM_CPAD
             w_cols = w_ptr + offs_n.to(tl.int64) * (R * S * STEM_CPAD)
@@ -253,8 +255,7 @@ def _conv_bn_act_kernel(
             elif STEM_CPAD:
                 cc = offs_c
                 mask_c = cc < S * STEM_CPAD
-                w_el = w0[:, None] + (cc // STEM_CPAD).to(tl.int32)[None, :]  # each value's input column
-                a_mask = (mask_m & in_range(h, H))[:, None] & mask_c[None, :] & in_range(w_el, W)
+                a_mask = mask_m[:, None] & mask_c[None, :]
                 a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
                 b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
             else:
@@ -645,7 +646,9 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
     stem_cpad = STEM_CPAD if (c <= STEM_CPAD and groups == 1 and dilation[1] == 1 and prologue is None
                               and shortcut is None and s * STEM_CPAD <= 128 and m > 0 and k > 0) else 0
     if stem_cpad:
-        x, weight, cg = pad_channels_nhwc(x, STEM_CPAD), pad_channels_nhwc(weight, STEM_CPAD), s * stem_cpad
+        # the conv's padding goes into the copy: its taps read no pixel outside it (the kernel's stem path)
+        x, weight, cg = pad_channels_nhwc(x, STEM_CPAD, padding), pad_channels_nhwc(weight, STEM_CPAD), s * stem_cpad
+        h, w, padding = h + 2 * padding[0], w + 2 * padding[1], (0, 0)
         if config is not None:
             config = dict(config, BLOCK_K=stem_block_k(cg))
     # Autotuning may pick another tile (so another summation order) in another process: under

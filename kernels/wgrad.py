@@ -31,7 +31,8 @@ that tap's pixel pairs: x and dy as two equal-shape views (_tap_views), so no pa
 padded tap is never paired (a non-finite dy does not meet the padding, as on the pointer path's TAP_PER_TILE).
 
 The stem (C <= 4, STEM_CPAD): x is first copied into a zero-padded dense NHWC tensor of STEM_CPAD = 4 channels,
-and the columns run over whole filter rows: S*4 contiguous input elements, loaded 8 bytes at a time.
+with the conv's padding in place (no bounds mask), and the columns run over whole filter rows: S*4 contiguous input
+elements, loaded 8 bytes at a time.
 """
 import torch
 import triton
@@ -137,7 +138,9 @@ def _conv_wgrad_kernel(
     k_idx = g * KG + offs_kg
     if STEM_CPAD > 0:
         k_off = k_idx * stride_dy_c
-        col_off = (r * dil_h - pad_h) * stride_x_h + (s * dil_w - pad_w) * STEM_CPAD + c
+        # (whole STEM_CPAD-value pixels by construction, whatever Triton knows of the padded copy's strides: the
+        # loads stay 8-byte vectors)
+        col_off = ((r * dil_h - pad_h) * W + (s * dil_w - pad_w)) * STEM_CPAD + c
     elif IDX64:
         k_off = k_idx.to(tl.int64) * stride_dy_c
         col_off = offs_c.to(tl.int64) * stride_x_c + (r * dil_h - pad_h).to(tl.int64) * stride_x_h \
@@ -204,7 +207,7 @@ def _conv_wgrad_kernel(
             wb = q * stride_w
             hh = hb[:, None] + h_off
             ww = wb[:, None] + w_off
-            if IN_BOUNDS:
+            if IN_BOUNDS or STEM_CPAD > 0:  # (the stem's copy holds the padding: every tap is inside it)
                 row_ok = mask_m[:, None]
             else:
                 row_ok = in_range(hh, H) & in_range(ww, W) & mask_m[:, None]
@@ -216,7 +219,7 @@ def _conv_wgrad_kernel(
             dyt = tl.load(dy_ptr + (n * stride_dy_n + p * stride_dy_h + q * stride_dy_w)[:, None] + k_off[None, :],
                           mask=dy_mask, other=0.0)
             if STEM_CPAD > 0:
-                x_rows = n * stride_x_n + hb * stride_x_h + wb * STEM_CPAD  # a multiple of STEM_CPAD: aligned loads
+                x_rows = ((n * H + hb) * W + wb) * STEM_CPAD  # a multiple of STEM_CPAD: aligned loads
             else:
                 x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
             xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
@@ -355,8 +358,10 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
     if groups == 1 and c <= STEM_CPAD and prologue is None and not idx64:
         # The stem (C=3): a zero-padded dense NHWC copy with STEM_CPAD channels (4/3 of the input, once) makes
         # each filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
+        # The conv's padding goes into the copy too: no tap reads outside it, so no bounds mask (the kernel).
         stem_cpad, stem_sp = STEM_CPAD, next_power_of_2(s)
-        x, ncol = pad_channels_nhwc(x, stem_cpad), r * stem_sp * stem_cpad
+        x, ncol = pad_channels_nhwc(x, stem_cpad, padding), r * stem_sp * stem_cpad
+        h, w, padding = h + 2 * padding[0], w + 2 * padding[1], (0, 0)
     cfg = dict(config) if config is not None else wgrad_fixed_config(m, kg, cg, ncol)
     bk = WGRAD_BLOCK_K if cfg is None else cfg["BLOCK_K"]
     # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.

@@ -193,6 +193,36 @@ def test_stem_path_statistics(device):
         torch.testing.assert_close(pm2[t].double(), ((tile - tile.mean(0)) ** 2).sum(0), rtol=1e-4, atol=1e-4)
 
 
+def test_stem_copy_holds_the_padding():
+    """The stem paths' copy (pad_channels_nhwc with the conv's padding): dense NHWC, x in the middle, zero channels
+    past C and zero rows and columns around each image, from either memory format."""
+    from fusedres.kernels._launch import pad_channels_nhwc
+    x = torch.randn(2, 3, 5, 7)
+    for t in (x, x.to(memory_format=CL)):
+        out = pad_channels_nhwc(t, 4, (3, 2))
+        dense = out.permute(0, 2, 3, 1) if out.dim() == 4 and out.shape[1] == 4 else out
+        assert dense.shape == (2, 11, 11, 4) and dense.is_contiguous()
+        torch.testing.assert_close(dense[:, 3:8, 2:9, :3], x.permute(0, 2, 3, 1), rtol=0, atol=0)
+        inner = torch.zeros_like(dense, dtype=torch.bool)
+        inner[:, 3:8, 2:9, :3] = True
+        assert (dense[~inner] == 0).all()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_stem_path_non_finite_input_reaches_its_outputs_only(stride, device):
+    """A NaN / inf pixel reaches exactly the outputs whose window holds it, as in float64 conv2d: the stem path's
+    padded copy and its filter-row runs (8 pixels read per 7x7 row, the 8th masked) add no other reader."""
+    x = torch.randn(1, 3, 16, 16, device=device)
+    x[0, 1, 6, 9] = float("nan")
+    x[0, 2, 11, 4] = float("inf")
+    w = torch.randn(8, 3, 7, 7, device=device) / 10
+    out = kernels.conv_bn_act(x, w, None, None, (stride, stride), (3, 3), (1, 1), relu=False)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), stride=stride, padding=3)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite].double(), ref[finite], rtol=1e-4, atol=1e-4)
+
+
 def test_opcheck_shortcut_fold_schema(device):
     """fusedres::conv_bn_act with a precomputed projection fold (what the fused blocks pass) passes
     torch.library.opcheck."""
