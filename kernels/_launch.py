@@ -183,19 +183,19 @@ def dot_args(x: torch.Tensor) -> dict:
 STEM_CPAD = 4
 
 
-def pad_channels_nhwc(t: torch.Tensor, cpad: int, padding=(0, 0)) -> torch.Tensor:
-    """[A, C, B, D] (any layout) -> a new tensor whose memory is dense [A, B + 2 pad_b, D + 2 pad_d, cpad] (NHWC,
-    channels C.. zero, and ``padding`` = (pad_b, pad_d) zero rows and columns around each image), for the stem
-    paths' kernels, which read it through its data pointer and NHWC strides only: a 7x7 filter row becomes one
-    contiguous run, and with the conv's padding in memory no tap needs a bounds mask. One aten op for a
-    channels_last t (the pad keeps its layout; the result is [A, cpad, B', D'] channels_last), two otherwise (a
-    permuted view, then the pad: [A, B', D', cpad])."""
+def pad_channels_nhwc(t: torch.Tensor, cpad: int, padding=(0, 0), right: int = 0) -> torch.Tensor:
+    """[A, C, B, D] (any layout) -> a new tensor whose memory is dense [A, B + 2 pad_b, D + 2 pad_d + right, cpad]
+    (NHWC, channels C.. zero, and ``padding`` = (pad_b, pad_d) zero rows and columns around each image, ``right``
+    more columns on its right), for the stem paths' kernels, which read it through its data pointer and NHWC strides
+    only: a 7x7 filter row becomes one contiguous run, and with the conv's padding in memory no tap needs a bounds
+    mask. One aten op for a channels_last t (the pad keeps its layout; the result is [A, cpad, B', D']
+    channels_last), two otherwise (a permuted view, then the pad: [A, B', D', cpad])."""
     pb, pd = padding
     if t.is_contiguous(memory_format=torch.channels_last) and t.shape[1] > 1:
-        out = torch.nn.functional.pad(t, (pd, pd, pb, pb, 0, cpad - t.shape[1]))
+        out = torch.nn.functional.pad(t, (pd, pd + right, pb, pb, 0, cpad - t.shape[1]))
         if out.is_contiguous(memory_format=torch.channels_last):
             return out
-    return torch.nn.functional.pad(t.permute(0, 2, 3, 1), (0, cpad - t.shape[1], pd, pd, pb, pb)).contiguous()
+    return torch.nn.functional.pad(t.permute(0, 2, 3, 1), (0, cpad - t.shape[1], pd, pd + right, pb, pb)).contiguous()
 
 
 def fp32_hi_lo(value: float):

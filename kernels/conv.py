@@ -195,7 +195,7 @@ def _conv_bn_act_kernel(
             # so the mask (rows past M, columns past S * STEM_CPAD) is loop-invariant and a step adds one offset.
             tl.static_assert(BLOCK_K >= S * STEM_CPAD)
             x_rows = x_ptr + ((n * H + h0) * W + w0) * STEM_CPAD
-            w_cols = w_ptr + offs_n.to(tl.int64) * (R * S * STEM_CPAD)
+            w_cols = w_ptr + offs_n.to(tl.int64) * (R * BLOCK_K)  # w's rows padded to BLOCK_K with zeros (host)
             num_k = R
         else:
             x_rows = x_ptr + (n * stride_x_n + (g * CG).to(tl.int64) * stride_x_c + h0 * stride_x_h + w0 * stride_x_w)
@@ -257,7 +257,9 @@ def _conv_bn_act_kernel(
                 mask_c = cc < S * STEM_CPAD
                 a_mask = mask_m[:, None] & mask_c[None, :]
                 a = tl.load(x_rows[:, None] + (dh.to(tl.int64) * (W * STEM_CPAD) + cc[None, :]), mask=a_mask, other=0.0)
-                b_ptrs = w_cols[None, :] + (r.to(tl.int64) * (S * STEM_CPAD) + cc[:, None])
+                # whole rows of w (zero past S): 16-byte loads; x's columns past S stay masked (a NaN there
+                # would meet a zero weight)
+                b = tl.load(w_cols[None, :] + (r.to(tl.int64) * BLOCK_K + cc[:, None]), mask=mask_n[None, :], other=0.0)
             else:
                 cc = c0 + offs_c
                 mask_c = (cc < CG) | EVEN_C  # EVEN_C (CG % BLOCK_K == 0): no channel mask to compute
@@ -285,7 +287,7 @@ def _conv_bn_act_kernel(
                     a = a_act
                 else:
                     a = zero_where_not(a_act, a_mask, PROLOGUE_MATH)  # pad the activated tensor
-            if not TMA:
+            if not (TMA or STEM_CPAD):
                 b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             if W_AS_A:
                 acc = mma(b, a.T, acc, DOT_PRECISION, UPCAST_DOT)
@@ -647,7 +649,9 @@ def _conv(x, weight, *, scale=None, shift=None, stride, padding, dilation, group
                               and shortcut is None and s * STEM_CPAD <= 128 and m > 0 and k > 0) else 0
     if stem_cpad:
         # the conv's padding goes into the copy: its taps read no pixel outside it (the kernel's stem path)
-        x, weight, cg = pad_channels_nhwc(x, STEM_CPAD, padding), pad_channels_nhwc(weight, STEM_CPAD), s * stem_cpad
+        cg = s * stem_cpad
+        x = pad_channels_nhwc(x, STEM_CPAD, padding)
+        weight = pad_channels_nhwc(weight, STEM_CPAD, right=stem_block_k(cg) // STEM_CPAD - s)  # rows of BLOCK_K
         h, w, padding = h + 2 * padding[0], w + 2 * padding[1], (0, 0)
         if config is not None:
             config = dict(config, BLOCK_K=stem_block_k(cg))

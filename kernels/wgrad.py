@@ -32,7 +32,7 @@ padded tap is never paired (a non-finite dy does not meet the padding, as on the
 
 The stem (C <= 4, STEM_CPAD): x is first copied into a zero-padded dense NHWC tensor of STEM_CPAD = 4 channels,
 with the conv's padding in place (no bounds mask), and the columns run over whole filter rows: S*4 contiguous input
-elements, loaded 8 bytes at a time.
+elements, loaded 8 bytes at a time. Its pixels run in spatial tiles (_stem_pixel_tiles): loop-invariant offsets.
 """
 import torch
 import triton
@@ -191,6 +191,12 @@ def _conv_wgrad_kernel(
                              r - pad_h, s - pad_w, pid_col * BLOCK_M - rs * CG, n0, stride_x_n, stride_x_h,
                              stride_x_w, stride_dy_n, stride_dy_h, stride_dy_w, PROLOGUE_BN, ACTIVATION,
                              PROLOGUE_MATH, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif STEM_CPAD > 0:
+        # x loads whole filter rows, s = S.. included (in the copy: the host padded it; their columns are not
+        # stored, and a column's sum meets only its own x): 16-byte vectors where the stored mask gives 8
+        acc = _stem_pixel_tiles(dy_ptr, x_ptr, acc, k_off, col_off, mask_k, r < R, M // (P * Q), H, W, P, Q, split,
+                                SPLIT, stride_dy_n, stride_dy_h, stride_dy_w, stride_h, stride_w, STEM_CPAD, X_AS_A,
+                                DOT_PRECISION, UPCAST_DOT, BLOCK_K)
     else:
         offs_m = start + tl.arange(0, BLOCK_K)
         n = offs_m // (P * Q)
@@ -207,7 +213,7 @@ def _conv_wgrad_kernel(
             wb = q * stride_w
             hh = hb[:, None] + h_off
             ww = wb[:, None] + w_off
-            if IN_BOUNDS or STEM_CPAD > 0:  # (the stem's copy holds the padding: every tap is inside it)
+            if IN_BOUNDS:
                 row_ok = mask_m[:, None]
             else:
                 row_ok = in_range(hh, H) & in_range(ww, W) & mask_m[:, None]
@@ -218,10 +224,7 @@ def _conv_wgrad_kernel(
                 dy_mask = mask_m[:, None] & mask_k[None, :]
             dyt = tl.load(dy_ptr + (n * stride_dy_n + p * stride_dy_h + q * stride_dy_w)[:, None] + k_off[None, :],
                           mask=dy_mask, other=0.0)
-            if STEM_CPAD > 0:
-                x_rows = ((n * H + hb) * W + wb) * STEM_CPAD  # a multiple of STEM_CPAD: aligned loads
-            else:
-                x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
+            x_rows = n * stride_x_n + hb * stride_x_h + wb * stride_x_w
             xt = tl.load(x_ptr + x_rows[:, None] + col_off[None, :], mask=x_mask, other=0.0)
             if PROLOGUE_BN:
                 # the forward's arithmetic, so the values it used (bn_act: [pixels, channels] as the forward's A tile)
@@ -250,6 +253,56 @@ def _conv_wgrad_kernel(
         tl.store(part + col_part[:, None] + k_part[None, :], acc, mask=mask_col[:, None] & mask_k[None, :])
     else:
         tl.store(part + k_part[:, None] + col_part[None, :], acc, mask=mask_k[:, None] & mask_col[None, :])
+
+
+@triton.jit
+def _stem_pixel_tiles(dy_ptr, x_ptr, acc, k_off, col_off, mask_k, mask_col, IMG, H, W, P, Q, split, SPLIT, stride_dy_n,
+                      stride_dy_h, stride_dy_w, stride_h, stride_w, STEM_CPAD: tl.constexpr, X_AS_A: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The stem's share of acc over its split's output pixels, walked in TILE_H x TILE_W spatial tiles (BLOCK_K
+    pixels a step): a pixel's offsets from its tile's corner are loop-invariant, so a step adds one scalar to each
+    operand's addresses, where a flat walk over N*P*Q carries every row's (n, p, q) (178% issue share on sm_90 at
+    64x64x64, 2.2x this loop). x is the stem's dense NHWC copy of STEM_CPAD channels with the conv's padding in
+    place, H x W its padded size (no bounds mask); pixels past P or Q (a partial tile) load zero dy and x. The tiles
+    of the [IMG, P, Q] grid are split evenly over the SPLIT programs of a column tile (a split may get none: one
+    step past the last image, masked)."""
+    TILE_W: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K
+    TILE_H: tl.constexpr = BLOCK_K // TILE_W
+    kk = tl.arange(0, BLOCK_K)
+    dp = kk // TILE_W
+    dq = kk % TILE_W
+    dy_in = dp * stride_dy_h + dq * stride_dy_w
+    x_in = (dp * stride_h * W + dq * stride_w) * STEM_CPAD  # whole pixels of STEM_CPAD values: aligned loads
+    tiles_w = tl.cdiv(Q, TILE_W)
+    per_img = tl.cdiv(P, TILE_H) * tiles_w
+    total = IMG * per_img
+    per_split = tl.cdiv(total, SPLIT)
+    t0 = split * per_split
+    t1 = tl.minimum(t0 + per_split, total)
+    n = t0 // per_img
+    hw = t0 - n * per_img
+    p0 = (hw // tiles_w) * TILE_H
+    q0 = (hw % tiles_w) * TILE_W
+    for _ in range(k_steps(t1 - t0)):  # (no tile: one step at n = IMG, every row masked)
+        rows = (p0 + dp < P) & (q0 + dq < Q) & (n < IMG)
+        dy_base = n * stride_dy_n + p0 * stride_dy_h + q0 * stride_dy_w
+        dyt = tl.load(dy_ptr + dy_base + dy_in[:, None] + k_off[None, :], mask=rows[:, None] & mask_k[None, :],
+                      other=0.0)
+        x_base = ((n * H + p0 * stride_h) * W + q0 * stride_w) * STEM_CPAD
+        xt = tl.load(x_ptr + x_base + x_in[:, None] + col_off[None, :], mask=rows[:, None] & mask_col[None, :],
+                     other=0.0)
+        if X_AS_A:
+            acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
+        else:
+            acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
+        q0 += TILE_W
+        next_row = q0 >= Q
+        q0 = tl.where(next_row, 0, q0)
+        p0 = tl.where(next_row, p0 + TILE_H, p0)
+        next_img = p0 >= P
+        p0 = tl.where(next_img, 0, p0)
+        n = tl.where(next_img, n + 1, n)
+    return acc
 
 
 @triton.jit
@@ -359,9 +412,12 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
         # The stem (C=3): a zero-padded dense NHWC copy with STEM_CPAD channels (4/3 of the input, once) makes
         # each filter row one aligned contiguous run, read 8 bytes at a time instead of 2.
         # The conv's padding goes into the copy too: no tap reads outside it, so no bounds mask (the kernel).
+        # A filter row loads STEM_SP pixels (past S: columns never stored), so the copy holds those of the last
+        # output column too.
         stem_cpad, stem_sp = STEM_CPAD, next_power_of_2(s)
-        x, ncol = pad_channels_nhwc(x, stem_cpad, padding), r * stem_sp * stem_cpad
-        h, w, padding = h + 2 * padding[0], w + 2 * padding[1], (0, 0)
+        right = max(0, (q - 1) * stride[1] + (stem_sp - 1) * dilation[1] + 1 - (w + 2 * padding[1]))
+        x, ncol = pad_channels_nhwc(x, stem_cpad, padding, right), r * stem_sp * stem_cpad
+        h, w, padding = h + 2 * padding[0], w + 2 * padding[1] + right, (0, 0)
     cfg = dict(config) if config is not None else wgrad_fixed_config(m, kg, cg, ncol)
     bk = WGRAD_BLOCK_K if cfg is None else cfg["BLOCK_K"]
     # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.

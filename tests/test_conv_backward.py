@@ -50,6 +50,42 @@ def test_dgrad_wgrad_match_float64(name, dtype, channels_last, small, device):
     assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("splits", [1, 5])
+@pytest.mark.parametrize("config", [None, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64), SMALL["wgrad"]],
+                         ids=["default", "tile_4x16", "tile_1x16"])
+def test_stem_wgrad_over_spatial_tiles(config, splits, device, monkeypatch):
+    """The stem wgrad walks each split's output pixels in spatial tiles (BLOCK_K pixels: 4 x 16, or 1 x 16): 13 x 13
+    outputs leave partial tiles in both directions, and at 4 x 16 the 3 splits that 169 pixels allow share 4 tiles as
+    2, 2 and none (one masked step past the last image)."""
+    monkeypatch.setattr(wgrad, "_num_splits", lambda *a: splits)
+    torch.manual_seed(5)
+    x = torch.randn(1, 3, 25, 26, device=device).to(memory_format=torch.channels_last)
+    w = (torch.randn(8, 3, 7, 7, device=device) / 12).to(memory_format=torch.channels_last)
+    dy = torch.randn(1, 8, 13, 13, device=device)
+    geo = ((2, 2), (3, 3), (1, 1), 1)
+    dw = wgrad.conv_wgrad(dy, x, w, *geo, config=config)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), (2, 2), (3, 3), (1, 1), 1)
+    assert_close(dw, ref, torch.float32, "wgrad")
+
+
+@pytest.mark.parametrize("width", [26, 25])
+def test_stem_wgrad_non_finite_pixel_reaches_its_taps_only(width, device):
+    """The stem wgrad loads 8 pixels per 7-wide filter row (the 8th's columns are never stored): a NaN pixel on the
+    image's right edge, which only the filter's right taps read, leaves the other taps' gradients finite, as in
+    float64; an odd width needs the copy's extra right column for that 8th pixel."""
+    torch.manual_seed(6)
+    x = torch.randn(1, 3, 25, width, device=device).to(memory_format=torch.channels_last)
+    x[0, 1, 12, width - 1] = float("nan")
+    w = (torch.randn(8, 3, 7, 7, device=device) / 12).to(memory_format=torch.channels_last)
+    q = (width + 6 - 7) // 2 + 1
+    dy = torch.randn(1, 8, 13, q, device=device)
+    dw = wgrad.conv_wgrad(dy, x, w, (2, 2), (3, 3), (1, 1), 1)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), (2, 2), (3, 3), (1, 1), 1)
+    assert ref.isnan().any() and not ref.isnan().all()
+    assert torch.equal(dw.isnan(), ref.isnan())
+    assert_close(dw[ref.isfinite()], ref[ref.isfinite()], torch.float32, "wgrad")
+
+
 @pytest.mark.parametrize("name", ["3x3_s1", "1x1_s2", "3x3_s2"])
 def test_dgrad_int64_index_math(name, device, monkeypatch):
     """The 64-bit index path (IDX64, taken past 2**31 elements) of both loop shapes: a one-tap phase (ONE_TAP:
