@@ -273,17 +273,8 @@ def _stem_pixel_tiles(dy_ptr, x_ptr, acc, k_off, col_off, mask_k, mask_col, IMG,
     dq = kk % TILE_W
     dy_in = dp * stride_dy_h + dq * stride_dy_w
     x_in = (dp * stride_h * W + dq * stride_w) * STEM_CPAD  # whole pixels of STEM_CPAD values: aligned loads
-    tiles_w = tl.cdiv(Q, TILE_W)
-    per_img = tl.cdiv(P, TILE_H) * tiles_w
-    total = IMG * per_img
-    per_split = tl.cdiv(total, SPLIT)
-    t0 = split * per_split
-    t1 = tl.minimum(t0 + per_split, total)
-    n = t0 // per_img
-    hw = t0 - n * per_img
-    p0 = (hw // tiles_w) * TILE_H
-    q0 = (hw % tiles_w) * TILE_W
-    for _ in range(k_steps(t1 - t0)):  # (no tile: one step at n = IMG, every row masked)
+    n, p0, q0, steps = split_first_tile(IMG, P, Q, split, SPLIT, TILE_H, TILE_W)
+    for _ in range(k_steps(steps)):  # (no tile: one step at n = IMG, every row masked)
         rows = (p0 + dp < P) & (q0 + dq < Q) & (n < IMG)
         dy_base = n * stride_dy_n + p0 * stride_dy_h + q0 * stride_dy_w
         dyt = tl.load(dy_ptr + dy_base + dy_in[:, None] + k_off[None, :], mask=rows[:, None] & mask_k[None, :],
@@ -295,13 +286,7 @@ def _stem_pixel_tiles(dy_ptr, x_ptr, acc, k_off, col_off, mask_k, mask_col, IMG,
             acc = mma(tl.trans(xt), dyt, acc, DOT_PRECISION, UPCAST_DOT)
         else:
             acc = mma(tl.trans(dyt), xt, acc, DOT_PRECISION, UPCAST_DOT)
-        q0 += TILE_W
-        next_row = q0 >= Q
-        q0 = tl.where(next_row, 0, q0)
-        p0 = tl.where(next_row, p0 + TILE_H, p0)
-        next_img = p0 >= P
-        p0 = tl.where(next_img, 0, p0)
-        n = tl.where(next_img, n + 1, n)
+        n, p0, q0 = next_tile(n, p0, q0, P, Q, TILE_H, TILE_W)
     return acc
 
 
@@ -329,6 +314,21 @@ def _tap_views(x_ptr, dy_ptr, acc, s_in, t_in, IMG, H, W, CG, KG, split, SPLIT, 
     dy_view = tl.make_tensor_descriptor(dy_ptr + tl.maximum(-dh, 0) * stride_dy_h + tl.maximum(-dw, 0) * stride_dy_w,
                                         shape=[IMG, hv, wv, KG], strides=[stride_dy_n, stride_dy_h, stride_dy_w, 1],
                                         block_shape=[1, TILE_H, TILE_W, BLOCK_N])
+    n, h0, w0, steps = split_first_tile(IMG, H, W, split, SPLIT, TILE_H, TILE_W)
+    for _ in range(k_steps(steps)):  # (no tile: one step past the views, zero-filled dy)
+        xt = x_view.load([n, h0, w0, c0]).reshape(BLOCK_K, BLOCK_M)
+        if PROLOGUE_BN:
+            xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
+        acc = mma(tl.trans(xt), dy_view.load([n, h0, w0, n0]).reshape(BLOCK_K, BLOCK_N), acc, DOT_PRECISION,
+                  UPCAST_DOT)
+        n, h0, w0 = next_tile(n, h0, w0, H, W, TILE_H, TILE_W)
+    return acc
+
+
+@triton.jit
+def split_first_tile(IMG, H, W, split, SPLIT, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """A split's share of the [IMG, H, W] grid's TILE_H x TILE_W tiles (row-major, the tiles split evenly over the
+    SPLIT programs): its first tile's (n, h0, w0) and its number of tiles (0 past the last: n = IMG there)."""
     tiles_w = tl.cdiv(W, TILE_W)
     per_img = tl.cdiv(H, TILE_H) * tiles_w
     total = IMG * per_img
@@ -337,22 +337,20 @@ def _tap_views(x_ptr, dy_ptr, acc, s_in, t_in, IMG, H, W, CG, KG, split, SPLIT, 
     t1 = tl.minimum(t0 + per_split, total)
     n = t0 // per_img
     hw = t0 - n * per_img
-    h0 = (hw // tiles_w) * TILE_H
-    w0 = (hw % tiles_w) * TILE_W
-    for _ in range(k_steps(t1 - t0)):  # (no tile: one step past the views, zero-filled dy)
-        xt = x_view.load([n, h0, w0, c0]).reshape(BLOCK_K, BLOCK_M)
-        if PROLOGUE_BN:
-            xt = bn_act(xt, s_in, t_in, ACTIVATION, PROLOGUE_MATH)
-        acc = mma(tl.trans(xt), dy_view.load([n, h0, w0, n0]).reshape(BLOCK_K, BLOCK_N), acc, DOT_PRECISION,
-                  UPCAST_DOT)
-        w0 += TILE_W
-        next_row = w0 >= W
-        w0 = tl.where(next_row, 0, w0)
-        h0 = tl.where(next_row, h0 + TILE_H, h0)
-        next_img = h0 >= H
-        h0 = tl.where(next_img, 0, h0)
-        n = tl.where(next_img, n + 1, n)
-    return acc
+    return n, (hw // tiles_w) * TILE_H, (hw % tiles_w) * TILE_W, t1 - t0
+
+
+@triton.jit
+def next_tile(n, h0, w0, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The tile after (n, h0, w0) in split_first_tile's order: selects, no division."""
+    w0 += TILE_W
+    next_row = w0 >= W
+    w0 = tl.where(next_row, 0, w0)
+    h0 = tl.where(next_row, h0 + TILE_H, h0)
+    next_img = h0 >= H
+    h0 = tl.where(next_img, 0, h0)
+    n = tl.where(next_img, n + 1, n)
+    return n, h0, w0
 
 
 # ----------------------------------------------------------------------------------------------
