@@ -109,11 +109,18 @@ def _run_one(a, lc, mode: str, dt: str, records: list, tags: dict) -> None:
 
 def _compile_anchors(records: list, tags: dict, every_tile: bool) -> None:
     """The anchor GEMM per dtype the conv kernels compiled at (TF32 issues twice the MMAs per FLOP of bf16), at
-    the issue's 128x128x64 and, every_tile, at every tile they compiled at: each row is compared with the
-    anchor at its own tile (the budgets read 128x128x64 only: CI compiles that one)."""
+    the budgets' tiles (the issue's 128x128x64; wgrad's descriptor tile, 128x128x128, 16-bit only) and, every_tile,
+    at every tile they compiled at: each row is compared with the anchor at its own tile (CI compiles the budget
+    tiles only)."""
     t0, n0 = time.time(), len(records)
     blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-    want = {(dt, (128, 128, 64)) for dt in {r.tags.get("dtype") for r in records if r.tags.get("dtype") in DTYPE_OF}}
+
+    def tile(label):
+        return tuple(int(b) for b in label.split("x"))
+
+    dtypes = {r.tags.get("dtype") for r in records if r.tags.get("dtype") in DTYPE_OF}
+    want = {(dt, tile(anchor_budgets.ANCHOR_TILE)) for dt in dtypes}
+    want |= {(dt, tile(anchor_budgets.WGRAD_ANCHOR_TILE)) for dt in dtypes if dt != "fp32"}
     if every_tile:
         want |= {(r.tags["dtype"], tuple(r.constexprs[k] for k in blocks)) for r in records
                  if r.kernel in report.CONV_KERNELS and r.tags.get("dtype") in DTYPE_OF

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional
 import torch
 import triton
 
-from ._launch import INTERPRETED, clamp_block, current_arch, next_power_of_2, rows_need_int64, target_arch
+from ._launch import INTERPRETED, cdiv, clamp_block, current_arch, next_power_of_2, rows_need_int64, target_arch
 
 
 class Tile(NamedTuple):
@@ -217,6 +217,19 @@ def stats_partials_fit(tile: Tile) -> bool:
 def _stats_tunable(tile: Tile) -> bool:
     """The tiles a STATS conv tunes over: stats_partials_fit (conv_prune keeps 8 warps only off the stem path)."""
     return stats_partials_fit(tile)
+
+
+def _one_per_warps(configs: list) -> list:
+    """The first config of each (blocks, warps): the stem's STATS conv (its 7-step loop unrolls, the stage count
+    hardly changes it: 323 / 330% issue share at 8 warps, 3 / 4 stages) tunes a 4- and an 8-warp tile, one compile
+    each (the cold-start budget: 90 variants for a ResNet-50 training step)."""
+    seen, out = set(), []
+    for c in configs:
+        key = Tile.of(c)[:4]  # blocks and warps, not stages
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
 
 
 def stats_warps_fit(tile: Tile, stem: bool) -> bool:
@@ -444,6 +457,8 @@ def conv_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         out = replace_by_tma(pointer, configs, one, twin=lambda t: t[:3]) if stats else pointer(configs) + one()
     else:
         out = pointer(configs) + descriptors()
+    if stats and stem:
+        out = _one_per_warps(out)
     assert not stats or all(stats_partials_fit(Tile.of(c)) for c in out), \
         f"a STATS conv's tiles must have BLOCK_M = {STATS_BLOCK_M} (the partials' size), got {out}"
     return out
@@ -536,8 +551,9 @@ def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: C
     the descriptor tile in its place (``descriptor()``, pruned; [] for an ineligible one). twin: a key; the
     descriptor tile also replaces the pointer tiles whose (fitted) key is its own, where the problem fits
     TMA_REPLACES and a native tile to the same blocks (64 channels): a wgrad's 64x64x64 w4 s3 (1x1 or 3x3; at 64 by
-    64 channels the 1x1 one had no descriptor tile before, 187% issue share on its pointer loop) and a dgrad's
-    128x64x64 w4 s3 (key: the tile), a 3x3 STATS forward's 128x64x64 w8 s3 (key: the blocks). Where wider launches
+    64 channels the 1x1 one had no descriptor tile before, 187% issue share on its pointer loop; key: the tile but
+    its pixels per step) and a dgrad's 128x64x64 w4 s3 (key: the tile), a 3x3 STATS forward's 128x64x64 w8 s3 (key:
+    the blocks). Where wider launches
     of the variant tune that pointer tile too, it still compiles (the forward +1 variant, dgrad +2: within the
     cold-start budget since sum_rows' last pass compiles once).
     Variants are shared: a 1x1 stride-2 launch compiles the same variant as a stride-1 one, so a pointer tile kept
@@ -643,6 +659,8 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         fitted = fit(tile)
         while taps and cg % fitted.block_m and fitted.block_m > 64:
             fitted = fitted._replace(block_m=fitted.block_m // 2)
+        if taps and wgrad_wide_overhangs(a["W"]):  # 8 x 8 pixel steps (kernels/wgrad.py _tap_views)
+            fitted = fitted._replace(block_k=min(fitted.block_k, WGRAD_BLOCK_K))
         return fitted
 
     descriptor = [c for c in configs if c.kwargs.get("TMA")]
@@ -653,12 +671,23 @@ def wgrad_prune(configs, named_args, **kwargs) -> List[triton.Config]:
         return pointer(configs)
     return replace_by_tma(pointer, configs, lambda: prune(
         descriptor, WGRAD_TMA_TILES[arch], tma_fit, lambda _, fitted: not taps or cg % fitted.block_m == 0,
-        extra=lambda fitted: dict(tap(fitted), TMA=True)), twin=lambda t: t)
+        extra=lambda fitted: dict(tap(fitted), TMA=True)), twin=lambda t: t._replace(block_k=0))
 
 
-# wgrad's descriptor tile (see DGRAD_TMA_TILES): the anchor's, 128 columns x 128 output channels x 64 pixels at
-# 4 warps; its epilogue stores the accumulator only.
-WGRAD_TMA_TILES = {90: [Tile(128, 128, WGRAD_BLOCK_K, 4, 3)]}
+# wgrad's descriptor tile (see DGRAD_TMA_TILES): 128 columns x 128 output channels x 128 pixels at 4 warps; its
+# epilogue stores the accumulator only. 128 pixels a step, not 64: a step's waits, barriers and loop control over
+# twice the MMAs (sm_90, triton 3.8, ResNet-50 layer3.1: 3x3 with the prologue 143 -> 195 SASS per step, 27.9 ->
+# 19.0% issue share; 1x1 92 -> 110, 18.0 -> 10.7%). With taps a step is a 8 x 16 pixel tile, or 8 x 8 (64 pixels)
+# where 16 columns would overhang the image further (wgrad_wide_overhangs: 56 and 7 wide; 28 and 14 take 16).
+WGRAD_TMA_TILES = {90: [Tile(128, 128, 2 * WGRAD_BLOCK_K, 4, 3)]}
+
+
+def wgrad_wide_overhangs(width: int) -> bool:
+    """Whether 16-column pixel tiles cover more columns past an image ``width`` wide than 8-column ones."""
+    return cdiv(width, 16) * 16 > cdiv(width, 8) * 8
+
+# The split-K partition's step: a multiple of every wgrad BLOCK_K (a 1x1 descriptor split is whole steps).
+WGRAD_SPLIT_STEP = 2 * WGRAD_BLOCK_K
 
 
 def wgrad_tma_configs() -> List[triton.Config]:

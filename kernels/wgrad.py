@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._conv_configs import (
-    WGRAD_BLOCK_K,
+    WGRAD_SPLIT_STEP,
     WGRAD_TILES,
     arch_tiles,
     autotune_options,
@@ -304,7 +304,8 @@ def _tap_views(x_ptr, dy_ptr, acc, s_in, t_in, IMG, H, W, CG, KG, split, SPLIT, 
     values the convolution pairs it with. The steps are the [IMG, H, W] grid's tiles (the same for every tap: a view
     is at most that), split evenly over the SPLIT programs of a column tile (a split may get none: zero partials).
     The host checked H >= R and W >= S (no view is empty) and 16-byte aligned rows (a view's base is whole pixels)."""
-    TILE_W: tl.constexpr = 8 if BLOCK_K >= 8 else BLOCK_K
+    # 8 x 8 pixels a step, 8 x 16 at 128 (_conv_configs.WGRAD_TMA_TILES)
+    TILE_W: tl.constexpr = 16 if BLOCK_K >= 128 else (8 if BLOCK_K >= 8 else BLOCK_K)
     TILE_H: tl.constexpr = BLOCK_K // TILE_W
     hv = H - tl.abs(dh)
     wv = W - tl.abs(dw)
@@ -417,7 +418,7 @@ def conv_wgrad(dy, x, weight, stride, padding, dilation, groups, prologue=None, 
         x, ncol = pad_channels_nhwc(x, stem_cpad, padding, right), r * stem_sp * stem_cpad
         h, w, padding = h + 2 * padding[0], w + 2 * padding[1] + right, (0, 0)
     cfg = dict(config) if config is not None else wgrad_fixed_config(m, kg, cg, ncol)
-    bk = WGRAD_BLOCK_K if cfg is None else cfg["BLOCK_K"]
+    bk = WGRAD_SPLIT_STEP if cfg is None else cfg["BLOCK_K"]  # (autotuned: a multiple of every config's)
     # The split-K partition comes from a nominal 128x128 tile, so it does not depend on the tuned tile.
     split = _num_splits(cdiv(kg, 128) * cdiv(ncol, 128) * groups, m, bk)
     rows_per_split = cdiv(cdiv(m, split), bk) * bk

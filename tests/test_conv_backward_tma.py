@@ -124,6 +124,23 @@ def test_descriptor_wgrad_taps(shape, prologue, dtype, device, wgrad_launches):
 
 
 @pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("taps", [1, 3])
+def test_descriptor_wgrad_128_pixel_steps(taps, prologue, device, monkeypatch, wgrad_launches):
+    """The shipped descriptor tile's 128 pixels a step: 8 x 16 pixel tiles of a 3x3 tap's views that overhang a 9 x 19
+    image both ways, and a 1x1 split into 3 whole-step shares of 7 x 41 x 2 pixels (the last one ragged at M)."""
+    monkeypatch.setattr(wgrad_mod, "_num_splits", lambda *a: 3)
+    dtype = torch.float16
+    n, c, h, w_, k = (2, 32, 9, 19, 24) if taps == 3 else (2, 16, 7, 41, 24)
+    dy, x, w = _act(dtype, device, (n, k, h, w_)), _act(dtype, device, (n, c, h, w_)), _w(dtype, device, k, c, taps)
+    w = w.to(memory_format=torch.channels_last)
+    pro = (torch.rand(c, device=device) + 0.5, torch.rand(c, device=device) + 0.1) if prologue else None
+    pad = (taps // 2, taps // 2)
+    dw = wgrad_mod.conv_wgrad(dy, x, w, ONE, pad, ONE, 1, prologue=pro, config=dict(WGRAD_CFG, BLOCK_K=128))
+    assert wgrad_launches == [RUNS]
+    assert_close(dw, _wgrad_taps_ref(x, w, dy, pro, dtype, pad), dtype)
+
+
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
 def test_descriptor_wgrad_taps_empty_split(prologue, device, monkeypatch, wgrad_launches):
     """Split-K with a split that has no spatial tile of a tap's views (3 splits over 4 or 2 tiles): the loop's trip
     count is at least one (_tiles.k_steps), so that split takes one step past the views, zero-filled, and must add
@@ -259,16 +276,19 @@ def test_backward_tma_configs_replace_a_pointer_tile(monkeypatch):
         assert [t for t, tma in eligible if tma] == [cc.Tile(128, 64, 64, 4, 3)], over
         assert (cc.Tile(128, 64, 64, 4, 3), False) in before and (cc.Tile(128, 64, 64, 4, 3), False) not in eligible
         assert len(eligible) == len(before)
-    wg = dict(CG=1024, KG=256, NCOL=1024, R=1, S=1, X_AS_A=True, STEM_CPAD=0, IDX64=False)
+    # wgrad's descriptor tile steps over 128 pixels (8 x 16 with taps), over 64 (8 x 8) where 16 columns overhang
+    wg = dict(CG=1024, KG=256, NCOL=1024, R=1, S=1, W=7, X_AS_A=True, STEM_CPAD=0, IDX64=False)
     check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), wg, dict(X_AS_A=False),
-          cc.Tile(128, 128, 64, 4, 3))
+          cc.Tile(128, 128, 128, 4, 3))
     # 3x3 with the prologue (ResNet-50's conv2): one tap's channels per column tile
-    wg3 = dict(CG=256, KG=256, NCOL=2304, R=3, S=3, X_AS_A=True, STEM_CPAD=0, IDX64=False, PROLOGUE_BN=True,
+    wg3 = dict(CG=256, KG=256, NCOL=2304, R=3, S=3, W=14, X_AS_A=True, STEM_CPAD=0, IDX64=False, PROLOGUE_BN=True,
                dy_ptr=torch.empty(1, dtype=torch.bfloat16))
     check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), wg3, dict(X_AS_A=False),
+          cc.Tile(128, 128, 128, 4, 3))
+    check(cc.wgrad_prune, wgrad_mod.gpu_configs(), cc.wgrad_tma_configs(), dict(wg3, W=7), dict(X_AS_A=False),
           cc.Tile(128, 128, 64, 4, 3))
-    # 64 channels (layer1): the descriptor tile fits to 64 columns and replaces its pointer twin, not a wider tile
-    wg64 = dict(wg3, CG=64, KG=64, NCOL=576)
+    # 64 channels (layer1, 56 wide): the descriptor tile fits to 64 columns and replaces its pointer twin
+    wg64 = dict(wg3, CG=64, KG=64, NCOL=576, W=56)
     before = run(cc.wgrad_prune, wgrad_mod.gpu_configs(), 90, **dict(wg64, X_AS_A=False))
     eligible = run(cc.wgrad_prune, wgrad_mod.gpu_configs() + cc.wgrad_tma_configs(), 90, **wg64)
     desc = cc.Tile(64, 64, 64, 4, 3)

@@ -58,12 +58,14 @@ def test_stats_convs_tune_only_over_stats_block_m(arch):
 
 def test_stats_convs_take_four_warps_on_the_stem_path_only():
     """sm_90: the stem's STATS conv (7 filter rows) tunes a 4-warp tile beside the 8-warp ones (at 8 warps its loop
-    unrolls with the STATS epilogue); every other STATS conv keeps 8 warps (4 spilled with the BN prologue)."""
+    unrolls with the STATS epilogue), one compile per warp count; every other STATS conv keeps 8 warps (4 spilled
+    with the BN prologue)."""
     configs = kernels.gpu_configs(stats=True)
     with _Arch(90):
         def warps(stem, cg):
             pruned = cc.conv_prune(configs, {}, KG=64, CG=cg, CD=0, x_ptr=torch.empty(1, dtype=torch.bfloat16),
                                    STEM_CPAD=stem, HAS_SHORTCUT=False, STATS=True)
+            assert not stem or len(pruned) == 2, pruned
             return {c.num_warps for c in pruned}
         assert warps(4, 28) == {4, 8}
         assert warps(0, 64) == {8} and warps(0, 256) == {8}

@@ -24,6 +24,9 @@ ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock (4 schedulers)
 TENSOR_FLOP_PER_CLOCK = {80: 2048, 90: 4096, 100: 8192}  # dense 16-bit per SM: A100, H100, B200
 BUDGET_ARCH = 90  # the anchor's loop and the issue's ceiling are sm_90 figures
 ANCHOR_TILE = "128x128x64"  # the issue's tile: BLOCK_MxBLOCK_NxBLOCK_K
+# wgrad's descriptor tile steps over 128 pixels (kernels/_conv_configs.py WGRAD_TMA_TILES): its budgets compare it
+# with the anchor at that tile (the anchor's own loop is leaner per MFLOP there too)
+WGRAD_ANCHOR_TILE = "128x128x128"
 
 
 def peak_instr_per_mflop(arch: int, dtype: str) -> Optional[float]:
@@ -127,7 +130,7 @@ BUDGETS = [
     Budget("train_fwd_1x1_vs_anchor", "2", 2.5, "vs anchor", _cls("forward 1x1, training (prologue + STATS)"), _ratio),
     Budget("train_fwd_3x3_vs_anchor", "2", 3.5, "vs anchor", _cls("forward 3x3, training (prologue + STATS)"), _ratio),
     Budget("wgrad_prologue_vs_anchor", "2", 4.0, "vs anchor",
-           lambda r: (kernel_class(r) or "").endswith("with prologue"), _ratio),
+           lambda r: (kernel_class(r) or "").endswith("with prologue"), _ratio, tile=WGRAD_ANCHOR_TILE),
     Budget("issue_share_every_kernel", "2", 50, "issue share at peak (%)", _is_dot, lambda r: r.get("issue_share"),
            tile=""),
     Budget("fwd_1x1_vs_anchor", "3", 1.2, "vs anchor", _cls("forward 1x1, eval", "forward 1x1, STATS",
@@ -137,7 +140,8 @@ BUDGETS = [
     # "wgrad 3x3" in the issue (965 instr/MFLOP) is the wgrad without the prologue: ResNet-50 has no 3x3 wgrad
     # without it (every 3x3 conv reads relu(bn(y))), and its 1x1 one at layer3 measures 977 (triton 3.8)
     Budget("wgrad_vs_anchor", "3", 3.0, "vs anchor",
-           lambda r: (kernel_class(r) or "").startswith("wgrad") and "prologue" not in kernel_class(r), _ratio),
+           lambda r: (kernel_class(r) or "").startswith("wgrad") and "prologue" not in kernel_class(r), _ratio,
+           tile=WGRAD_ANCHOR_TILE),
     Budget("fwd_1x1_per_tile_instrs", "4", FWD_1X1_PER_TILE_TODAY / 2, "out-of-loop SASS instr per tile",
            _cls("forward 1x1, eval"), lambda r: r.get("per_tile_instrs")),
     Budget("eval_no_routine_calls", "7", 0, "CALL.REL (routine calls) in the kernel",
