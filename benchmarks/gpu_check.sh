@@ -13,7 +13,9 @@
 #    test_conv_tma_3x3.py (negative and past-the-end coordinates: passed on the H200 on 2026-12-04; its full_c cases,
 #    the swapped MMA operands W_AS_A of d56f13d, and the prologue's padding mask from tap bits through a load that
 #    reads nothing (b9cd794): not run on a card yet), test_conv_tma.py,
-#    test_conv_backward_tma.py (its 3x3 wgrad over each tap's 4-D views, 2026-12-05: not run on a card yet)
+#    test_conv_backward_tma.py (its 3x3 wgrad over each tap's 4-D views, 2026-12-05, and the shipped 128-pixel
+#    step, 8 x 16 tiles, a952704: not run on a card yet); the stem's padded copy, its 4-warp STATS tile and its
+#    wgrad over spatial tiles (7d11f48, 4924d7a) run in step 5's test_conv_modes.py / test_conv_backward.py
 #    (~2 min on 6 workers)
 # 3. main: the main job, ResNet-50 bf16 models only (--no-layers), inference and training, fused / eager / eager-amp
 #    (+ torch.compile when the budget allows: compiles come last) -> resnet50-cuda-bf16.json
