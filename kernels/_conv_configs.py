@@ -214,11 +214,6 @@ def stats_partials_fit(tile: Tile) -> bool:
     return tile.block_m == STATS_BLOCK_M
 
 
-def _stats_tunable(tile: Tile) -> bool:
-    """The tiles a STATS conv tunes over: stats_partials_fit (conv_prune keeps 8 warps only off the stem path)."""
-    return stats_partials_fit(tile)
-
-
 def _one_per_warps(configs: list) -> list:
     """The first config of each (blocks, warps): the stem's STATS conv (its 7-step loop unrolls, the stage count
     hardly changes it: 323 / 330% issue share at 8 warps, 3 / 4 stages) tunes a 4- and an 8-warp tile, one compile
@@ -234,17 +229,19 @@ def _one_per_warps(configs: list) -> list:
 
 def stats_warps_fit(tile: Tile, stem: bool) -> bool:
     """A STATS conv's warps: 8 (128x64x64 at 4 warps spilled 32 B with the BN prologue on triton 3.9), or either on
-    the stem path (no prologue; C <= 4, so K = 7 filter rows: at 8 warps the loop unrolls with the STATS epilogue,
-    332% issue share on sm_90 against 117% for the 4-warp loop, 168 registers, 0 spills; RESULTS.md)."""
+    the stem path (no prologue; C <= 4, so K = 7 filter rows: the whole kernel unrolls, and at 4 warps it issues
+    fewer instructions per MFLOP, 235% issue share on sm_90 against 323% at 8 warps, triton 3.8, 0 spills;
+    RESULTS.md)."""
     return stem or tile.num_warps == 8
 
 
 def gpu_configs(arch: Optional[int] = None, stats: bool = False) -> List[triton.Config]:
     """Every forward config the autotuner may pick on an arch (all archs when None, with the per-variant
-    replacements, so the GPU tests run those too); stats: those of STATS convs (_stats_tunable).
+    replacements, so the GPU tests run those too); stats: those of STATS convs (stats_partials_fit; conv_prune keeps
+    8 warps off the stem path, stats_warps_fit).
     Exposed so the GPU tests can run each one."""
     tiles = arch_tiles({**CONV_TILES, **CONV_REPLACE}) if arch is None else arch_tiles(CONV_TILES, arch)
-    return tile_configs(t for t in tiles if not stats or _stats_tunable(t))
+    return tile_configs(t for t in tiles if not stats or stats_partials_fit(t))
 
 
 # Issue 17 item 3: 1x1 stride-1 convs may load their operands through device-side tensor descriptors (TMA; the
@@ -553,9 +550,8 @@ def replace_by_tma(pointer: Callable[[list], list], configs: list, descriptor: C
     TMA_REPLACES and a native tile to the same blocks (64 channels): a wgrad's 64x64x64 w4 s3 (1x1 or 3x3; at 64 by
     64 channels the 1x1 one had no descriptor tile before, 187% issue share on its pointer loop; key: the tile but
     its pixels per step) and a dgrad's 128x64x64 w4 s3 (key: the tile), a 3x3 STATS forward's 128x64x64 w8 s3 (key:
-    the blocks). Where wider launches
-    of the variant tune that pointer tile too, it still compiles (the forward +1 variant, dgrad +2: within the
-    cold-start budget since sum_rows' last pass compiles once).
+    the blocks). Where wider launches of the variant tune that pointer tile too, it still compiles (the forward +1
+    variant, dgrad +2: within the cold-start budget since sum_rows' last pass compiles once).
     Variants are shared: a 1x1 stride-2 launch compiles the same variant as a stride-1 one, so a pointer tile kept
     for the one would still compile beside the other's descriptor tile (benchmarks/cold_start.py: +1 per kernel).
     Never more configs than the pointer set alone (where the replaced tile was pruned anyway: fitted to 64

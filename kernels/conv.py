@@ -188,7 +188,8 @@ def _conv_bn_act_kernel(
             n0 = pid_n * BLOCK_N
             num_k = R * S * tl.cdiv(CG, BLOCK_K)
         elif STEM_CPAD:
-            # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, S, STEM_CPAD], both dense,
+            # Stem path (C <= 4): x is NHWC with STEM_CPAD channels and w is [K, R, BLOCK_K // STEM_CPAD,
+            # STEM_CPAD] (its filter rows zero-padded past S), both dense,
             # so one filter row (r) reads a contiguous run of S * STEM_CPAD values per pixel: R K-steps of one
             # block each, instead of R*S, and constexpr strides and masks let the loads vectorize. The host
             # copied x with the conv's padding in place (pad_h = pad_w = 0 here): every tap is inside the copy,
